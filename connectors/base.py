@@ -1,0 +1,124 @@
+"""The interfaces between the engine and a Kafka client library.
+
+The engine never imports a client library; it drives these. A backend for another client
+(aiokafka) implements the same two classes. Messages are passed through as the client's own
+objects when they already have the :class:`Message` shape (confluent-kafka's do), because a
+wrapper per record would cost more than the rest of a stateless pipeline.
+
+Threading contract (it is what makes rebalances safe):
+
+* :meth:`ConsumerBackend.consume` and :meth:`ConsumerBackend.close` may block and may run the
+  rebalance callbacks; the engine calls them on one dedicated thread, never on the event loop.
+  The callbacks run on that thread and may block it until the engine has drained the
+  partitions; they may call :meth:`ConsumerBackend.commit` synchronously.
+* Every other consumer method is non-blocking and may be called from the event loop thread
+  while ``consume`` runs.
+* :class:`ProducerBackend` is used from the event loop thread only. Delivery callbacks run
+  inside :meth:`ProducerBackend.poll`, so they run on the loop thread and need no locks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+__all__ = [
+    "ConsumerBackend",
+    "DeliveryCallback",
+    "Message",
+    "PartitionsCallback",
+    "ProducerBackend",
+    "TopicPartition",
+]
+
+TopicPartition = tuple[str, int]
+PartitionsCallback = Callable[[list[TopicPartition]], None]
+
+
+class Message(Protocol):
+    """One consumed record (confluent-kafka's ``Message`` already has this shape)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+    def headers(self) -> list[tuple[str, bytes]] | None: ...
+    def error(self) -> Any: ...
+
+
+# on_delivery(error_or_None, message): error is a string-convertible client error.
+DeliveryCallback = Callable[[Any, Any], None]
+
+
+class ConsumerBackend(ABC):
+    """A group member: subscribe, fetch batches, commit explicit offsets."""
+
+    @abstractmethod
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        *,
+        on_assign: PartitionsCallback,
+        on_revoke: PartitionsCallback,
+        on_lost: PartitionsCallback,
+    ) -> None:
+        """Join the group for topics (a name starting with ``^`` is a regex).
+
+        on_assign receives newly added partitions; on_revoke the partitions about to be taken
+        away (their offsets may still be committed inside the callback); on_lost partitions
+        already owned by someone else (nothing may be committed for them).
+        """
+
+    @abstractmethod
+    def consume(self, max_records: int, timeout: float) -> list[Message]:
+        """Up to max_records messages, waiting at most timeout seconds. Blocking.
+
+        Messages of one partition come in offset order. Error messages (``error()`` not None)
+        may be mixed in; the engine decides what they mean.
+        """
+
+    @abstractmethod
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        """Stop fetching these partitions; consumption resumes where the engine left off."""
+
+    @abstractmethod
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        """Undo :meth:`pause`."""
+
+    @abstractmethod
+    def commit(self, offsets: dict[TopicPartition, int], *, asynchronous: bool) -> None:
+        """Commit the given next-offsets-to-read for the group. Synchronous commits raise on
+        failure; asynchronous ones report failures in the log."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave the group (runs on_revoke for what is still assigned). Blocking."""
+
+
+class ProducerBackend(ABC):
+    """A producer whose delivery reports run on the caller's thread inside :meth:`poll`."""
+
+    @abstractmethod
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        timestamp: int,
+        headers: list[tuple[str, bytes]] | None,
+        on_delivery: DeliveryCallback,
+    ) -> None:
+        """Queue one record. Raises ``BufferError`` when the local queue is full (call
+        :meth:`poll` and retry) and :class:`~streamcore.errors.DeliveryFailed` when the record
+        can never be sent (too large, unknown topic)."""
+
+    @abstractmethod
+    def poll(self, timeout: float) -> int:
+        """Serve delivery callbacks; returns how many ran."""
+
+    @abstractmethod
+    def in_flight(self) -> int:
+        """Records queued or awaiting acknowledgement."""

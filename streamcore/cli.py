@@ -1,0 +1,186 @@
+"""The ``streamcore`` command: run a job, manage the local broker.
+
+    streamcore run examples/clicks.py:job --bootstrap kafka:9092
+    streamcore broker start|stop|status
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from streamcore import broker as local_broker
+from streamcore.config import WorkerConfig
+from streamcore.errors import ConfigError, StreamcoreError
+
+__all__ = ["load_job", "main"]
+
+log = logging.getLogger("streamcore.cli")
+
+# Our top-level packages have generic names; a user's metrics.py must not replace them.
+_OWN_PACKAGES = ("connectors", "streamcore")
+
+
+def _check_own_packages() -> None:
+    home = Path(__file__).resolve().parent.parent
+    for name in _OWN_PACKAGES:
+        mod = sys.modules.get(name) or importlib.import_module(name)
+        where = Path(getattr(mod, "__file__", "") or "").resolve()
+        if home not in where.parents:
+            raise StreamcoreError(
+                f"package {name!r} resolves to {where}, outside the streamcore installation "
+                f"({home}); rename your module {name!r} so that it does not shadow ours")
+
+
+def load_job(ref: str) -> Any:
+    """Load ``path/to/file.py:attr`` or ``package.module:attr`` (attr defaults to ``job``)."""
+    from streamcore.job import Job
+
+    target, _, attr = ref.partition(":")
+    attr = attr or "job"
+    if target.endswith(".py") or os.sep in target:
+        path = Path(target).resolve()
+        if not path.is_file():
+            raise ConfigError("job", f"no such file: {target}")
+        # Appended, never prepended: the job's folder must not shadow installed packages.
+        if str(path.parent) not in sys.path:
+            sys.path.append(str(path.parent))
+        spec = importlib.util.spec_from_file_location(f"_streamcore_job_{path.stem}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
+        module = importlib.import_module(target)
+    _check_own_packages()
+    job = getattr(module, attr, None)
+    if not isinstance(job, Job):
+        raise ConfigError("job", f"{ref}: {attr!r} is not a streamcore Job (got {type(job)})")
+    return job
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamcore", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job until SIGTERM/SIGINT")
+    run.add_argument("job", help="path/to/job.py:job or package.module:job")
+    run.add_argument("--bootstrap", help="Kafka bootstrap servers "
+                     "(env STREAMCORE_BOOTSTRAP_SERVERS)")
+    run.add_argument("--group", help="consumer group (default: the job name)")
+    run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    run.add_argument("--commit-interval", help="e.g. 100ms")
+    run.add_argument("--progress-interval", help="e.g. 10s")
+    run.add_argument("--preset", choices=("default", "low_latency", "high_throughput"),
+                     default="default")
+    run.add_argument("-X", dest="kafka", action="append", default=[], metavar="KEY=VALUE",
+                     help="a librdkafka setting for both clients (repeatable)")
+    br = sub.add_parser("broker", help="the local development broker (Tansu)")
+    br.add_argument("action", choices=("start", "stop", "status"))
+    br.add_argument("--port", type=int)
+    br.add_argument("--dir", default=str(local_broker.DEFAULT_RUN_DIR),
+                    help="run directory for pid, port and log")
+    return p
+
+
+def _config(args: argparse.Namespace, job: Any) -> WorkerConfig:
+    cli: dict[str, Any] = {}
+    if args.bootstrap:
+        cli["bootstrap_servers"] = args.bootstrap
+    if args.group:
+        cli["group"] = args.group
+    if args.log_level:
+        cli["log_level"] = args.log_level
+    if args.commit_interval:
+        cli["commit_interval"] = args.commit_interval
+    if args.progress_interval:
+        cli["progress_interval"] = args.progress_interval
+    kafka: dict[str, str] = {}
+    for kv in args.kafka:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ConfigError("-X", f"{kv!r} is not KEY=VALUE")
+        kafka[k] = v
+    base = job.config or {
+        "default": WorkerConfig, "low_latency": WorkerConfig.low_latency,
+        "high_throughput": WorkerConfig.high_throughput}[args.preset]()
+    # Precedence: code < environment < flags.
+    env_cfg = WorkerConfig.from_env(**{
+        f: getattr(base, f) for f in base.__dataclass_fields__})
+    if kafka:
+        cli["kafka"] = {**env_cfg.kafka, **kafka}
+    return env_cfg.replace(**cli)
+
+
+async def _run_worker(job: Any, config: WorkerConfig) -> None:
+    from streamcore.engine.worker import Worker
+
+    worker = Worker(job, config)
+    loop = asyncio.get_running_loop()
+    signals = {"n": 0}
+
+    def on_signal(sig: signal.Signals) -> None:
+        signals["n"] += 1
+        if signals["n"] > 1:
+            log.error("second %s: exiting at once", sig.name)
+            os._exit(130)
+        log.info("%s: stopping gracefully (send again to exit at once)", sig.name)
+        worker.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await worker.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "broker":
+        return _broker(args)
+    from streamcore import logs
+
+    logs.configure(os.environ.get("STREAMCORE_LOG_LEVEL", "INFO"))
+    try:
+        job = load_job(args.job)
+        config = _config(args, job)
+        logs.configure(config.log_level)
+        asyncio.run(_run_worker(job, config))
+    except ConfigError as exc:
+        print(f"streamcore: {exc}", file=sys.stderr)
+        return 2
+    except StreamcoreError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        print(f"streamcore: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> int:
+    run_dir = Path(args.dir)
+    try:
+        if args.action == "start":
+            info = local_broker.start(run_dir, port=args.port)
+            print(info.bootstrap)
+        elif args.action == "stop":
+            print("stopped" if local_broker.stop(run_dir) else "not running")
+        else:
+            cur = local_broker.status(run_dir)
+            print(f"running on {cur.bootstrap} (pid {cur.pid})" if cur else "not running")
+            return 0 if cur else 3
+    except StreamcoreError as exc:
+        print(f"streamcore broker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

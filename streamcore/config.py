@@ -1,0 +1,153 @@
+"""Worker configuration: one frozen, validated dataclass.
+
+Precedence, lowest first: the defaults here, keyword arguments in code, ``STREAMCORE_*``
+environment variables, CLI flags. Every invalid value raises :class:`ConfigError` naming the
+field, before anything connects. Kafka client settings pass through unchanged under
+``kafka`` (both clients), ``consumer`` and ``producer``; the fields here own the settings that
+the engine's guarantees depend on, and a pass-through that would break them is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamcore.errors import ConfigError
+
+__all__ = ["WorkerConfig", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+# librdkafka settings that the engine must own: changing them would void at-least-once.
+_RESERVED = {
+    "enable.auto.commit": "the engine commits offsets itself, only once they are done",
+    "enable.auto.offset.store": "the engine commits explicit offsets",
+    "group.id": "use the group field (--group)",
+    "bootstrap.servers": "use the bootstrap_servers field (--bootstrap)",
+}
+
+
+def parse_duration(value: float | int | str, field_name: str) -> float:
+    """Seconds from 1.5, "100ms", "10s", "1m" or "2h"; ConfigError naming field_name if not."""
+    if isinstance(value, bool):
+        raise ConfigError(field_name, f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(field_name, f"{value!r} is not a duration like 100ms, 10s or 1m")
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if seconds < 0:
+        raise ConfigError(field_name, f"must not be negative, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """Everything a worker needs besides the job. Durations accept seconds or "100ms"/"10s"."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group: str | None = None  # consumer group; defaults to the job name
+    commit_interval: float | str = 0.1
+    shutdown_timeout: float | str = 30.0  # drain deadline on SIGTERM and on revoke
+    progress_interval: float | str = 10.0
+    poll_batch: int = 1000  # records per consume() call
+    poll_timeout: float | str = 0.1
+    inbox_high: int = 20_000  # records queued for one partition before it is paused
+    inbox_low: int = 5_000  # ... and resumed
+    log_level: str = "INFO"
+    kafka: Mapping[str, Any] = field(default_factory=dict)
+    consumer: Mapping[str, Any] = field(default_factory=dict)
+    producer: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("commit_interval", "shutdown_timeout", "progress_interval", "poll_timeout"):
+            object.__setattr__(self, name, parse_duration(getattr(self, name), name))
+        if not self.bootstrap_servers or not isinstance(self.bootstrap_servers, str):
+            raise ConfigError("bootstrap_servers", "must be a non-empty host:port list")
+        for hp in self.bootstrap_servers.split(","):
+            host, _, port = hp.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError("bootstrap_servers", f"{hp!r} is not host:port")
+        if self.group is not None and not self.group.strip():
+            raise ConfigError("group", "must not be empty")
+        if self.commit_interval <= 0:  # type: ignore[operator]
+            raise ConfigError("commit_interval", "must be positive")
+        for name in ("poll_batch", "inbox_high", "inbox_low"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        if self.inbox_low >= self.inbox_high:
+            raise ConfigError("inbox_low", f"must be below inbox_high ({self.inbox_high})")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("log_level", f"{self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+        for section in ("kafka", "consumer", "producer"):
+            for key in getattr(self, section):
+                if key in _RESERVED:
+                    raise ConfigError(f"{section}[{key!r}]", _RESERVED[key])
+
+    # Durations are floats after __post_init__; these accessors keep mypy honest.
+    @property
+    def commit_interval_s(self) -> float:
+        return float(self.commit_interval)
+
+    @property
+    def shutdown_timeout_s(self) -> float:
+        return float(self.shutdown_timeout)
+
+    @property
+    def progress_interval_s(self) -> float:
+        return float(self.progress_interval)
+
+    @property
+    def poll_timeout_s(self) -> float:
+        return float(self.poll_timeout)
+
+    def replace(self, **changes: Any) -> WorkerConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- named presets -------------------------------------------------------------------
+    @classmethod
+    def low_latency(cls, **overrides: Any) -> WorkerConfig:
+        """Small fetch waits and no producer linger: lowest end-to-end latency."""
+        base: dict[str, Any] = {
+            "consumer": {"fetch.wait.max.ms": 5},
+            "producer": {"linger.ms": 0},
+            "poll_timeout": "20ms",
+        }
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def high_throughput(cls, **overrides: Any) -> WorkerConfig:
+        """Larger batches and producer linger: best throughput, some latency."""
+        base: dict[str, Any] = {"producer": {"linger.ms": 20}, "poll_batch": 2000}
+        return cls(**{**base, **overrides})
+
+    # -- environment ---------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerConfig:
+        """Build from keyword arguments overlaid by STREAMCORE_<FIELD> variables.
+
+        Scalar fields only; ``kafka``/``consumer``/``producer`` come from code or the CLI.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = dict(overrides)
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"STREAMCORE_{f.name.upper()}")
+            if raw is None or f.name in ("kafka", "consumer", "producer"):
+                continue
+            if f.name in ("poll_batch", "inbox_high", "inbox_low"):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(f.name, f"STREAMCORE_{f.name.upper()}={raw!r} is not "
+                                      "an integer") from None
+            else:
+                values[f.name] = raw
+        return cls(**values)

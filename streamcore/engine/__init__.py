@@ -1,0 +1,1 @@
+"""The engine: worker, partition tasks, offset tracking. Internal; users import streamcore."""

@@ -1,0 +1,124 @@
+"""Per-partition processing context and the ordered async lanes behind ``map_async``.
+
+The compiled chain is a tree of closures called as ``emit(key, value, timestamp_ms)``. What
+does not change per operator (the input message, for headers and error positions, and the
+offset-tracking batch) lives on the :class:`PartitionContext` instead of travelling with
+each record. Only the event loop thread touches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from connectors.base import Message, ProducerBackend
+from streamcore.engine.tracking import Batch
+from streamcore.errors import UserFunctionError
+
+__all__ = ["AsyncLane", "Emit", "PartitionContext"]
+
+Emit = Callable[[Any, Any, int], None]
+
+
+class PartitionContext:
+    __slots__ = ("batch", "blocked", "lanes", "msg", "producer", "topic", "partition")
+
+    def __init__(self, topic: str, partition: int, producer: ProducerBackend) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.producer = producer
+        self.msg: Message | None = None
+        self.batch: Batch | None = None
+        self.lanes: list[AsyncLane] = []
+        self.blocked = False  # a lane is full: the intake must wait before the next record
+
+    def position(self) -> tuple[str, int, int]:
+        off = self.msg.offset() if self.msg is not None else -1
+        return self.topic, self.partition, off if off is not None else -1
+
+    async def wait_unblocked(self) -> None:
+        for lane in self.lanes:
+            await lane.wait_space()
+        self.blocked = False
+
+
+class AsyncLane:
+    """Runs up to ``concurrency`` calls of an async function at once and emits the results
+    in submission order. The calls are tasks of the partition's TaskGroup (their owner); the
+    lane holds each record's batch open until its result has gone downstream."""
+
+    def __init__(self, fn: Callable[[Any], Awaitable[Any]], concurrency: int,
+                 down: Emit, ctx: PartitionContext, step: str) -> None:
+        self.fn = fn
+        self.concurrency = concurrency
+        self.down = down
+        self.ctx = ctx
+        self.step = step
+        self.tg: asyncio.TaskGroup | None = None
+        # Lanes after this one in the chain: the drainer waits for them, never for itself or
+        # for lanes before it (that would deadlock).
+        self.downstream: list[AsyncLane] = []
+        self._queue: deque[tuple[asyncio.Task[Any], Any, int, Message | None, Batch]] = deque()
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def submit(self, key: Any, value: Any, ts: int) -> None:
+        ctx = self.ctx
+        batch = ctx.batch
+        assert batch is not None and self.tg is not None
+        batch.pending += 1
+        self._queue.append((self.tg.create_task(self.fn(value)), key, ts, ctx.msg, batch))
+        self._changed.set()
+        if len(self._queue) >= self.concurrency:
+            ctx.blocked = True
+
+    async def wait_space(self) -> None:
+        while len(self._queue) >= self.concurrency:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def wait_empty(self) -> None:
+        while self._queue:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def close(self) -> None:
+        self._closed = True
+        self._changed.set()
+
+    async def drain(self) -> None:
+        """Emit results in order until closed and empty. A raising call fails the partition."""
+        ctx = self.ctx
+        q = self._queue
+        while True:
+            if not q:
+                if self._closed:
+                    return
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            task, key, ts, msg, batch = q[0]
+            try:
+                value = await task
+            except Exception as exc:
+                off = msg.offset() if msg is not None else -1
+                raise UserFunctionError(
+                    f"map_async step {self.step!r} raised {type(exc).__name__}: {exc}",
+                    topic=ctx.topic, partition=ctx.partition,
+                    offset=off if off is not None else -1) from exc
+            q.popleft()
+            saved_msg, saved_batch = ctx.msg, ctx.batch
+            ctx.msg, ctx.batch = msg, batch
+            try:
+                self.down(key, value, ts)
+            finally:
+                ctx.msg, ctx.batch = saved_msg, saved_batch
+            batch.pending -= 1
+            self._changed.set()
+            for lane in self.downstream:  # a lane further down is full: hold this one too
+                await lane.wait_space()

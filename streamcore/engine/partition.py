@@ -1,0 +1,206 @@
+"""One task per assigned input partition: a bounded inbox, the compiled chain, offset tracking.
+
+Lifecycle (as Kafka Streams' Task)::
+
+    CREATED ──> RESTORING ──> RUNNING ──> SUSPENDED ──> CLOSED
+       │            │            └───────────────────────^
+       └────────────┴────────────────────────────────────^
+
+RESTORING rebuilds the partition's state stores before the first record (none yet for a
+stateless job). SUSPENDED means intake has stopped (revoke or shutdown): what is already in the
+inbox is finished up to a deadline, what is not is left for the next owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from connectors.base import Message, ProducerBackend, TopicPartition
+from connectors.kafka import KafkaSource
+from streamcore.engine.context import PartitionContext
+from streamcore.engine.tracking import OffsetTracker
+from streamcore.errors import DeserializationError, StreamcoreError, UserFunctionError
+from streamcore.graph import Node
+from streamcore.plan import compile_chain
+from streamcore.progress import LatencyHistogram
+
+__all__ = ["PartitionTask", "TaskState"]
+
+log = logging.getLogger("streamcore.partition")
+
+
+class TaskState(enum.Enum):
+    CREATED = "CREATED"
+    RESTORING = "RESTORING"
+    RUNNING = "RUNNING"
+    SUSPENDED = "SUSPENDED"
+    CLOSED = "CLOSED"
+
+
+_ALLOWED: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.CREATED: frozenset({TaskState.RESTORING, TaskState.CLOSED}),
+    TaskState.RESTORING: frozenset({TaskState.RUNNING, TaskState.SUSPENDED, TaskState.CLOSED}),
+    TaskState.RUNNING: frozenset({TaskState.SUSPENDED, TaskState.CLOSED}),
+    TaskState.SUSPENDED: frozenset({TaskState.CLOSED}),
+    TaskState.CLOSED: frozenset(),
+}
+
+
+class PartitionTask:
+    def __init__(
+        self,
+        tp: TopicPartition,
+        job: Any,
+        source: Node,
+        producer: ProducerBackend,
+        *,
+        inbox_high: int,
+        inbox_low: int,
+        pause: Callable[[TopicPartition], None],
+        resume: Callable[[TopicPartition], None],
+        latency: LatencyHistogram,
+    ) -> None:
+        self.tp = tp
+        self.state = TaskState.CREATED
+        self.tracker = OffsetTracker()
+        self.committed = -1  # next offset to read, as last committed by us (-1: none yet)
+        self.ctx = PartitionContext(tp[0], tp[1], producer)
+        self._chain = compile_chain(job, source, self.ctx)
+        spec = source.source
+        assert isinstance(spec, KafkaSource)
+        self._spec = spec
+        self._inbox: deque[tuple[float, list[Message]]] = deque()
+        self._queued = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._high, self._low = inbox_high, inbox_low
+        self._pause, self._resume = pause, resume
+        self.paused = False
+        self._latency = latency
+        self.records_in = 0
+        self.first_offset: int | None = None
+        self.last_offset: int | None = None
+
+    # -- state ---------------------------------------------------------------------------
+    def transition(self, new: TaskState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise StreamcoreError(f"partition {self.tp}: illegal transition "
+                                  f"{self.state.value} -> {new.value}")
+        log.debug("partition %s[%d]: %s -> %s", *self.tp, self.state.value, new.value)
+        self.state = new
+
+    # -- intake (event loop thread, called by the worker's poll loop) --------------------
+    def offer(self, handed_at: float, msgs: list[Message]) -> None:
+        if self.state not in (TaskState.RESTORING, TaskState.RUNNING):
+            return  # revoked or closing: the next owner reads these again
+        self._inbox.append((handed_at, msgs))
+        self._queued += len(msgs)
+        self._wakeup.set()
+        if not self.paused and self._queued >= self._high:
+            self.paused = True
+            self._pause(self.tp)
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def stop_intake(self) -> None:
+        """Process what is queued, then finish (graceful shutdown and revoke)."""
+        if self.state in (TaskState.RESTORING, TaskState.RUNNING):
+            self.transition(TaskState.SUSPENDED)
+        self._closing = True
+        self._wakeup.set()
+
+    # -- the loop ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Process the inbox until stop_intake() and the inbox is empty. Raises on a fatal
+        error; the record that caused it is never marked done."""
+        self.transition(TaskState.RESTORING)
+        # State stores are restored here once the job has any (none for stateless steps).
+        if self.state is TaskState.RESTORING:
+            self.transition(TaskState.RUNNING)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for lane in self.ctx.lanes:
+                    lane.tg = tg
+                    tg.create_task(lane.drain())
+                try:
+                    await self._process_inbox()
+                    for lane in self.ctx.lanes:
+                        await lane.wait_empty()
+                finally:
+                    for lane in self.ctx.lanes:
+                        lane.close()
+        except* StreamcoreError as eg:
+            raise eg.exceptions[0] from None
+        finally:
+            if self.paused:
+                self.paused = False
+
+    async def _process_inbox(self) -> None:
+        inbox = self._inbox
+        ctx = self.ctx
+        chain = self._chain
+        vde = self._spec.value.deserialize
+        kde = self._spec.key.deserialize
+        ts_of = self._spec.timestamp
+        lanes = bool(ctx.lanes)
+        topic, partition = self.tp
+        perf = time.perf_counter
+        while True:
+            if not inbox:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            handed_at, msgs = inbox.popleft()
+            batch = self.tracker.open()
+            ctx.batch = batch
+            m: Message | None = None
+            try:
+                for m in msgs:
+                    ctx.msg = m
+                    raw = m.value()
+                    try:
+                        value = None if raw is None else vde(raw)
+                        rk = m.key()
+                        key = None if rk is None else kde(rk)
+                    except Exception as exc:
+                        raise DeserializationError(
+                            f"cannot decode the record with the source's serdes: "
+                            f"{type(exc).__name__}: {exc}",
+                            topic=topic, partition=partition, offset=m.offset() or 0) from exc
+                    ts = ts_of(value) if ts_of is not None else m.timestamp()[1]
+                    chain(key, value, ts)
+                    if lanes and ctx.blocked:
+                        await ctx.wait_unblocked()
+                        ctx.batch = batch
+            except StreamcoreError:
+                raise
+            except Exception as exc:
+                off = m.offset() if m is not None else -1
+                raise UserFunctionError(f"processing failed: {type(exc).__name__}: {exc}",
+                                        topic=topic, partition=partition,
+                                        offset=off if off is not None else -1) from exc
+            last = msgs[-1].offset()
+            assert last is not None
+            batch.seal(last)
+            n = len(msgs)
+            self._latency.record(perf() - handed_at, n)
+            self.records_in += n
+            if self.first_offset is None:
+                self.first_offset = msgs[0].offset()
+            self.last_offset = last
+            self._queued -= n
+            if self.paused and self._queued <= self._low:
+                self.paused = False
+                self._resume(self.tp)
+            # Let the poll loop and other partitions run between batches.
+            await asyncio.sleep(0)

@@ -1,0 +1,395 @@
+"""The worker: one consumer, one producer, one task per assigned partition.
+
+Everything the worker starts belongs to one ``asyncio.TaskGroup``. The consumer's blocking
+calls (consume, close, and so the rebalance callbacks) run on one dedicated thread; a callback
+hands its work to the event loop and waits for it, so a revoked partition is drained and its
+offsets committed before the group moves it (DESIGN.md section 4, invariant 3).
+
+Commit protocol (continuous mode, at-least-once), every ``commit_interval``:
+  1. serve delivery reports (``producer.poll``), so acknowledged outputs are counted;
+  2. per partition, advance the done offset (sealed batches with nothing pending);
+  3. commit done + 1 for the partitions that moved, synchronously, on the commit thread;
+  4. record what was committed. A failed delivery stops the worker before step 3 for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from connectors.base import ConsumerBackend, Message, ProducerBackend, TopicPartition
+from connectors.confluent import (
+    ConfluentConsumer,
+    ConfluentProducer,
+    consumer_settings,
+    producer_settings,
+)
+from streamcore.config import WorkerConfig
+from streamcore.engine.partition import PartitionTask, TaskState
+from streamcore.errors import FatalError, StreamcoreError
+from streamcore.plan import source_for_topic
+from streamcore.progress import LatencyHistogram
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("streamcore.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        job: Any,
+        config: WorkerConfig,
+        *,
+        consumer: ConsumerBackend | None = None,
+        producer: ProducerBackend | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        job.validate()
+        self.job = job
+        self.config = config
+        self.group = config.group or job.name
+        self.run_id = run_id or str(uuid.uuid4())
+        starting = {n.source.starting_offsets for n in job.sources}
+        self._consumer = consumer or ConfluentConsumer(consumer_settings(
+            config.bootstrap_servers, self.group, starting.pop() if len(starting) == 1
+            else "earliest", config.kafka, config.consumer))
+        self._producer = producer or ConfluentProducer(producer_settings(
+            config.bootstrap_servers, config.kafka, config.producer))
+        self._tasks: dict[TopicPartition, PartitionTask] = {}
+        self._running: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._consumer_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-consumer")
+        self._commit_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-commit")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._inflight_poll: asyncio.Future[list[Message]] | None = None
+        self.latency = LatencyHistogram()  # in-worker: handed over -> output handed on
+        self.commit_latency = LatencyHistogram()
+        self.on_progress = on_progress
+        self.last_progress: dict[str, Any] | None = None
+        self._progress_id = 0
+        self._started = time.time()
+        self._progress_mark = (time.monotonic(), 0)
+        self.records_in = 0
+        self.commits = 0
+        self.rebalances = 0
+        self.last_poll = time.monotonic()
+
+    # -- public --------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask for a graceful stop; safe from any thread and from signal handlers."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if threading_ident_is_loop(loop):
+            self._stopping.set()
+        else:
+            loop.call_soon_threadsafe(self._stopping.set)
+
+    @property
+    def assigned(self) -> dict[TopicPartition, TaskState]:
+        return {tp: t.state for tp, t in self._tasks.items()}
+
+    async def run(self) -> None:
+        """Run until stop() or a fatal error; on return everything done has been committed."""
+        self._loop = asyncio.get_running_loop()
+        topics = [t for n in self.job.sources for t in n.source.subscription]
+        self._consumer.subscribe(topics, on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info("worker started: job=%s group=%s topics=%s", self.job.name, self.group, topics)
+        failure: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                poll = tg.create_task(self._poll_loop(), name="poll")
+                tg.create_task(self._commit_loop(), name="commit")
+                tg.create_task(self._progress_loop(), name="progress")
+                await self._stopping.wait()
+                await poll  # 1. stop intake at the source
+                await self._drain_all()  # 2. finish what was fetched, 3. wait for acks
+                await self._commit(final=True)  # 4. commit
+                raise _Stopped
+        except* _Stopped:
+            pass
+        except* BaseException as eg:
+            failure = _first_error(eg)
+        finally:
+            await self._shutdown(failure)
+        if failure is not None:
+            raise failure
+
+    # -- polling -------------------------------------------------------------------------
+    async def _poll_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        consume = self._consumer.consume
+        n, timeout = self.config.poll_batch, self.config.poll_timeout_s
+        tasks = self._tasks
+        perf = time.perf_counter
+        while not self._stopping.is_set():
+            self._inflight_poll = loop.run_in_executor(self._consumer_thread, consume, n, timeout)
+            msgs = await self._inflight_poll
+            self._inflight_poll = None
+            self.last_poll = time.monotonic()
+            if not msgs:
+                continue
+            handed_at = perf()
+            groups: dict[TopicPartition, list[Message]] = {}
+            for m in msgs:
+                err = m.error()
+                if err is not None:
+                    self._consumer_error(err)
+                    continue
+                tp = (m.topic(), m.partition())
+                g = groups.get(tp)  # type: ignore[arg-type]
+                if g is None:
+                    groups[tp] = g = []  # type: ignore[index]
+                g.append(m)
+            for tp, g in groups.items():
+                task = tasks.get(tp)
+                if task is not None:
+                    task.offer(handed_at, g)
+            self.records_in += len(msgs)
+            # Serve delivery reports once per fetch so they never pile up between commits.
+            self._producer.poll(0)
+
+    def _consumer_error(self, err: Any) -> None:
+        fatal = getattr(err, "fatal", lambda: False)()
+        if fatal:
+            raise FatalError(f"consumer failed: {err}")
+        log.warning("consumer: %s", err)
+
+    # -- rebalance callbacks (consumer thread) -------------------------------------------
+    def _call_on_loop(self, coro: Any) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _on_assign(self, parts: list[TopicPartition]) -> None:
+        self._call_on_loop(self._assign(parts))
+
+    def _on_revoke(self, parts: list[TopicPartition]) -> None:
+        self._call_on_loop(self._revoke(parts, commit=True))
+
+    def _on_lost(self, parts: list[TopicPartition]) -> None:
+        self._call_on_loop(self._revoke(parts, commit=False))
+
+    async def _assign(self, parts: list[TopicPartition]) -> None:
+        if not parts:
+            return
+        self.rebalances += 1
+        log.info("assigned %s", _fmt(parts))
+        for tp in parts:
+            task = PartitionTask(
+                tp, self.job, source_for_topic(self.job, tp[0]), self._producer,
+                inbox_high=self.config.inbox_high, inbox_low=self.config.inbox_low,
+                pause=self._pause, resume=self._resume, latency=self.latency)
+            self._tasks[tp] = task
+            if self._tg is not None and not self._stopping.is_set():
+                self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
+
+    async def _revoke(self, parts: list[TopicPartition], *, commit: bool) -> None:
+        """Stop intake, finish queued work (up to the shutdown deadline), wait for the
+        acknowledgements, commit what is done (unless lost), close."""
+        mine = [tp for tp in parts if tp in self._tasks]
+        if not mine:
+            return
+        self.rebalances += 1
+        log.info("%s %s", "revoking" if commit else "lost", _fmt(mine))
+        async with self._commit_lock:
+            if commit:
+                await self._drain(mine)
+                offsets = self._done_offsets(mine)
+                await self._commit_offsets(offsets)
+            for tp in mine:
+                await self._close_task(tp)
+
+    # -- draining and committing ---------------------------------------------------------
+    async def _drain(self, parts: list[TopicPartition]) -> None:
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        tasks = [self._tasks[tp] for tp in parts if tp in self._tasks]
+        for t in tasks:
+            t.stop_intake()
+        running = [self._running[t.tp] for t in tasks if t.tp in self._running]
+        if running:
+            _, late = await asyncio.wait(running, timeout=max(0.0, deadline - time.monotonic()))
+            if late:
+                log.warning("drain deadline passed; %d partition(s) abandoned in flight", len(late))
+        # Wait for the broker to acknowledge what was handed to the producer.
+        while time.monotonic() < deadline:
+            self._producer.poll(0)
+            if all(t.tracker.failure is not None or t.tracker.all_done() for t in tasks):
+                break
+            await asyncio.sleep(0.002)
+        for t in tasks:
+            if t.tracker.failure is not None:
+                raise t.tracker.failure
+
+    async def _drain_all(self) -> None:
+        async with self._commit_lock:
+            await self._drain(list(self._tasks))
+
+    def _done_offsets(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Next-offset-to-read for each partition whose done offset moved past the commit."""
+        self._producer.poll(0)  # step 1: serve delivery reports
+        offsets: dict[TopicPartition, int] = {}
+        for tp in parts:
+            task = self._tasks.get(tp)
+            if task is None:
+                continue
+            if task.tracker.failure is not None:
+                raise task.tracker.failure
+            nxt = task.tracker.advance() + 1  # step 2
+            if nxt > 0 and nxt > task.committed:
+                offsets[tp] = nxt
+        return offsets
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        assert self._loop is not None
+        t0 = time.perf_counter()
+        await self._loop.run_in_executor(  # step 3
+            self._commit_thread,
+            lambda: self._consumer.commit(offsets, asynchronous=False))
+        self.commit_latency.record(time.perf_counter() - t0)
+        self.commits += 1
+        for tp, off in offsets.items():  # step 4
+            task = self._tasks.get(tp)
+            if task is not None:
+                task.committed = max(task.committed, off)
+        log.debug("committed %s", offsets)
+
+    async def _commit(self, *, final: bool = False) -> None:
+        async with self._commit_lock:
+            await self._commit_offsets(self._done_offsets(list(self._tasks)))
+
+    async def _commit_loop(self) -> None:
+        interval = self.config.commit_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            await self._commit()
+
+    async def _close_task(self, tp: TopicPartition) -> None:
+        task = self._tasks.pop(tp, None)
+        running = self._running.pop(tp, None)
+        if running is not None and not running.done():
+            running.cancel()
+            with contextlib.suppress(BaseException):
+                await running
+        if task is not None and task.state is not TaskState.CLOSED:
+            task.transition(TaskState.CLOSED)
+
+    # -- backpressure --------------------------------------------------------------------
+    def _pause(self, tp: TopicPartition) -> None:
+        self._consumer.pause([tp])
+
+    def _resume(self, tp: TopicPartition) -> None:
+        if tp in self._tasks:
+            self._consumer.resume([tp])
+
+    # -- progress ------------------------------------------------------------------------
+    async def _progress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.progress_interval_s)
+            self._report_progress()
+
+    def _report_progress(self) -> dict[str, Any]:
+        now = time.monotonic()
+        since, before = self._progress_mark
+        self._progress_mark = (now, self.records_in)
+        elapsed = max(now - since, 1e-9)
+        rows = self.records_in - before
+        report: dict[str, Any] = {
+            "id": self.job.name,
+            "runId": self.run_id,
+            "name": self.job.name,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+            "batchId": self._progress_id,
+            "numInputRows": rows,
+            "inputRowsPerSecond": round(rows / elapsed, 1),
+            "processedRowsPerSecond": round(rows / elapsed, 1),
+            "durationMs": {"commit": self.commit_latency.summary_ms()},
+            "inWorkerLatencyMs": self.latency.summary_ms(),
+            "sources": [
+                {"description": f"{tp[0]}[{tp[1]}]", "state": t.state.value,
+                 "startOffset": t.first_offset, "endOffset": t.last_offset,
+                 "committedOffset": t.committed, "queued": t.queued, "paused": t.paused}
+                for tp, t in sorted(self._tasks.items())
+            ],
+            "commits": self.commits,
+            "rebalances": self.rebalances,
+        }
+        self._progress_id += 1
+        self.last_progress = report
+        if self.on_progress is not None:
+            self.on_progress(report)
+        log.info("progress %s", report, extra={"progress": report})
+        return report
+
+    # -- shutdown ------------------------------------------------------------------------
+    async def _shutdown(self, failure: BaseException | None) -> None:
+        """Runs on every exit. After a failure, commit only what is done (never the failing
+        record), then leave the group so its partitions move on at once."""
+        assert self._loop is not None
+        try:
+            if self._inflight_poll is not None:  # the consumer thread is single-use
+                with contextlib.suppress(BaseException):
+                    await self._inflight_poll
+            if failure is not None and self._tasks:
+                with contextlib.suppress(StreamcoreError):
+                    for t in self._tasks.values():
+                        t.tracker.discard_open()
+                    await self._commit_offsets(self._done_offsets(list(self._tasks)))
+            self._report_progress()
+            self._stopping.set()
+            await self._loop.run_in_executor(self._consumer_thread, self._consumer.close)
+        except Exception as exc:  # closing must not hide the original failure
+            log.warning("error while closing the consumer: %s", exc)
+        finally:
+            for tp in list(self._tasks):
+                await self._close_task(tp)
+            self._consumer_thread.shutdown(wait=False)
+            self._commit_thread.shutdown(wait=False)
+            log.info("worker stopped: job=%s%s", self.job.name,
+                     f" ({type(failure).__name__}: {failure})" if failure else "")
+
+
+class _Stopped(Exception):
+    """Ends the worker's TaskGroup after a graceful stop."""
+
+
+def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report: a streamcore error if any, unwrapped from nested groups."""
+    flat: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        elif not isinstance(e, _Stopped | asyncio.CancelledError):
+            flat.append(e)
+
+    walk(eg)
+    for e in flat:
+        if isinstance(e, StreamcoreError):
+            return e
+    return flat[0] if flat else eg
+
+
+def _fmt(parts: list[TopicPartition]) -> str:
+    return ", ".join(f"{t}[{p}]" for t, p in sorted(parts))
+
+
+def threading_ident_is_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -1,0 +1,58 @@
+"""The logical job graph: what the user declared, before anything runs.
+
+Nodes are immutable once built. :mod:`streamcore.plan` compiles them into per-partition
+operator chains. Each node knows its parents; children are derived when compiling.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from connectors.kafka import KafkaSink, KafkaSource
+
+__all__ = ["Node", "OpKind"]
+
+_ids = itertools.count()
+
+
+class OpKind:
+    SOURCE = "source"
+    MAP = "map"
+    MAP_ASYNC = "map_async"
+    FLAT_MAP = "flat_map"
+    FILTER = "filter"
+    PEEK = "peek"
+    KEY_BY = "key_by"
+    WITH_TIMESTAMPS = "with_timestamps"
+    UNION = "union"
+    BRANCH = "branch"  # one node per branch output; params["index"] says which
+    TO = "to"
+    FOREACH = "foreach"
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    kind: str
+    parents: tuple[Node, ...] = ()
+    fn: Callable[..., Any] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    source: KafkaSource | None = None
+    sink: KafkaSink | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+
+    def describe(self) -> str:
+        if self.source is not None:
+            return self.source.describe()
+        if self.sink is not None:
+            return self.sink.describe()
+        name = getattr(self.fn, "__name__", "") if self.fn is not None else ""
+        extra = ", ".join(f"{k}={v}" for k, v in self.params.items() if k != "preds")
+        inner = ", ".join(x for x in (name, extra) if x)
+        return f"{self.kind}({inner})"
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in (OpKind.TO, OpKind.FOREACH)

@@ -1,0 +1,54 @@
+"""Serdes turn record keys and values into bytes and back.
+
+A serde is two plain functions. ``None`` always maps to ``None`` (a null key, or a tombstone
+value), so a serde never sees it. Serdes raise on bad input; the engine turns that into a
+:class:`~streamcore.errors.DeserializationError` carrying the record's position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+__all__ = ["BYTES", "JSON", "STR", "Serde"]
+
+
+@dataclass(frozen=True, slots=True)
+class Serde:
+    """A named pair of functions: ``serialize(obj) -> bytes`` and ``deserialize(bytes) -> obj``.
+
+    User-defined serdes are plain instances: ``Serde("csv", dumps, loads)``.
+    """
+
+    name: str
+    serialize: Callable[[Any], bytes]
+    deserialize: Callable[[bytes], Any]
+
+    def __repr__(self) -> str:
+        return f"Serde({self.name})"
+
+
+def _identity(b: Any) -> Any:
+    return b
+
+
+def _to_bytes(b: Any) -> bytes:
+    if isinstance(b, bytes | bytearray | memoryview):
+        return bytes(b)
+    raise TypeError(f"the BYTES serde needs bytes, got {type(b).__name__}")
+
+
+def _str_ser(s: Any) -> bytes:
+    return str(s).encode()
+
+
+def _str_de(b: bytes) -> str:
+    return b.decode()
+
+
+JSON = Serde("json", orjson.dumps, orjson.loads)
+STR = Serde("str", _str_ser, _str_de)
+BYTES = Serde("bytes", _to_bytes, _identity)
