@@ -122,3 +122,8 @@ class ProducerBackend(ABC):
     @abstractmethod
     def in_flight(self) -> int:
         """Records queued or awaiting acknowledgement."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the client. Records still queued are dropped: flush (poll until
+        ``in_flight() == 0``) first where they matter."""

@@ -147,4 +147,8 @@ class ConfluentProducer(ProducerBackend):
         return int(self._p.poll(timeout))
 
     def in_flight(self) -> int:
-        return len(self._p)
+        return len(self._p) if self._p is not None else 0
+
+    def close(self) -> None:
+        # confluent-kafka frees the client when the last reference goes; drop ours.
+        self._p = self._produce = None  # type: ignore[assignment]

@@ -8,8 +8,12 @@ offsets committed before the group moves it (DESIGN.md section 4, invariant 3).
 Commit protocol (continuous mode, at-least-once), every ``commit_interval``:
   1. serve delivery reports (``producer.poll``), so acknowledged outputs are counted;
   2. per partition, advance the done offset (sealed batches with nothing pending);
-  3. commit done + 1 for the partitions that moved, synchronously, on the commit thread;
-  4. record what was committed. A failed delivery stops the worker before step 3 for it.
+  3. commit done + 1 for the partitions that moved. A failed delivery stops the worker
+     before this step for its partition.
+Periodic commits are asynchronous: steps 1-3 are non-blocking code on the event loop, so they
+can never interleave with a revoke. Commits that must be complete before something else
+happens are synchronous and run on the consumer thread: inside the revoke callback (the group
+waits for it, as librdkafka allows) and at shutdown, after polling has stopped.
 """
 
 from __future__ import annotations
@@ -66,9 +70,7 @@ class Worker:
         self._tasks: dict[TopicPartition, PartitionTask] = {}
         self._running: dict[TopicPartition, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
-        self._commit_lock = asyncio.Lock()
         self._consumer_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-consumer")
-        self._commit_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-commit")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._inflight_poll: asyncio.Future[list[Message]] | None = None
@@ -115,8 +117,8 @@ class Worker:
                 tg.create_task(self._progress_loop(), name="progress")
                 await self._stopping.wait()
                 await poll  # 1. stop intake at the source
-                await self._drain_all()  # 2. finish what was fetched, 3. wait for acks
-                await self._commit(final=True)  # 4. commit
+                await self._drain(list(self._tasks))  # 2. finish what was fetched; wait acks
+                await self._commit_sync(self._done_offsets(list(self._tasks)))  # 3. commit
                 raise _Stopped
         except* _Stopped:
             pass
@@ -176,7 +178,17 @@ class Worker:
         self._call_on_loop(self._assign(parts))
 
     def _on_revoke(self, parts: list[TopicPartition]) -> None:
-        self._call_on_loop(self._revoke(parts, commit=True))
+        offsets = self._call_on_loop(self._revoke(parts, commit=True))
+        if offsets:
+            # Synchronously, here on the consumer thread, before the group moves them on.
+            try:
+                t0 = time.perf_counter()
+                self._consumer.commit(offsets, asynchronous=False)
+                self.commit_latency.record(time.perf_counter() - t0)
+                log.info("committed revoked partitions at %s", _fmt_offsets(offsets))
+            except StreamcoreError as exc:
+                # The next owner starts from the previous commit: duplicates, never loss.
+                log.warning("commit on revoke failed: %s", exc)
 
     def _on_lost(self, parts: list[TopicPartition]) -> None:
         self._call_on_loop(self._revoke(parts, commit=False))
@@ -195,21 +207,24 @@ class Worker:
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
 
-    async def _revoke(self, parts: list[TopicPartition], *, commit: bool) -> None:
+    async def _revoke(self, parts: list[TopicPartition], *,
+                      commit: bool) -> dict[TopicPartition, int]:
         """Stop intake, finish queued work (up to the shutdown deadline), wait for the
-        acknowledgements, commit what is done (unless lost), close."""
+        acknowledgements, close; return the done offsets to commit (none if lost)."""
         mine = [tp for tp in parts if tp in self._tasks]
         if not mine:
-            return
+            return {}
         self.rebalances += 1
         log.info("%s %s", "revoking" if commit else "lost", _fmt(mine))
-        async with self._commit_lock:
+        offsets: dict[TopicPartition, int] = {}
+        try:
             if commit:
                 await self._drain(mine)
                 offsets = self._done_offsets(mine)
-                await self._commit_offsets(offsets)
+        finally:
             for tp in mine:
                 await self._close_task(tp)
+        return offsets
 
     # -- draining and committing ---------------------------------------------------------
     async def _drain(self, parts: list[TopicPartition]) -> None:
@@ -232,10 +247,6 @@ class Worker:
             if t.tracker.failure is not None:
                 raise t.tracker.failure
 
-    async def _drain_all(self) -> None:
-        async with self._commit_lock:
-            await self._drain(list(self._tasks))
-
     def _done_offsets(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
         """Next-offset-to-read for each partition whose done offset moved past the commit."""
         self._producer.poll(0)  # step 1: serve delivery reports
@@ -251,31 +262,33 @@ class Worker:
                 offsets[tp] = nxt
         return offsets
 
-    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+    def _mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits += 1
+        for tp, off in offsets.items():
+            task = self._tasks.get(tp)
+            if task is not None:
+                task.committed = max(task.committed, off)
+        log.debug("committed %s", _fmt_offsets(offsets))
+
+    async def _commit_sync(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit and wait for the result, on the consumer thread (polling must be stopped)."""
         if not offsets:
             return
         assert self._loop is not None
         t0 = time.perf_counter()
-        await self._loop.run_in_executor(  # step 3
-            self._commit_thread,
-            lambda: self._consumer.commit(offsets, asynchronous=False))
+        await self._loop.run_in_executor(
+            self._consumer_thread, lambda: self._consumer.commit(offsets, asynchronous=False))
         self.commit_latency.record(time.perf_counter() - t0)
-        self.commits += 1
-        for tp, off in offsets.items():  # step 4
-            task = self._tasks.get(tp)
-            if task is not None:
-                task.committed = max(task.committed, off)
-        log.debug("committed %s", offsets)
-
-    async def _commit(self, *, final: bool = False) -> None:
-        async with self._commit_lock:
-            await self._commit_offsets(self._done_offsets(list(self._tasks)))
+        self._mark_committed(offsets)
 
     async def _commit_loop(self) -> None:
         interval = self.config.commit_interval_s
         while True:
             await asyncio.sleep(interval)
-            await self._commit()
+            offsets = self._done_offsets(list(self._tasks))  # steps 1 and 2
+            if offsets:
+                self._consumer.commit(offsets, asynchronous=True)  # step 3
+                self._mark_committed(offsets)
 
     async def _close_task(self, tp: TopicPartition) -> None:
         task = self._tasks.pop(tp, None)
@@ -347,7 +360,7 @@ class Worker:
                 with contextlib.suppress(StreamcoreError):
                     for t in self._tasks.values():
                         t.tracker.discard_open()
-                    await self._commit_offsets(self._done_offsets(list(self._tasks)))
+                    await self._commit_sync(self._done_offsets(list(self._tasks)))
             self._report_progress()
             self._stopping.set()
             await self._loop.run_in_executor(self._consumer_thread, self._consumer.close)
@@ -356,8 +369,8 @@ class Worker:
         finally:
             for tp in list(self._tasks):
                 await self._close_task(tp)
+            self._producer.close()
             self._consumer_thread.shutdown(wait=False)
-            self._commit_thread.shutdown(wait=False)
             log.info("worker stopped: job=%s%s", self.job.name,
                      f" ({type(failure).__name__}: {failure})" if failure else "")
 
@@ -382,6 +395,10 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(e, StreamcoreError):
             return e
     return flat[0] if flat else eg
+
+
+def _fmt_offsets(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))
 
 
 def _fmt(parts: list[TopicPartition]) -> str:

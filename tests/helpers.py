@@ -1,0 +1,219 @@
+"""Helpers shared by the integration tests: topics, producing, reading back, worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from connectors.admin import create_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unique(prefix: str) -> str:
+    """A fresh name: tests never share topics or groups (the local broker slows as topics grow)."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def make_topics(bootstrap: str, *names: str, partitions: int = 4) -> None:
+    create_topics(bootstrap, {n: partitions for n in names})
+
+
+def produce(bootstrap: str, topic: str, records: Iterable[tuple[Any, Any, int | None]],
+            **conf: Any) -> dict[int, int]:
+    """Produce (key, value, partition) records; JSON-encodes dict values. Returns the number
+    of records per partition."""
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10, **conf})
+    counts: dict[int, int] = {}
+    errors: list[str] = []
+
+    def ack(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+        else:
+            counts[msg.partition()] = counts.get(msg.partition(), 0) + 1
+
+    for key, value, part in records:
+        v = orjson.dumps(value) if isinstance(value, dict | list) else value
+        k = key.encode() if isinstance(key, str) else key
+        kw: dict[str, Any] = {"on_delivery": ack}
+        if part is not None:
+            kw["partition"] = part
+        while True:
+            try:
+                p.produce(topic, v, k, **kw)
+                break
+            except BufferError:
+                p.poll(0.05)
+        p.poll(0)
+    assert p.flush(30) == 0, "test producer could not flush"
+    assert not errors, errors
+    return counts
+
+
+def read_topic(bootstrap: str, topic: str, *, expect: int, partitions: int = 4,
+               timeout: float = 60.0, settle: float = 1.0) -> list[Any]:
+    """Every message of topic from the start, by manual assignment (no group join), until
+    expect messages have arrived and nothing more comes for settle seconds."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("verify"),
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 100,
+                  "isolation.level": "read_uncommitted"})
+    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    quiet_since: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            msgs = c.consume(1000, 0.2)
+            for m in msgs:
+                assert m.error() is None, m.error()
+                out.append(m)
+            if len(out) >= expect:
+                if msgs:
+                    quiet_since = time.monotonic()
+                elif quiet_since is not None and time.monotonic() - quiet_since > settle:
+                    break
+                elif quiet_since is None:
+                    quiet_since = time.monotonic()
+    finally:
+        c.close()
+    return out
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        res = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
+    finally:
+        c.close()
+    return {tp.partition: tp.offset for tp in res}
+
+
+class PacedProducer:
+    """Produces {"seq": n, "p": partition} records at a steady rate on a thread, round-robin
+    over partitions, so that records are still arriving while a worker is killed. Records the
+    input offset of every seq from the delivery reports."""
+
+    def __init__(self, bootstrap: str, topic: str, *, rate: float, partitions: int = 4) -> None:
+        self.topic = topic
+        self.rate = rate
+        self.partitions = partitions
+        self.sent = 0
+        self.offsets: dict[int, tuple[int, int]] = {}  # seq -> (partition, offset)
+        self._stop = threading.Event()
+        self._p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _ack(self, err: Any, msg: Any) -> None:
+        assert err is None, err
+        seq = orjson.loads(msg.value())["seq"]
+        self.offsets[seq] = (msg.partition(), msg.offset())
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.is_set():
+            due = int((time.monotonic() - start) * self.rate)
+            while self.sent < due:
+                n = self.sent
+                p = n % self.partitions
+                self._p.produce(self.topic, orjson.dumps({"seq": n, "p": p}), str(p).encode(),
+                                partition=p, on_delivery=self._ack)
+                self.sent += 1
+            self._p.poll(0.005)
+
+    def __enter__(self) -> PacedProducer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(10)
+        assert self._p.flush(30) == 0
+        return self.sent
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._stop.is_set():
+            self.stop()
+
+
+class WorkerProcess:
+    """A `streamcore run` subprocess on a job module in tests/jobs, configured through env."""
+
+    def __init__(self, job_file: str, bootstrap: str, env: dict[str, str],
+                 args: list[str] | None = None) -> None:
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{unique('worker')}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamcore.cli", "run", str(ROOT / "tests" / "jobs" /
+             job_file), "--bootstrap", bootstrap, "--progress-interval", "1s", *(args or [])],
+            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 40) -> str:
+        """The last lines of the log without progress reports, for assertion messages."""
+        keep = [ln for ln in self.log().splitlines() if '"progress"' not in ln]
+        return "\n".join(keep[-lines:])
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not in worker log after {timeout}s:\n{self.tail()}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@contextmanager
+def worker_process(job_file: str, bootstrap: str, env: dict[str, str],
+                   args: list[str] | None = None) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(job_file, bootstrap, env, args)
+    try:
+        yield w
+    finally:
+        w.kill()
+
+
+def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop_gracefully(w: WorkerProcess, timeout: float = 60.0) -> None:
+    w.signal(signal.SIGTERM)
+    rc = w.wait(timeout)
+    assert rc == 0, f"worker exited {rc}:\n{w.tail()}"
