@@ -31,6 +31,7 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
     "fetch.queue.backoff.ms": 1,  # the default (1 s) caps consumption at a quarter
     "fetch.wait.max.ms": 100,
     "max.poll.interval.ms": 300000,
+    "queued.max.messages.kbytes": 16384,  # prefetch bound: memory set by config, not backlog
 }
 _PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,

@@ -182,10 +182,15 @@ class PartitionTask:
                     if lanes and ctx.blocked:
                         await ctx.wait_unblocked()
                         ctx.batch = batch
-            except StreamcoreError:
-                raise
             except Exception as exc:
-                off = m.offset() if m is not None else -1
+                # Everything before the failing record is done once its outputs are
+                # acknowledged, so seal the batch just before it: the failing offset itself
+                # is never committed.
+                off = m.offset() if m is not None else None
+                if off is not None:
+                    batch.seal(off - 1)
+                if isinstance(exc, StreamcoreError):
+                    raise
                 raise UserFunctionError(f"processing failed: {type(exc).__name__}: {exc}",
                                         topic=topic, partition=partition,
                                         offset=off if off is not None else -1) from exc

@@ -247,15 +247,18 @@ class Worker:
             if t.tracker.failure is not None:
                 raise t.tracker.failure
 
-    def _done_offsets(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
-        """Next-offset-to-read for each partition whose done offset moved past the commit."""
+    def _done_offsets(self, parts: list[TopicPartition], *,
+                      raise_failure: bool = True) -> dict[TopicPartition, int]:
+        """Next-offset-to-read for each partition whose done offset moved past the commit.
+        A failed delivery is raised unless raise_failure is False; either way the batch that
+        failed never becomes done, so nothing at or after it is returned."""
         self._producer.poll(0)  # step 1: serve delivery reports
         offsets: dict[TopicPartition, int] = {}
         for tp in parts:
             task = self._tasks.get(tp)
             if task is None:
                 continue
-            if task.tracker.failure is not None:
+            if raise_failure and task.tracker.failure is not None:
                 raise task.tracker.failure
             nxt = task.tracker.advance() + 1  # step 2
             if nxt > 0 and nxt > task.committed:
@@ -348,6 +351,23 @@ class Worker:
         return report
 
     # -- shutdown ------------------------------------------------------------------------
+    async def _commit_after_failure(self) -> None:
+        """Commit what is done (never the failing record): wait a little for the outputs
+        already handed to the producer, forget unfinished batches, commit."""
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.tracker.discard_open()
+        deadline = time.monotonic() + min(10.0, self.config.shutdown_timeout_s)
+        while time.monotonic() < deadline:
+            self._producer.poll(0)
+            if all(t.tracker.failure is not None or t.tracker.all_done() for t in tasks):
+                break
+            await asyncio.sleep(0.005)
+        try:
+            await self._commit_sync(self._done_offsets(list(self._tasks), raise_failure=False))
+        except StreamcoreError as exc:
+            log.warning("commit after failure failed: %s", exc)
+
     async def _shutdown(self, failure: BaseException | None) -> None:
         """Runs on every exit. After a failure, commit only what is done (never the failing
         record), then leave the group so its partitions move on at once."""
@@ -357,10 +377,7 @@ class Worker:
                 with contextlib.suppress(BaseException):
                     await self._inflight_poll
             if failure is not None and self._tasks:
-                with contextlib.suppress(StreamcoreError):
-                    for t in self._tasks.values():
-                        t.tracker.discard_open()
-                    await self._commit_sync(self._done_offsets(list(self._tasks)))
+                await self._commit_after_failure()
             self._report_progress()
             self._stopping.set()
             await self._loop.run_in_executor(self._consumer_thread, self._consumer.close)
