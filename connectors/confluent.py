@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as CTP
@@ -99,7 +99,7 @@ class ConfluentConsumer(ConsumerBackend):
 
     def consume(self, max_records: int, timeout: float) -> list[Message]:
         try:
-            return self._c.consume(max_records, timeout)  # type: ignore[no-any-return]
+            return cast(list[Message], self._c.consume(max_records, timeout))
         except KafkaException as exc:
             raise RebalanceError(f"consume failed: {exc}") from exc
 
@@ -114,10 +114,13 @@ class ConfluentConsumer(ConsumerBackend):
             return
         parts = [CTP(t, p, o) for (t, p), o in offsets.items()]
         try:
-            result = self._c.commit(offsets=parts, asynchronous=asynchronous)
+            if asynchronous:
+                self._c.commit(offsets=parts, asynchronous=True)
+                return
+            result = self._c.commit(offsets=parts, asynchronous=False)
         except KafkaException as exc:
             raise BrokerUnavailable(f"commit failed: {exc}") from exc
-        for tp in result or ():
+        for tp in result:
             if tp.error is not None:
                 raise BrokerUnavailable(
                     f"commit failed for {tp.topic}[{tp.partition}]: {tp.error}")
@@ -139,8 +142,8 @@ class ConfluentProducer(ProducerBackend):
     def produce(self, topic: str, value: bytes | None, key: bytes | None, timestamp: int,
                 headers: list[tuple[str, bytes]] | None, on_delivery: DeliveryCallback) -> None:
         try:
-            self._produce(topic, value, key, timestamp=timestamp, headers=headers,
-                          on_delivery=on_delivery)
+            self._produce(topic, value, key, timestamp=timestamp,
+                          headers=cast(Any, headers), on_delivery=on_delivery)
         except KafkaException as exc:
             raise DeliveryFailed(topic, str(exc.args[0].str())) from exc
 

@@ -9,6 +9,7 @@ and ``broker.port``. Starting is idempotent: a live broker recorded there is reu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -152,8 +153,6 @@ def stop(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = 10.0) -> bool:
         time.sleep(0.05)
     if _alive(info.pid):
         os.kill(info.pid, signal.SIGKILL)
-    try:  # reap it if it is our child (tests start it in-process)
+    with contextlib.suppress(ChildProcessError):  # reap it if it is our child (tests)
         os.waitpid(info.pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
     return True

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,10 @@ def _config(args: argparse.Namespace, job: Any) -> WorkerConfig:
         if not sep:
             raise ConfigError("-X", f"{kv!r} is not KEY=VALUE")
         kafka[k] = v
-    base = job.config or {
+    presets: dict[str, Callable[[], WorkerConfig]] = {
         "default": WorkerConfig, "low_latency": WorkerConfig.low_latency,
-        "high_throughput": WorkerConfig.high_throughput}[args.preset]()
+        "high_throughput": WorkerConfig.high_throughput}
+    base: WorkerConfig = job.config or presets[args.preset]()
     # Precedence: code < environment < flags.
     env_cfg = WorkerConfig.from_env(**{
         f: getattr(base, f) for f in base.__dataclass_fields__})

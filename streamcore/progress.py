@@ -16,7 +16,7 @@ _N = _PER_OCTAVE * 32  # up to about 4000 s
 class LatencyHistogram:
     """A fixed-size log histogram of durations in seconds; cheap to record, merge and query."""
 
-    __slots__ = ("counts", "total", "sum")
+    __slots__ = ("counts", "sum", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * _N

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from connectors.base import Message, ProducerBackend
@@ -23,7 +23,7 @@ Emit = Callable[[Any, Any, int], None]
 
 
 class PartitionContext:
-    __slots__ = ("batch", "blocked", "lanes", "msg", "producer", "topic", "partition")
+    __slots__ = ("batch", "blocked", "lanes", "msg", "partition", "producer", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend) -> None:
         self.topic = topic
@@ -49,7 +49,7 @@ class AsyncLane:
     in submission order. The calls are tasks of the partition's TaskGroup (their owner); the
     lane holds each record's batch open until its result has gone downstream."""
 
-    def __init__(self, fn: Callable[[Any], Awaitable[Any]], concurrency: int,
+    def __init__(self, fn: Callable[[Any], Coroutine[Any, Any, Any]], concurrency: int,
                  down: Emit, ctx: PartitionContext, step: str) -> None:
         self.fn = fn
         self.concurrency = concurrency

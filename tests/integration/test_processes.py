@@ -6,7 +6,7 @@ and offset, so the checks can tell exactly which records were lost or duplicated
 
 from __future__ import annotations
 
-import signal
+import itertools
 import time
 from collections import Counter, defaultdict
 
@@ -134,7 +134,7 @@ def test_second_worker_joins_and_leaves_mid_stream(bootstrap: str) -> None:
     for v in outputs:
         by_part[int(v["p"])].append(str(v["w"]))  # type: ignore[call-overload]
     for part, workers in by_part.items():
-        switches = sum(1 for x, y in zip(workers, workers[1:], strict=False) if x != y)
+        switches = sum(1 for x, y in itertools.pairwise(workers) if x != y)
         assert switches <= 2, f"partition {part} interleaved between workers: {switches} switches"
     # The revoked partitions were committed at the handover: b started where a stopped, so
     # there are no duplicates with a graceful handover.

@@ -1,0 +1,118 @@
+"""`make demo`: the example job end to end on the local broker, in about 30 seconds.
+
+1. start the local broker (or reuse a running one), create fresh topics;
+2. start `streamcore run examples/clicks.py:job` as a worker process;
+3. feed synthetic page views for 15 s while reading the job's output;
+4. print a few outputs and a summary; stop the worker (SIGTERM) and the broker.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from connectors.admin import create_topics  # noqa: E402
+from streamcore import broker  # noqa: E402
+from streamcore.progress import LatencyHistogram  # noqa: E402
+
+RATE = 1000  # page views per second
+SECONDS = 15
+PARTITIONS = 4
+URLS = ["https://shop.example/cart", "https://shop.example/item/42", "https://shop.example/",
+        "https://news.example/sport/today", "https://news.example/tech/ai"]
+
+
+def main() -> int:
+    run_dir = ROOT / ".streamcore" / "broker"
+    was_running = broker.status(run_dir) is not None
+    info = broker.start(run_dir)
+    print(f"broker: {info.bootstrap} ({'reused' if was_running else 'started'})")
+    tag = uuid.uuid4().hex[:6]
+    views, clicks = f"pageviews-{tag}", f"clicks-{tag}"
+    create_topics(info.bootstrap, {views: PARTITIONS, clicks: PARTITIONS})
+    env = {**os.environ, "PAGEVIEWS_TOPIC": views, "CLICKS_TOPIC": clicks,
+           "DEMO_JOB": f"demo-{tag}", "STREAMCORE_LOG_LEVEL": "WARNING"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "streamcore.cli", "run", "examples/clicks.py:job",
+         "--bootstrap", info.bootstrap, "--preset", "low_latency"], cwd=ROOT, env=env)
+    try:
+        return _feed_and_watch(info.bootstrap, views, clicks, worker)
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+        print(f"worker stopped (exit code {worker.returncode})")
+        if not was_running:
+            broker.stop(run_dir)
+            print("broker stopped")
+
+
+def _feed_and_watch(bootstrap: str, views: str, clicks: str,
+                    worker: subprocess.Popen[bytes]) -> int:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-reader",
+                         "fetch.wait.max.ms": 5})
+    consumer.assign([TopicPartition(clicks, p, 0) for p in range(PARTITIONS)])
+    print("waiting for the worker to join its group ...")
+    time.sleep(4)  # the local broker takes about 3 s for a group join
+    latency = LatencyHistogram()
+    sent = expected = received = 0
+    samples: list[dict[str, object]] = []
+    start = time.monotonic()
+    print(f"feeding {RATE} page views/s for {SECONDS}s ...")
+    while True:
+        now = time.monotonic()
+        if now - start < SECONDS:
+            while sent < int((now - start) * RATE):
+                user = f"bot-{sent % 7}" if sent % 10 == 0 else f"user-{random.randrange(200)}"
+                v = {"user": user, "url": random.choice(URLS), "ts": int(time.time() * 1000),
+                     "sent": time.time()}
+                producer.produce(views, orjson.dumps(v), user.encode())
+                sent += 1
+                expected += not user.startswith("bot-")
+            producer.poll(0)
+        elif received >= expected or now - start > SECONDS + 20:
+            break
+        for m in consumer.consume(500, 0.005):
+            if m.error():
+                continue
+            out = orjson.loads(m.value())
+            latency.record(time.time() - out["sent"])
+            received += 1
+            if len(samples) < 3:
+                samples.append(out)
+        if worker.poll() is not None:
+            print(f"worker exited early with code {worker.returncode}")
+            return 1
+    producer.flush(10)
+    consumer.close()
+    elapsed = time.monotonic() - start
+    s = latency.summary_ms()
+    print("\nsample outputs:")
+    for out in samples:
+        print("  ", orjson.dumps(out).decode())
+    print("\nsummary:")
+    print(f"  page views in      {sent}")
+    print(f"  clicks out         {received} (expected {expected}; bots filtered)")
+    print(f"  throughput         {received / elapsed:.0f} records/s over {elapsed:.1f}s")
+    print(f"  end-to-end latency p50 {s['p50']:.1f} ms, p99 {s['p99']:.1f} ms")
+    if received < expected:
+        print("  MISSING OUTPUTS")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

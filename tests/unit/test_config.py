@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from streamcore import ConfigError, WorkerConfig
+from streamcore.config import parse_duration
+
+
+def test_durations_accept_seconds_and_units() -> None:
+    assert parse_duration("100ms", "x") == pytest.approx(0.1)
+    assert parse_duration("10s", "x") == 10.0
+    assert parse_duration("2m", "x") == 120.0
+    assert parse_duration(1.5, "x") == 1.5
+    cfg = WorkerConfig(commit_interval="250ms")
+    assert cfg.commit_interval_s == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"commit_interval": "soon"}, "commit_interval"),
+    ({"commit_interval": 0}, "commit_interval"),
+    ({"shutdown_timeout": "-1s"}, "shutdown_timeout"),
+    ({"bootstrap_servers": "nohostport"}, "bootstrap_servers"),
+    ({"bootstrap_servers": ""}, "bootstrap_servers"),
+    ({"poll_batch": 0}, "poll_batch"),
+    ({"inbox_high": 10, "inbox_low": 20}, "inbox_low"),
+    ({"log_level": "LOUD"}, "log_level"),
+    ({"group": " "}, "group"),
+    ({"consumer": {"enable.auto.commit": True}}, "consumer['enable.auto.commit']"),
+    ({"kafka": {"group.id": "x"}}, "kafka['group.id']"),
+])
+def test_invalid_values_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        WorkerConfig(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_config_is_frozen_and_keyword_only() -> None:
+    cfg = WorkerConfig()
+    with pytest.raises(AttributeError):
+        cfg.commit_interval = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        WorkerConfig("127.0.0.1:9092")  # type: ignore[misc]
+
+
+def test_environment_overrides_code_and_is_validated() -> None:
+    cfg = WorkerConfig.from_env({"STREAMCORE_BOOTSTRAP_SERVERS": "kafka:9092",
+                                 "STREAMCORE_POLL_BATCH": "50"}, commit_interval="1s")
+    assert cfg.bootstrap_servers == "kafka:9092"
+    assert cfg.poll_batch == 50
+    assert cfg.commit_interval_s == 1.0
+    with pytest.raises(ConfigError, match="poll_batch"):
+        WorkerConfig.from_env({"STREAMCORE_POLL_BATCH": "many"})
+
+
+def test_presets_differ_from_the_default_where_they_say() -> None:
+    assert WorkerConfig.low_latency().consumer["fetch.wait.max.ms"] == 5
+    assert WorkerConfig.high_throughput().producer["linger.ms"] == 20
+    assert WorkerConfig.low_latency(poll_batch=7).poll_batch == 7
+
+
+def test_cli_refuses_bad_configuration_naming_the_field(tmp_path: object) -> None:
+    job = "examples/clicks.py:job"
+    r = subprocess.run([sys.executable, "-m", "streamcore.cli", "run", job,
+                        "--commit-interval", "whenever"], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 2
+    assert "commit_interval" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "streamcore.cli", "run", job,
+                        "--bootstrap", "no-port"], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 2
+    assert "bootstrap_servers" in r.stderr
