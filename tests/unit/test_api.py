@@ -77,7 +77,7 @@ def test_bad_arguments_fail_where_they_are_given() -> None:
     with pytest.raises(JobDefinitionError):
         s.map("not a function")  # type: ignore[arg-type]
     with pytest.raises(JobDefinitionError):
-        s.map_async(lambda v: v, concurrency=0)  # type: ignore[arg-type,return-value]
+        s.map_async(lambda v: v, concurrency=0)
 
 
 class _RecordingProducer(ProducerBackend):

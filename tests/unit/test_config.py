@@ -43,7 +43,7 @@ def test_config_is_frozen_and_keyword_only() -> None:
     with pytest.raises(AttributeError):
         cfg.commit_interval = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
-        WorkerConfig("127.0.0.1:9092")  # type: ignore[misc]
+        WorkerConfig("127.0.0.1:9092")  # type: ignore[call-arg]
 
 
 def test_environment_overrides_code_and_is_validated() -> None:
