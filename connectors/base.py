@@ -107,13 +107,21 @@ class ProducerBackend(ABC):
         topic: str,
         value: bytes | None,
         key: bytes | None,
+        *,
         timestamp: int,
         headers: list[tuple[str, bytes]] | None,
         on_delivery: DeliveryCallback,
     ) -> None:
         """Queue one record. Raises ``BufferError`` when the local queue is full (call
-        :meth:`poll` and retry) and :class:`~streamcore.errors.DeliveryFailed` when the record
-        can never be sent (too large, unknown topic)."""
+        :meth:`poll` and retry); any other exception means the record can never be sent
+        (too large, unknown topic): :meth:`delivery_error` turns it into the error to raise.
+
+        This is the hottest call of a pipeline, so a backend may replace it per instance by
+        its client's own bound method when that already has this signature."""
+
+    @abstractmethod
+    def delivery_error(self, topic: str, exc: Exception) -> Exception:
+        """The :class:`~streamcore.errors.DeliveryFailed` for an exception from produce."""
 
     @abstractmethod
     def poll(self, timeout: float) -> int:

@@ -88,7 +88,7 @@ def _feed_and_watch(bootstrap: str, views: str, clicks: str,
         for m in consumer.consume(500, 0.005):
             if m.error():
                 continue
-            out = orjson.loads(m.value())
+            out = orjson.loads(m.value() or b"{}")
             latency.record(time.time() - out["sent"])
             received += 1
             if len(samples) < 3:

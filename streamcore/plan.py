@@ -9,11 +9,13 @@ state stores later) private to the partition task that owns them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from streamcore.engine.context import AsyncLane, Emit, PartitionContext
+from streamcore.engine.tracking import Batch
 from streamcore.errors import JobDefinitionError
 from streamcore.graph import Node, OpKind
+from streamcore.serde import BYTES
 
 if TYPE_CHECKING:
     from streamcore.job import Job
@@ -149,25 +151,28 @@ def _make_sink(node: Node, ctx: PartitionContext) -> Emit:
     topic = sink.topic
     vser = sink.value.serialize
     kser = sink.key.serialize
+    raw_keys = sink.key is BYTES  # keys that are already bytes need no call
     with_headers = sink.headers
     producer = ctx.producer
     produce = producer.produce
 
     def to(key: Any, value: Any, ts: int) -> None:
-        batch = ctx.batch
-        assert batch is not None
+        batch = cast(Batch, ctx.batch)  # always set while records flow (no assert: hot path)
         v = None if value is None else vser(value)
-        k = None if key is None else kser(key)
-        h = ctx.msg.headers() if with_headers and ctx.msg is not None else None
+        k = key if key is None or (raw_keys and type(key) is bytes) else kser(key)
+        msg = ctx.msg
+        h = msg.headers() if with_headers and msg is not None else None
         batch.pending += 1
         while True:
             try:
-                produce(topic, v, k, ts, h, batch.ack)
+                produce(topic, v, k, timestamp=ts, headers=h, on_delivery=batch.ack)
                 return
             except BufferError:
                 # The producer's local queue is full: serve delivery reports to make room.
                 # Blocking here is the backpressure: the producer cannot take more anyway.
                 producer.poll(0.05)
+            except Exception as exc:
+                raise producer.delivery_error(topic, exc) from exc
     return to
 
 

@@ -29,6 +29,7 @@ from streamcore.errors import DeserializationError, StreamcoreError, UserFunctio
 from streamcore.graph import Node
 from streamcore.plan import compile_chain
 from streamcore.progress import LatencyHistogram
+from streamcore.serde import BYTES
 
 __all__ = ["PartitionTask", "TaskState"]
 
@@ -148,7 +149,7 @@ class PartitionTask:
         ctx = self.ctx
         chain = self._chain
         vde = self._spec.value.deserialize
-        kde = self._spec.key.deserialize
+        kde = None if self._spec.key is BYTES else self._spec.key.deserialize
         ts_of = self._spec.timestamp
         lanes = bool(ctx.lanes)
         topic, partition = self.tp
@@ -170,8 +171,9 @@ class PartitionTask:
                     raw = m.value()
                     try:
                         value = None if raw is None else vde(raw)
-                        rk = m.key()
-                        key = None if rk is None else kde(rk)
+                        key = m.key()
+                        if kde is not None and key is not None:
+                            key = kde(key)
                     except Exception as exc:
                         raise DeserializationError(
                             f"cannot decode the record with the source's serdes: "

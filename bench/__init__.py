@@ -1,0 +1,1 @@
+"""Benchmarks: streamcore against the raw confluent-kafka loop, in the same run."""

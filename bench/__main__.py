@@ -1,0 +1,237 @@
+"""`make bench`: W1 (stateless throughput) and W3 (end-to-end latency), raw loop vs streamcore.
+
+Each run gets a freshly started local broker (it slows down as it fills, DESIGN.md section 9)
+and runs the system under test as its own process; this process produces the input and
+measures the output with an independent consumer. Ratios compare runs of the same invocation.
+
+    python -m bench [--w1-records 500000] [--repeat 2] [--only w1|w3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from bench.workload import PRODUCER_W1, record
+from connectors.admin import create_topics
+from streamcore import broker
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTITIONS = 4
+
+
+@dataclass
+class Result:
+    system: str
+    workload: str
+    outputs: int = 0
+    rate: float = 0.0  # steady outputs/s, first output to last
+    startup_s: float = 0.0  # process start to first output
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    in_worker: dict[str, Any] = field(default_factory=dict)
+
+
+class _Broker:
+    def __enter__(self) -> str:
+        self.dir = Path(tempfile.mkdtemp(prefix="sc-bench-"))
+        return broker.start(self.dir).bootstrap
+
+    def __exit__(self, *exc: object) -> None:
+        broker.stop(self.dir)
+
+
+def _start(system: str, mode: str, bootstrap: str, src: str, out: str,
+           log: Path) -> subprocess.Popen[bytes]:
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    if system == "raw":
+        cmd = [sys.executable, "-m", "bench.raw_loop", src, out, group, mode, bootstrap]
+        env = dict(os.environ)
+    else:
+        cmd = [sys.executable, "-m", "streamcore.cli", "run", "bench/jobs.py:job",
+               "--bootstrap", bootstrap, "--group", group]
+        env = {**os.environ, "BENCH_IN": src, "BENCH_OUT": out, "BENCH_JOB": group,
+               "BENCH_MODE": mode}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _wait_assigned(log: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "assigned" in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"benchmark process exited:\n{log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise RuntimeError("benchmark process never got its partitions")
+
+
+def _in_worker(log: Path) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if '"progress"' in line:
+            try:
+                last = orjson.loads(line)["progress"].get("inWorkerLatencyMs", {})
+            except orjson.JSONDecodeError:
+                continue
+    return last
+
+
+def _reader(bootstrap: str, topic: str, fetch_wait_ms: int) -> Consumer:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+                  "fetch.wait.max.ms": fetch_wait_ms, "fetch.queue.backoff.ms": 1,
+                  "enable.auto.commit": False})
+    c.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    return c
+
+
+def run_w1(system: str, records: int) -> Result:
+    res = Result(system, "W1")
+    with _Broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
+        src, out = "w1-in", "w1-out"
+        create_topics(bootstrap, {src: PARTITIONS, out: PARTITIONS})
+        p = Producer({"bootstrap.servers": bootstrap, **PRODUCER_W1})
+        for i in range(records):
+            while True:
+                try:
+                    p.produce(src, record(i), f"u{i % 5000}".encode())
+                    break
+                except BufferError:
+                    p.poll(0.05)
+        p.flush(60)
+        expected = records - (records + 9) // 10
+        reader = _reader(bootstrap, out, 100)
+        log = Path(tmp) / "proc.log"
+        t0 = time.monotonic()
+        proc = _start(system, "w1", bootstrap, src, out, log)
+        first = last = 0.0
+        seen = 0
+        deadline = time.monotonic() + 300
+        while seen < expected and time.monotonic() < deadline:
+            n = sum(1 for m in reader.consume(10000, 0.2) if m.error() is None)
+            if n:
+                last = time.monotonic()
+                if not seen:
+                    first = last
+                seen += n
+            elif seen and time.monotonic() - last > 15:
+                break
+        _stop(proc)
+        reader.close()
+        res.outputs = seen
+        res.startup_s = first - t0 if first else float("nan")
+        res.rate = seen / (last - first) if last > first else 0.0
+        res.in_worker = _in_worker(log) if system == "streamcore" else {}
+        if seen < expected:
+            print(f"  warning: {system} W1 produced {seen} of {expected} outputs")
+    return res
+
+
+def run_w3(system: str, rate: int, seconds: int) -> Result:
+    res = Result(system, "W3")
+    with _Broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
+        src, out = "w3-in", "w3-out"
+        create_topics(bootstrap, {src: PARTITIONS, out: PARTITIONS})
+        log = Path(tmp) / "proc.log"
+        proc = _start(system, "w3", bootstrap, src, out, log)
+        _wait_assigned(log, proc)
+        reader = _reader(bootstrap, out, 5)
+        latencies: list[float] = []
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                for m in reader.consume(1000, 0.05):
+                    if m.error() is None:
+                        latencies.append(time.time() - orjson.loads(m.value() or b"{}")["sent"])
+
+        t = threading.Thread(target=read)
+        t.start()
+        time.sleep(1)  # let the reader's fetches settle
+        p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+        start = time.monotonic()
+        sent = 0
+        while (now := time.monotonic()) - start < seconds:
+            while sent < int((now - start) * rate):
+                i = sent * 10 + 1  # never a bot: every record has an output
+                p.produce(src, record(i), f"u{i % 5000}".encode())
+                sent += 1
+            p.poll(0)
+            time.sleep(0.001)
+        p.flush(10)
+        time.sleep(2)
+        stop.set()
+        t.join()
+        reader.close()
+        _stop(proc)
+        res.outputs = len(latencies)
+        if latencies:
+            q = statistics.quantiles(latencies, n=100)
+            res.p50_ms, res.p99_ms = 1000 * q[49], 1000 * q[98]
+        res.in_worker = _in_worker(log) if system == "streamcore" else {}
+        if res.outputs < sent:
+            print(f"  warning: {system} W3 produced {res.outputs} of {sent} outputs")
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--w1-records", type=int, default=500_000)
+    ap.add_argument("--w3-rate", type=int, default=200)
+    ap.add_argument("--w3-seconds", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=2, help="W1 runs per system (best is kept)")
+    ap.add_argument("--only", choices=("w1", "w3"))
+    args = ap.parse_args()
+    rows: list[str] = []
+    if args.only in (None, "w1"):
+        best: dict[str, Result] = {}
+        for i in range(args.repeat):
+            for system in ("raw", "streamcore"):
+                r = run_w1(system, args.w1_records)
+                print(f"W1 run {i + 1} {system:10s} {r.rate:9.0f} rec/s "
+                      f"(startup {r.startup_s:.1f}s, {r.outputs} outputs)", flush=True)
+                if system not in best or r.rate > best[system].rate:
+                    best[system] = r
+        raw, sc = best["raw"], best["streamcore"]
+        rows.append(f"W1 stateless throughput  raw {raw.rate:9.0f} rec/s   streamcore "
+                    f"{sc.rate:9.0f} rec/s   ratio {sc.rate / raw.rate:.2f}x  (target >= 0.70x)")
+    if args.only in (None, "w3"):
+        raw = run_w3("raw", args.w3_rate, args.w3_seconds)
+        print(f"W3 raw        p50 {raw.p50_ms:6.1f} ms  p99 {raw.p99_ms:6.1f} ms", flush=True)
+        sc = run_w3("streamcore", args.w3_rate, args.w3_seconds)
+        print(f"W3 streamcore p50 {sc.p50_ms:6.1f} ms  p99 {sc.p99_ms:6.1f} ms", flush=True)
+        rows.append(f"W3 end-to-end latency    raw p50 {raw.p50_ms:.1f} / p99 {raw.p99_ms:.1f} ms"
+                    f"   streamcore p50 {sc.p50_ms:.1f} / p99 {sc.p99_ms:.1f} ms   p99 ratio "
+                    f"{sc.p99_ms / raw.p99_ms:.2f}x  (target <= 1.5x)")
+        iw = sc.in_worker
+        rows.append(f"W3 in-worker latency     streamcore p50 {iw.get('p50', float('nan'))} ms"
+                    f" / p99 {iw.get('p99', float('nan'))} ms  (target p99 < 1 ms)")
+    print("\n" + "\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

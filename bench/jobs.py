@@ -1,0 +1,19 @@
+"""The streamcore side of the benchmarks (topics from the environment)."""
+
+from __future__ import annotations
+
+import os
+
+from bench.workload import CONSUMER_W1, CONSUMER_W3, PRODUCER_W1, PRODUCER_W3, enrich, keep
+from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
+
+_w3 = os.environ.get("BENCH_MODE") == "w3"
+job = Job(os.environ.get("BENCH_JOB", "bench"), config=WorkerConfig(
+    producer=PRODUCER_W3 if _w3 else PRODUCER_W1,
+    consumer=CONSUMER_W3 if _w3 else CONSUMER_W1,
+    poll_timeout="20ms" if _w3 else "100ms",
+    progress_interval="5s"))
+(job.stream(KafkaSource(os.environ.get("BENCH_IN", "in"), value=JSON))
+    .filter(keep)
+    .map(enrich)
+    .to(KafkaSink(os.environ.get("BENCH_OUT", "out"), value=JSON)))

@@ -1,0 +1,54 @@
+"""The baseline: the plain confluent-kafka consume -> transform -> produce loop.
+
+    python -m bench.raw_loop IN OUT GROUP w1|w3
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, Producer
+
+from bench.workload import CONSUMER_W1, CONSUMER_W3, PRODUCER_W1, PRODUCER_W3, enrich, keep
+
+
+def main() -> None:
+    src, out, group, mode = sys.argv[1:5]
+    running = [True]
+    signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
+    c = Consumer({"bootstrap.servers": sys.argv[5], "group.id": group,
+                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
+                  "heartbeat.interval.ms": 500,
+                  **(CONSUMER_W1 if mode == "w1" else CONSUMER_W3)})
+    p = Producer({"bootstrap.servers": sys.argv[5],
+                  **(PRODUCER_W1 if mode == "w1" else PRODUCER_W3)})
+
+    def on_assign(_c: Any, parts: Any) -> None:
+        print("assigned", len(parts), flush=True)
+
+    c.subscribe([src], on_assign=on_assign)
+    loads, dumps, produce = orjson.loads, orjson.dumps, p.produce
+    while running[0]:
+        for m in c.consume(1000, 0.1):
+            if m.error():
+                continue
+            v = loads(m.value() or b"{}")
+            if not keep(v):
+                continue
+            v = enrich(v)
+            while True:
+                try:
+                    produce(out, dumps(v), m.key())
+                    break
+                except BufferError:
+                    p.poll(0.05)
+        p.poll(0)
+    p.flush(30)
+    c.close()
+
+
+if __name__ == "__main__":
+    main()
