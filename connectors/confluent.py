@@ -98,10 +98,17 @@ class ConfluentConsumer(ConsumerBackend):
         )
 
     def consume(self, max_records: int, timeout: float) -> list[Message]:
+        # librdkafka's consume(n, timeout) waits until it has n messages or the timeout
+        # passes, which adds up to a whole timeout of latency at low rates. poll() returns
+        # at the first message; consume(n - 1, 0) then takes what is already fetched.
         try:
-            return cast(list[Message], self._c.consume(max_records, timeout))
+            first = self._c.poll(timeout)
+            if first is None:
+                return []
+            rest = self._c.consume(max_records - 1, 0) if max_records > 1 else []
         except KafkaException as exc:
             raise RebalanceError(f"consume failed: {exc}") from exc
+        return cast(list[Message], [first, *rest])
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         self._c.pause([CTP(t, p) for t, p in partitions])

@@ -157,7 +157,9 @@ class Worker:
                 if task is not None:
                     task.offer(handed_at, list(run))
             self.records_in += len(msgs)
-            # Serve delivery reports once per fetch so they never pile up between commits.
+            # Let the partition tasks just woken process first (in-worker latency), then
+            # serve delivery reports once per fetch so that they never pile up.
+            await asyncio.sleep(0)
             self._producer.poll(0)
 
     def _consumer_error(self, err: Any) -> None:
