@@ -97,6 +97,11 @@ class ConsumerBackend(ABC):
     def close(self) -> None:
         """Leave the group (runs on_revoke for what is still assigned). Blocking."""
 
+    @abstractmethod
+    def high_watermark(self, tp: TopicPartition) -> int | None:
+        """The partition's high watermark as last seen in a fetch (no request; None if not
+        known yet). Non-blocking and callable from any thread."""
+
 
 class ProducerBackend(ABC):
     """A producer whose delivery reports run on the caller's thread inside :meth:`poll`."""

@@ -135,6 +135,13 @@ class ConfluentConsumer(ConsumerBackend):
     def close(self) -> None:
         self._c.close()
 
+    def high_watermark(self, tp: TopicPartition) -> int | None:
+        try:
+            _low, high = self._c.get_watermark_offsets(CTP(*tp), cached=True)
+        except KafkaException:
+            return None
+        return int(high) if high is not None and high >= 0 else None
+
 
 class ConfluentProducer(ProducerBackend):
     def __init__(self, settings: Mapping[str, Any]) -> None:

@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     run.add_argument("--commit-interval", help="e.g. 100ms")
     run.add_argument("--progress-interval", help="e.g. 10s")
+    run.add_argument("--http-port", type=int,
+                     help="port for /metrics /healthz /readyz /progress (default 9108, 0: any)")
+    run.add_argument("--http-host", help="address to bind the HTTP endpoints (default 0.0.0.0)")
+    run.add_argument("--no-http", action="store_true", help="serve no HTTP endpoints")
     run.add_argument("--preset", choices=("default", "low_latency", "high_throughput"),
                      default="default")
     run.add_argument("-X", dest="kafka", action="append", default=[], metavar="KEY=VALUE",
@@ -106,6 +110,12 @@ def _config(args: argparse.Namespace, job: Any) -> WorkerConfig:
         cli["commit_interval"] = args.commit_interval
     if args.progress_interval:
         cli["progress_interval"] = args.progress_interval
+    if args.http_port is not None:
+        cli["http_port"] = args.http_port
+    if args.http_host:
+        cli["http_host"] = args.http_host
+    if args.no_http:
+        cli["http_port"] = None
     kafka: dict[str, str] = {}
     for kv in args.kafka:
         k, sep, v = kv.partition("=")

@@ -62,12 +62,16 @@ class WorkerConfig:
     inbox_high: int = 20_000  # records queued for one partition before it is paused
     inbox_low: int = 5_000  # ... and resumed
     log_level: str = "INFO"
+    http_host: str = "0.0.0.0"
+    http_port: int | None = 9108  # /metrics /healthz /readyz /progress; 0: any free port
+    health_timeout: float | str = 10.0  # /healthz fails when the event loop stalls this long
     kafka: Mapping[str, Any] = field(default_factory=dict)
     consumer: Mapping[str, Any] = field(default_factory=dict)
     producer: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("commit_interval", "shutdown_timeout", "progress_interval", "poll_timeout"):
+        for name in ("commit_interval", "shutdown_timeout", "progress_interval", "poll_timeout",
+                     "health_timeout"):
             object.__setattr__(self, name, parse_duration(getattr(self, name), name))
         if not self.bootstrap_servers or not isinstance(self.bootstrap_servers, str):
             raise ConfigError("bootstrap_servers", "must be a non-empty host:port list")
@@ -85,6 +89,9 @@ class WorkerConfig:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
         if self.inbox_low >= self.inbox_high:
             raise ConfigError("inbox_low", f"must be below inbox_high ({self.inbox_high})")
+        if self.http_port is not None and (
+                not isinstance(self.http_port, int) or not 0 <= self.http_port <= 65535):
+            raise ConfigError("http_port", f"must be a port number 0-65535, got {self.http_port!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level", f"{self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
         for section in ("kafka", "consumer", "producer"):
@@ -108,6 +115,16 @@ class WorkerConfig:
     @property
     def poll_timeout_s(self) -> float:
         return float(self.poll_timeout)
+
+    @property
+    def health_timeout_s(self) -> float:
+        return float(self.health_timeout)
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration as a dict for logs and /progress, secrets masked."""
+        from streamcore.logs import redact
+
+        return dict(redact(dataclasses.asdict(self)))
 
     def replace(self, **changes: Any) -> WorkerConfig:
         return dataclasses.replace(self, **changes)
@@ -142,7 +159,7 @@ class WorkerConfig:
             raw = env.get(f"STREAMCORE_{f.name.upper()}")
             if raw is None or f.name in ("kafka", "consumer", "producer"):
                 continue
-            if f.name in ("poll_batch", "inbox_high", "inbox_low"):
+            if f.name in ("poll_batch", "inbox_high", "inbox_low", "http_port"):
                 try:
                     values[f.name] = int(raw)
                 except ValueError:

@@ -49,7 +49,8 @@ class Node:
         if self.sink is not None:
             return self.sink.describe()
         name = getattr(self.fn, "__name__", "") if self.fn is not None else ""
-        extra = ", ".join(f"{k}={v}" for k, v in self.params.items() if k != "preds")
+        extra = ", ".join(f"{k}={v}" for k, v in self.params.items()
+                          if k != "preds" and v is not None)
         inner = ", ".join(x for x in (name, extra) if x)
         return f"{self.kind}({inner})"
 

@@ -33,19 +33,32 @@ if TYPE_CHECKING:
 __all__ = ["Job", "Stream"]
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+ON_ERROR = ("fail", "skip", "dead_letter")
+
+
+def _check_policy(policy: str | None) -> None:
+    if policy is not None and policy not in ON_ERROR:
+        raise JobDefinitionError(f"on_error must be one of {ON_ERROR}, got {policy!r}")
 
 
 class Job:
     """A named stream-processing job. The name is the default consumer group and prefixes
     every internal topic, so keep it stable across deployments."""
 
-    def __init__(self, name: str, *, config: WorkerConfig | None = None) -> None:
+    def __init__(self, name: str, *, config: WorkerConfig | None = None,
+                 on_error: str = "fail") -> None:
+        """``on_error`` is what happens to a record that cannot be decoded or whose function
+        raises: ``fail`` (stop without committing it), ``skip`` (count, log, go on) or
+        ``dead_letter`` (write its original bytes to ``{name}-dlq`` with the reason in
+        headers, go on). Steps can override it with their own ``on_error=``."""
         if not isinstance(name, str) or not _JOB_NAME.match(name):
             raise JobDefinitionError(
                 f"job name {name!r} must be 1-200 characters of letters, digits, '.', '_', '-'"
                 " (it names the consumer group and internal topics)")
+        _check_policy(on_error)
         self.name = name
         self.config = config
+        self.on_error = on_error
         self._sources: list[Node] = []
         self._nodes: list[Node] = []
 
@@ -87,6 +100,15 @@ class Job:
                         f"topic {name!r} is read by two sources; read it once and branch")
                 seen[name] = src
 
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.name}-dlq"
+
+    @property
+    def uses_dead_letter(self) -> bool:
+        return self.on_error == "dead_letter" or any(
+            n.params.get("on_error") == "dead_letter" for n in self._nodes)
+
     def explain(self) -> str:
         from streamcore.plan import explain
 
@@ -122,40 +144,48 @@ class Stream:
     def _then(self, kind: str, fn: Callable[..., Any] | None = None, **params: Any) -> Stream:
         if fn is not None:
             _check_fn(fn, kind)
+        _check_policy(params.get("on_error"))
         return Stream(self._job, self._job._add(Node(kind, (self._node,), fn, params)))
 
-    def map(self, fn: Callable[[Any], Any]) -> Stream:
+    # Every step that calls a user function takes on_error= (None: the job's policy).
+    def map(self, fn: Callable[[Any], Any], *, on_error: str | None = None) -> Stream:
         """Replace each value by fn(value)."""
-        return self._then(OpKind.MAP, fn)
+        return self._then(OpKind.MAP, fn, on_error=on_error)
 
-    def map_async(self, fn: Callable[[Any], Awaitable[Any]], *, concurrency: int = 16) -> Stream:
+    def map_async(self, fn: Callable[[Any], Awaitable[Any]], *, concurrency: int = 16,
+                  on_error: str | None = None) -> Stream:
         """Replace each value by ``await fn(value)``, running up to concurrency calls at once
-        per partition; results are emitted in input order."""
+        per partition; results are emitted in input order. A raising call fails the job
+        (on_error other than "fail" is not supported here yet)."""
         if not inspect.iscoroutinefunction(fn) and not callable(fn):
             raise JobDefinitionError(f"map_async() needs an async function, got {fn!r}")
         if not isinstance(concurrency, int) or concurrency < 1:
             raise JobDefinitionError(f"map_async concurrency must be >= 1, got {concurrency!r}")
+        if on_error not in (None, "fail"):
+            raise JobDefinitionError("map_async supports only on_error='fail' for now")
         return self._then(OpKind.MAP_ASYNC, fn, concurrency=concurrency)
 
-    def flat_map(self, fn: Callable[[Any], Iterable[Any]]) -> Stream:
+    def flat_map(self, fn: Callable[[Any], Iterable[Any]], *,
+                 on_error: str | None = None) -> Stream:
         """Replace each value by zero or more values."""
-        return self._then(OpKind.FLAT_MAP, fn)
+        return self._then(OpKind.FLAT_MAP, fn, on_error=on_error)
 
-    def filter(self, fn: Callable[[Any], bool]) -> Stream:
+    def filter(self, fn: Callable[[Any], bool], *, on_error: str | None = None) -> Stream:
         """Keep the records whose value satisfies fn."""
-        return self._then(OpKind.FILTER, fn)
+        return self._then(OpKind.FILTER, fn, on_error=on_error)
 
-    def peek(self, fn: Callable[[Any], None]) -> Stream:
+    def peek(self, fn: Callable[[Any], None], *, on_error: str | None = None) -> Stream:
         """Call fn(value) for its side effect and pass the record on unchanged."""
-        return self._then(OpKind.PEEK, fn)
+        return self._then(OpKind.PEEK, fn, on_error=on_error)
 
-    def key_by(self, fn: Callable[[Any], Any]) -> Stream:
+    def key_by(self, fn: Callable[[Any], Any], *, on_error: str | None = None) -> Stream:
         """Set each record's key to fn(value)."""
-        return self._then(OpKind.KEY_BY, fn)
+        return self._then(OpKind.KEY_BY, fn, on_error=on_error)
 
-    def with_timestamps(self, fn: Callable[[Any], int]) -> Stream:
+    def with_timestamps(self, fn: Callable[[Any], int], *,
+                        on_error: str | None = None) -> Stream:
         """Set each record's event time (epoch milliseconds) to fn(value)."""
-        return self._then(OpKind.WITH_TIMESTAMPS, fn)
+        return self._then(OpKind.WITH_TIMESTAMPS, fn, on_error=on_error)
 
     def union(self, *others: Stream) -> Stream:
         """The records of this stream and of others, interleaved as they arrive."""
@@ -185,13 +215,13 @@ class Stream:
             raise JobDefinitionError(f"to() takes a KafkaSink, got {sink!r}")
         self._job._add(Node(OpKind.TO, (self._node,), sink=sink))
 
-    def foreach(self, fn: Callable[[Any], None]) -> None:
+    def foreach(self, fn: Callable[[Any], None], *, on_error: str | None = None) -> None:
         """Call fn(value) for every record (at least once). An async fn is awaited in order."""
         _check_fn(fn, "foreach")
         if asyncio.iscoroutinefunction(fn):
-            self.map_async(fn, concurrency=1)._then(OpKind.FOREACH, _discard)
+            self.map_async(fn, concurrency=1, on_error=on_error)._then(OpKind.FOREACH, _discard)
         else:
-            self._then(OpKind.FOREACH, fn)
+            self._then(OpKind.FOREACH, fn, on_error=on_error)
 
 
 def _discard(_value: Any) -> None:

@@ -9,7 +9,39 @@ from typing import Any
 
 import orjson
 
-__all__ = ["configure"]
+__all__ = ["BurstLogger", "configure", "redact"]
+
+_SECRET_WORDS = ("password", "secret", "token", "sasl.jaas", "key.pem", "keystore",
+                 "private", "credential")
+
+
+def redact(settings: Any) -> Any:
+    """A copy of a (nested) settings mapping with secret-looking values masked, for logs."""
+    if isinstance(settings, dict):
+        return {k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v))
+                for k, v in settings.items()}
+    return settings
+
+
+class BurstLogger:
+    """Logs the first occurrence of each kind of event, then at most one line per window
+    with the count of what was suppressed: a broker outage gives a few lines, not thousands."""
+
+    def __init__(self, logger: logging.Logger, window: float = 30.0) -> None:
+        self._log = logger
+        self._window = window
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def warning(self, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        since, suppressed = self._seen.get(kind, (0.0, 0))
+        if now - since < self._window:
+            self._seen[kind] = (since, suppressed + 1)
+            return
+        if suppressed:
+            msg += f" ({suppressed} more like it in the last {self._window:.0f}s)"
+        self._seen[kind] = (now, 0)
+        self._log.warning(msg, *args)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from streamcore.engine.context import AsyncLane, Emit, PartitionContext
+from streamcore.engine.context import AsyncLane, Emit, PartitionContext, SinkCounter, StepFailed
 from streamcore.engine.tracking import Batch
 from streamcore.errors import JobDefinitionError
 from streamcore.graph import Node, OpKind
@@ -105,36 +105,65 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
     down = fanout(node)
     if k in (OpKind.SOURCE, OpKind.UNION, OpKind.BRANCH):
         return down
+    # Each closure wraps only the user's call, so a failure names its own step and the
+    # downstream steps' failures pass through untouched. try costs nothing until it raises.
+    step, policy = node.describe(), node.params.get("on_error")
     if k == OpKind.MAP:
         def map_(key: Any, value: Any, ts: int) -> None:
-            down(key, fn(value), ts)
+            try:
+                out = fn(value)
+            except Exception as exc:
+                raise StepFailed(step, policy, exc) from exc
+            down(key, out, ts)
         return map_
     if k == OpKind.FILTER:
         def filter_(key: Any, value: Any, ts: int) -> None:
-            if fn(value):
+            try:
+                keep = fn(value)
+            except Exception as exc:
+                raise StepFailed(step, policy, exc) from exc
+            if keep:
                 down(key, value, ts)
         return filter_
     if k == OpKind.FLAT_MAP:
         def flat_map(key: Any, value: Any, ts: int) -> None:
-            for v in fn(value):
+            try:
+                outs = list(fn(value))  # a generator raising half-way is the step's failure
+            except Exception as exc:
+                raise StepFailed(step, policy, exc) from exc
+            for v in outs:
                 down(key, v, ts)
         return flat_map
     if k == OpKind.PEEK:
         def peek(key: Any, value: Any, ts: int) -> None:
-            fn(value)
+            try:
+                fn(value)
+            except Exception as exc:
+                raise StepFailed(step, policy, exc) from exc
             down(key, value, ts)
         return peek
     if k == OpKind.KEY_BY:
         def key_by(key: Any, value: Any, ts: int) -> None:
-            down(fn(value), value, ts)
+            try:
+                new_key = fn(value)
+            except Exception as exc:
+                raise StepFailed(step, policy, exc) from exc
+            down(new_key, value, ts)
         return key_by
     if k == OpKind.WITH_TIMESTAMPS:
         def with_timestamps(key: Any, value: Any, ts: int) -> None:
-            down(key, value, int(fn(value)))
+            try:
+                new_ts = int(fn(value))
+            except Exception as exc:
+                raise StepFailed(step, policy, exc) from exc
+            down(key, value, new_ts)
         return with_timestamps
     if k == OpKind.FOREACH:
         def foreach(key: Any, value: Any, ts: int) -> None:
-            fn(value)
+            try:
+                fn(value)
+            except Exception as exc:
+                raise StepFailed(step, policy, exc) from exc
         return foreach
     if k == OpKind.MAP_ASYNC:
         lane = AsyncLane(fn, node.params["concurrency"], down, ctx, node.describe())
@@ -155,11 +184,18 @@ def _make_sink(node: Node, ctx: PartitionContext) -> Emit:
     with_headers = sink.headers
     producer = ctx.producer
     produce = producer.produce
+    counter = SinkCounter(topic)
+    ctx.sinks.append(counter)
+    step = sink.describe()
 
     def to(key: Any, value: Any, ts: int) -> None:
         batch = cast(Batch, ctx.batch)  # always set while records flow (no assert: hot path)
-        v = None if value is None else vser(value)
-        k = key if key is None or (raw_keys and type(key) is bytes) else kser(key)
+        try:
+            v = None if value is None else vser(value)
+            k = key if key is None or (raw_keys and type(key) is bytes) else kser(key)
+        except Exception as exc:
+            raise StepFailed(step, None, exc) from exc
+        counter.n += 1
         msg = ctx.msg
         h = msg.headers() if with_headers and msg is not None else None
         batch.pending += 1

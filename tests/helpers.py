@@ -158,7 +158,8 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamcore.cli", "run", str(ROOT / "tests" / "jobs" /
              job_file), "--bootstrap", bootstrap, "--progress-interval", "1s", *(args or [])],
-            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+            env={**os.environ, "STREAMCORE_HTTP_PORT": "0", **env}, stdout=self._log,
+            stderr=subprocess.STDOUT, cwd=ROOT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

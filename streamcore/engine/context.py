@@ -17,13 +17,34 @@ from connectors.base import Message, ProducerBackend
 from streamcore.engine.tracking import Batch
 from streamcore.errors import UserFunctionError
 
-__all__ = ["AsyncLane", "Emit", "PartitionContext"]
+__all__ = ["AsyncLane", "Emit", "PartitionContext", "SinkCounter", "StepFailed"]
 
 Emit = Callable[[Any, Any, int], None]
 
 
+class StepFailed(Exception):
+    """A user function of one step raised; the partition task applies the step's policy.
+    Internal: never escapes the engine."""
+
+    def __init__(self, step: str, policy: str | None, exc: BaseException) -> None:
+        super().__init__(f"step {step!r} raised {type(exc).__name__}: {exc}")
+        self.step = step
+        self.policy = policy
+        self.exc = exc
+
+
+class SinkCounter:
+    """Outputs handed to the producer by one sink of one partition (one increment each)."""
+
+    __slots__ = ("n", "topic")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.n = 0
+
+
 class PartitionContext:
-    __slots__ = ("batch", "blocked", "lanes", "msg", "partition", "producer", "topic")
+    __slots__ = ("batch", "blocked", "lanes", "msg", "partition", "producer", "sinks", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend) -> None:
         self.topic = topic
@@ -32,6 +53,7 @@ class PartitionContext:
         self.msg: Message | None = None
         self.batch: Batch | None = None
         self.lanes: list[AsyncLane] = []
+        self.sinks: list[SinkCounter] = []
         self.blocked = False  # a lane is full: the intake must wait before the next record
 
     def position(self) -> tuple[str, int, int]:

@@ -23,10 +23,11 @@ from typing import Any
 
 from connectors.base import Message, ProducerBackend, TopicPartition
 from connectors.kafka import KafkaSource
-from streamcore.engine.context import PartitionContext
+from streamcore.engine.context import PartitionContext, StepFailed
 from streamcore.engine.tracking import OffsetTracker
 from streamcore.errors import DeserializationError, StreamcoreError, UserFunctionError
 from streamcore.graph import Node
+from streamcore.logs import BurstLogger
 from streamcore.plan import compile_chain
 from streamcore.progress import LatencyHistogram
 from streamcore.serde import BYTES
@@ -34,6 +35,7 @@ from streamcore.serde import BYTES
 __all__ = ["PartitionTask", "TaskState"]
 
 log = logging.getLogger("streamcore.partition")
+_burst_log = BurstLogger(log)
 
 
 class TaskState(enum.Enum):
@@ -66,6 +68,8 @@ class PartitionTask:
         pause: Callable[[TopicPartition], None],
         resume: Callable[[TopicPartition], None],
         latency: LatencyHistogram,
+        e2e: LatencyHistogram,
+        errors: dict[tuple[str, str], int],
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
@@ -84,6 +88,12 @@ class PartitionTask:
         self._pause, self._resume = pause, resume
         self.paused = False
         self._latency = latency
+        self._e2e = e2e
+        self._errors = errors  # (kind, policy) -> count, shared by the worker's tasks
+        self._job_name: str = job.name
+        self._default_policy: str = job.on_error
+        self._dlq = job.dlq_topic
+        self.dlq_records = 0
         self.records_in = 0
         self.first_offset: int | None = None
         self.last_offset: int | None = None
@@ -152,7 +162,6 @@ class PartitionTask:
         kde = None if self._spec.key is BYTES else self._spec.key.deserialize
         ts_of = self._spec.timestamp
         lanes = bool(ctx.lanes)
-        topic, partition = self.tp
         perf = time.perf_counter
         while True:
             if not inbox:
@@ -164,10 +173,10 @@ class PartitionTask:
             handed_at, msgs = inbox.popleft()
             batch = self.tracker.open()
             ctx.batch = batch
-            m: Message | None = None
-            try:
-                for m in msgs:
-                    ctx.msg = m
+            for m in msgs:
+                ctx.msg = m
+                # try costs nothing until something raises (Python 3.11).
+                try:
                     raw = m.value()
                     try:
                         value = None if raw is None else vde(raw)
@@ -175,32 +184,31 @@ class PartitionTask:
                         if kde is not None and key is not None:
                             key = kde(key)
                     except Exception as exc:
-                        raise DeserializationError(
-                            f"cannot decode the record with the source's serdes: "
-                            f"{type(exc).__name__}: {exc}",
-                            topic=topic, partition=partition, offset=m.offset() or 0) from exc
-                    ts = ts_of(value) if ts_of is not None else m.timestamp()[1]
+                        raise StepFailed("deserialize", None, exc) from exc
+                    if ts_of is None:
+                        ts = m.timestamp()[1]
+                    else:
+                        try:
+                            ts = ts_of(value)
+                        except Exception as exc:
+                            raise StepFailed("timestamp", None, exc) from exc
                     chain(key, value, ts)
-                    if lanes and ctx.blocked:
-                        await ctx.wait_unblocked()
-                        ctx.batch = batch
-            except Exception as exc:
-                # Everything before the failing record is done once its outputs are
-                # acknowledged, so seal the batch just before it: the failing offset itself
-                # is never committed.
-                off = m.offset() if m is not None else None
-                if off is not None:
-                    batch.seal(off - 1)
-                if isinstance(exc, StreamcoreError):
+                except StepFailed as failed:
+                    self._record_failed(m, failed)
+                except Exception:
+                    # Fatal (a delivery the client refused): nothing from this record on is
+                    # done; everything before it is, once its outputs are acknowledged.
+                    batch.seal((m.offset() or 0) - 1)
                     raise
-                raise UserFunctionError(f"processing failed: {type(exc).__name__}: {exc}",
-                                        topic=topic, partition=partition,
-                                        offset=off if off is not None else -1) from exc
+                if lanes and ctx.blocked:
+                    await ctx.wait_unblocked()
+                    ctx.batch = batch
             last = msgs[-1].offset()
             assert last is not None
             batch.seal(last)
             n = len(msgs)
             self._latency.record(perf() - handed_at, n)
+            self._e2e.record(max(0.0, time.time() - msgs[0].timestamp()[1] / 1000), n)
             self.records_in += n
             if self.first_offset is None:
                 self.first_offset = msgs[0].offset()
@@ -211,3 +219,48 @@ class PartitionTask:
                 self._resume(self.tp)
             # Let the poll loop and other partitions run between batches.
             await asyncio.sleep(0)
+
+    def _record_failed(self, m: Message, failed: StepFailed) -> None:
+        """Apply the step's error policy to a record whose processing raised."""
+        kind = "deserialization" if failed.step == "deserialize" else "user_function"
+        policy = failed.policy or self._default_policy
+        self._errors[(kind, policy)] = self._errors.get((kind, policy), 0) + 1
+        topic, partition, offset = self.tp[0], self.tp[1], m.offset() or 0
+        if policy == "fail":
+            assert self.ctx.batch is not None
+            self.ctx.batch.seal(offset - 1)  # the failing offset itself is never committed
+            cls = DeserializationError if kind == "deserialization" else UserFunctionError
+            raise cls(f"{failed} (policy fail)", topic=topic, partition=partition,
+                      offset=offset) from failed.exc
+        _burst_log.warning(
+            f"{kind}:{failed.step}", "%s at %s[%d]@%d: %s (policy %s)", kind, topic,
+            partition, offset, failed, policy)
+        if policy == "dead_letter":
+            self._dead_letter(m, kind, failed)
+
+    def _dead_letter(self, m: Message, kind: str, failed: StepFailed) -> None:
+        """Produce the original bytes to the DLQ. It counts as an output of the record: the
+        offset is done only once the DLQ write is acknowledged, so nothing is lost."""
+        batch = self.ctx.batch
+        assert batch is not None
+        headers = [*(m.headers() or []),
+                   ("streamcore.error.kind", kind.encode()),
+                   ("streamcore.error.step", failed.step.encode()),
+                   ("streamcore.error.exception", type(failed.exc).__name__.encode()),
+                   ("streamcore.error.message", str(failed.exc)[:2000].encode()),
+                   ("streamcore.source.topic", self.tp[0].encode()),
+                   ("streamcore.source.partition", str(self.tp[1]).encode()),
+                   ("streamcore.source.offset", str(m.offset()).encode()),
+                   ("streamcore.job", self._job_name.encode())]
+        producer = self.ctx.producer
+        batch.pending += 1
+        while True:
+            try:
+                producer.produce(self._dlq, m.value(), m.key(), timestamp=m.timestamp()[1],
+                                 headers=headers, on_delivery=batch.ack)
+                break
+            except BufferError:
+                producer.poll(0.05)
+            except Exception as exc:
+                raise producer.delivery_error(self._dlq, exc) from exc
+        self.dlq_records += 1

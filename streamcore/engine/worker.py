@@ -28,6 +28,7 @@ from collections.abc import Callable
 from itertools import groupby
 from typing import Any
 
+from connectors.admin import create_topics, partition_count
 from connectors.base import ConsumerBackend, Message, ProducerBackend, TopicPartition
 from connectors.confluent import (
     ConfluentConsumer,
@@ -35,15 +36,19 @@ from connectors.confluent import (
     consumer_settings,
     producer_settings,
 )
+from metrics.exporter import Snapshot, WorkerMetrics
+from metrics.http import StatusServer
 from streamcore.config import WorkerConfig
 from streamcore.engine.partition import PartitionTask, TaskState
-from streamcore.errors import FatalError, StreamcoreError
+from streamcore.errors import ConfigError, FatalError, StreamcoreError
+from streamcore.logs import BurstLogger
 from streamcore.plan import source_for_topic
 from streamcore.progress import LatencyHistogram
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("streamcore.worker")
+_burst_log = BurstLogger(log)
 
 
 class Worker:
@@ -76,7 +81,15 @@ class Worker:
         self._tg: asyncio.TaskGroup | None = None
         self._inflight_poll: asyncio.Future[list[Message]] | None = None
         self.latency = LatencyHistogram()  # in-worker: handed over -> output handed on
+        self.e2e_latency = LatencyHistogram()  # record timestamp -> output handed on
         self.commit_latency = LatencyHistogram()
+        self.errors: dict[tuple[str, str], int] = {}  # (kind, policy) -> count
+        # Totals of partition tasks already closed, so that counters stay monotonic.
+        self._retired: dict[str, dict[Any, int]] = {"consumed": {}, "produced": {}, "dlq": {}}
+        self.metrics = WorkerMetrics(job.name)
+        self._http: StatusServer | None = None
+        self.heartbeat = time.monotonic()
+        self._rebalancing_since: float | None = None
         self.on_progress = on_progress
         self.last_progress: dict[str, Any] | None = None
         self._progress_id = 0
@@ -105,6 +118,10 @@ class Worker:
     async def run(self) -> None:
         """Run until stop() or a fatal error; on return everything done has been committed."""
         self._loop = asyncio.get_running_loop()
+        log.info("worker config: %s", self.config.redacted())
+        if self.job.uses_dead_letter:
+            await self._loop.run_in_executor(None, self._create_dlq)
+        self._start_http()
         topics = [t for n in self.job.sources for t in n.source.subscription]
         self._consumer.subscribe(topics, on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -116,6 +133,7 @@ class Worker:
                 poll = tg.create_task(self._poll_loop(), name="poll")
                 tg.create_task(self._commit_loop(), name="commit")
                 tg.create_task(self._progress_loop(), name="progress")
+                tg.create_task(self._heartbeat_loop(), name="heartbeat")
                 await self._stopping.wait()
                 await poll  # 1. stop intake at the source
                 await self._drain(list(self._tasks))  # 2. finish what was fetched; wait acks
@@ -166,12 +184,16 @@ class Worker:
         fatal = getattr(err, "fatal", lambda: False)()
         if fatal:
             raise FatalError(f"consumer failed: {err}")
-        log.warning("consumer: %s", err)
+        _burst_log.warning(f"consumer:{getattr(err, 'code', lambda: err)()}", "consumer: %s", err)
 
     # -- rebalance callbacks (consumer thread) -------------------------------------------
     def _call_on_loop(self, coro: Any) -> Any:
         assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        self._rebalancing_since = time.monotonic()
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        finally:
+            self._rebalancing_since = None
 
     def _on_assign(self, parts: list[TopicPartition]) -> None:
         self._call_on_loop(self._assign(parts))
@@ -201,7 +223,8 @@ class Worker:
             task = PartitionTask(
                 tp, self.job, source_for_topic(self.job, tp[0]), self._producer,
                 inbox_high=self.config.inbox_high, inbox_low=self.config.inbox_low,
-                pause=self._pause, resume=self._resume, latency=self.latency)
+                pause=self._pause, resume=self._resume, latency=self.latency,
+                e2e=self.e2e_latency, errors=self.errors)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
@@ -299,8 +322,10 @@ class Worker:
             running.cancel()
             with contextlib.suppress(BaseException):
                 await running
-        if task is not None and task.state is not TaskState.CLOSED:
-            task.transition(TaskState.CLOSED)
+        if task is not None:
+            self._retire(task)
+            if task.state is not TaskState.CLOSED:
+                task.transition(TaskState.CLOSED)
 
     # -- backpressure --------------------------------------------------------------------
     def _pause(self, tp: TopicPartition) -> None:
@@ -309,6 +334,113 @@ class Worker:
     def _resume(self, tp: TopicPartition) -> None:
         if tp in self._tasks:
             self._consumer.resume([tp])
+
+    # -- operations: DLQ, HTTP endpoints, metrics ---------------------------------------
+    def _create_dlq(self) -> None:
+        src = self.job.sources[0].source
+        n = partition_count(self.config.bootstrap_servers, src.topics[0],
+                            kafka=self.config.kafka) if src.topics else 0
+        create_topics(self.config.bootstrap_servers, {self.job.dlq_topic: max(n, 1)},
+                      config={"cleanup.policy": "delete"}, kafka=self.config.kafka)
+
+    def _start_http(self) -> None:
+        if self.config.http_port is None:
+            return
+        try:
+            self._http = StatusServer(
+                self.config.http_host, self.config.http_port, metrics=self._exposition,
+                health=self.health, ready=self.ready, progress=lambda: self.last_progress)
+        except OSError as exc:
+            raise ConfigError("http_port", f"cannot listen on {self.config.http_host}:"
+                              f"{self.config.http_port}: {exc.strerror}") from exc
+        self._http.start()
+        log.info("HTTP endpoints on %s:%d", self.config.http_host, self._http.port)
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(0.25)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Alive: the event loop runs and the poll loop is not stuck (called from any thread)."""
+        now = time.monotonic()
+        loop_lag = now - self.heartbeat
+        limit = self.config.health_timeout_s
+        rebalancing = self._rebalancing_since
+        # A rebalance callback may legitimately hold the poll loop while it drains.
+        poll_limit = limit + (self.config.shutdown_timeout_s if rebalancing else 0.0)
+        poll_lag = now - (rebalancing or self.last_poll)
+        detail = {"event_loop_lag_s": round(loop_lag, 3), "poll_lag_s": round(poll_lag, 3)}
+        if loop_lag > limit:
+            return False, {**detail, "reason": f"event loop stalled for {loop_lag:.1f}s "
+                           "(a blocking call in a job function?)"}
+        if poll_lag > poll_limit:
+            return False, {**detail, "reason": f"poll loop stalled for {poll_lag:.1f}s"}
+        return True, detail
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: partitions assigned, all RUNNING, no rebalance in progress."""
+        states = {f"{t}[{p}]": task.state.value for (t, p), task in list(self._tasks.items())}
+        if self._rebalancing_since is not None:
+            return False, {"reason": "rebalancing", "partitions": states}
+        if not states:
+            return False, {"reason": "no partitions assigned yet", "partitions": states}
+        if any(s != TaskState.RUNNING.value for s in states.values()):
+            return False, {"reason": "partitions not running yet", "partitions": states}
+        return True, {"partitions": states}
+
+    def _retire(self, task: PartitionTask) -> None:
+        r = self._retired
+        r["consumed"][task.tp] = r["consumed"].get(task.tp, 0) + task.records_in
+        for c in task.ctx.sinks:
+            r["produced"][c.topic] = r["produced"].get(c.topic, 0) + c.n
+        r["dlq"][0] = r["dlq"].get(0, 0) + task.dlq_records
+
+    def snapshot(self) -> Snapshot:
+        """Everything the exporter shows; safe from the HTTP thread (copies are atomic)."""
+        tasks = list(self._tasks.values())
+        consumed = dict(self._retired["consumed"])
+        produced = dict(self._retired["produced"])
+        dlq = self._retired["dlq"].get(0, 0)
+        lag: dict[tuple[str, ...], float] = {}
+        states: dict[str, int] = {s.value: 0 for s in TaskState}
+        for t in tasks:
+            consumed[t.tp] = consumed.get(t.tp, 0) + t.records_in
+            for c in list(t.ctx.sinks):
+                produced[c.topic] = produced.get(c.topic, 0) + c.n
+            dlq += t.dlq_records
+            states[t.state.value] += 1
+            high = self._consumer.high_watermark(t.tp)
+            nxt = (t.last_offset + 1) if t.last_offset is not None else max(t.committed, 0)
+            if high is not None:
+                lag[(t.tp[0], str(t.tp[1]))] = max(0, high - nxt)
+        samples: dict[str, dict[tuple[str, ...], float]] = {
+            "streamcore_records_consumed_total": {
+                (tp[0], str(tp[1])): v for tp, v in consumed.items()},
+            "streamcore_records_produced_total": {(k,): v for k, v in produced.items()},
+            "streamcore_consumer_lag": lag,
+            "streamcore_commits_total": {(): self.commits},
+            "streamcore_rebalances_total": {(): self.rebalances},
+            "streamcore_assigned_partitions": {(): len(tasks)},
+            "streamcore_paused_partitions": {(): sum(1 for t in tasks if t.paused)},
+            "streamcore_partitions": {(s,): n for s, n in states.items()},
+            "streamcore_errors_total": {(k, p): n for (k, p), n in dict(self.errors).items()},
+            "streamcore_dlq_records_total": {(): dlq},
+            "streamcore_event_loop_lag_seconds": {(): time.monotonic() - self.heartbeat},
+        }
+        return Snapshot(samples=samples, histograms={
+            "streamcore_processing_latency_seconds": self.latency.export(),
+            "streamcore_end_to_end_latency_seconds": self.e2e_latency.export(),
+            "streamcore_commit_latency_seconds": self.commit_latency.export(),
+        })
+
+    def _exposition(self) -> bytes:
+        self.metrics.publish(self.snapshot())
+        return self.metrics.exposition()
 
     # -- progress ------------------------------------------------------------------------
     async def _progress_loop(self) -> None:
@@ -386,6 +518,8 @@ class Worker:
             for tp in list(self._tasks):
                 await self._close_task(tp)
             self._producer.close()
+            if self._http is not None:
+                self._http.stop()
             self._consumer_thread.shutdown(wait=False)
             log.info("worker stopped: job=%s%s", self.job.name,
                      f" ({type(failure).__name__}: {failure})" if failure else "")

@@ -47,8 +47,8 @@ def test_slow_function_under_backlog_pauses_partitions_and_bounds_memory(
     stream.to(KafkaSink(out, value=JSON))
     proc = psutil.Process(os.getpid())
     rss_before = proc.memory_info().rss
-    q = job.start(WorkerConfig(bootstrap_servers=bootstrap, inbox_high=high, inbox_low=low,
-                               poll_batch=batch))
+    q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, inbox_high=high,
+                               inbox_low=low, poll_batch=batch))
     max_queued, paused_seen, rss_max = 0, False, rss_before
     stop_sampling = threading.Event()
 

@@ -14,7 +14,7 @@ from tests.helpers import make_topics, produce, read_topic, unique
 
 
 def _cfg(bootstrap: str, **kw: Any) -> WorkerConfig:
-    return WorkerConfig(bootstrap_servers=bootstrap, progress_interval="1s", **kw)
+    return WorkerConfig(http_port=0, bootstrap_servers=bootstrap, progress_interval="1s", **kw)
 
 
 def _run_until(job: Job, bootstrap: str, out: str, expect: int, **cfg: Any) -> list[Any]:

@@ -22,7 +22,7 @@ from tests.helpers import committed, make_topics, produce, read_topic, unique
 
 
 def _start(job: Job, bootstrap: str) -> Any:
-    return job.start(WorkerConfig(bootstrap_servers=bootstrap, progress_interval="1s"))
+    return job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, progress_interval="1s"))
 
 
 def test_undecodable_record_fails_naming_its_position(bootstrap: str) -> None:
@@ -96,7 +96,7 @@ def test_delivery_failure_reported_by_the_broker_stops_the_worker(bootstrap: str
     produce(bootstrap, src, [(None, {"i": i}, 0) for i in range(5)])
     job = Job(name)
     job.stream(KafkaSource(src, value=JSON)).to(KafkaSink(out, value=JSON))
-    q = job.start(WorkerConfig(bootstrap_servers=bootstrap, producer={
+    q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, producer={
         "message.timeout.ms": 1500, "linger.ms": 200}))
     # Wait until the worker is processing, then make the broker unresponsive.
     deadline = time.monotonic() + 60

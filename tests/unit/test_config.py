@@ -74,3 +74,24 @@ def test_cli_refuses_bad_configuration_naming_the_field(tmp_path: object) -> Non
                        timeout=60, check=False)
     assert r.returncode == 2
     assert "bootstrap_servers" in r.stderr
+
+
+def test_redacted_config_hides_secrets() -> None:
+    cfg = WorkerConfig(kafka={"sasl.password": "hunter2", "security.protocol": "SASL_SSL",
+                              "ssl.key.password": "k3y"})
+    text = str(cfg.redacted())
+    assert "hunter2" not in text and "k3y" not in text
+    assert "SASL_SSL" in text
+
+
+def test_burst_logger_logs_once_per_window(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from streamcore.logs import BurstLogger
+
+    burst = BurstLogger(logging.getLogger("t"), window=60)
+    with caplog.at_level(logging.WARNING, logger="t"):
+        for _ in range(100):
+            burst.warning("broker-down", "broker down")
+        burst.warning("other", "other thing")
+    assert [r.getMessage() for r in caplog.records] == ["broker down", "other thing"]

@@ -1,0 +1,186 @@
+"""Operations against a live worker: HTTP endpoints, metrics that move, error policies."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import orjson
+import pytest
+
+from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
+from tests.helpers import committed, make_topics, produce, read_topic, unique, wait_until
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of name whose labels include the given ones."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"{name} {labels} not exported"
+    return total
+
+
+def test_endpoints_report_readiness_traffic_and_a_blocked_loop(bootstrap: str) -> None:
+    src, out, name = unique("ops-in"), unique("ops-out"), unique("ops")
+    make_topics(bootstrap, src, out)
+    block_once = {"armed": True}
+
+    def maybe_block(v: dict[str, Any]) -> dict[str, Any]:
+        if v.get("block") and block_once["armed"]:
+            block_once["armed"] = False
+            time.sleep(3)  # a blocking call in a job function stalls the event loop
+        return v
+
+    job = Job(name)
+    job.stream(KafkaSource(src, value=JSON)).map(maybe_block).to(KafkaSink(out, value=JSON))
+    q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, health_timeout="1s",
+                               progress_interval="1s"))
+    try:
+        wait_until(lambda: q.worker is not None and q.worker.http_port, 10, "HTTP server")
+        assert q.worker is not None
+        port = q.worker.http_port
+        assert port
+        # Before the group has assigned partitions the worker is alive but not ready.
+        status, body = _get(port, "/readyz")
+        assert status == 503, body
+        assert _get(port, "/healthz")[0] == 200
+        wait_until(lambda: _get(port, "/readyz")[0] == 200, 60, "readiness after assignment")
+        assert b"RUNNING" in _get(port, "/readyz")[1]
+
+        produce(bootstrap, src, ((None, {"i": i}, None) for i in range(2000)))
+        read_topic(bootstrap, out, expect=2000)
+        text = _get(port, "/metrics")[1].decode()
+        assert _metric(text, "streamcore_records_consumed_total", job=name) == 2000
+        assert _metric(text, "streamcore_records_produced_total", topic=out) == 2000
+        assert _metric(text, "streamcore_processing_latency_seconds_count") == 2000
+        assert _metric(text, "streamcore_processing_latency_seconds_bucket", le="+Inf") == 2000
+        assert _metric(text, "streamcore_assigned_partitions") == 4
+        assert _metric(text, "streamcore_consumer_lag") >= 0
+
+        produce(bootstrap, src, ((None, {"i": i}, None) for i in range(2000, 2500)))
+        read_topic(bootstrap, out, expect=2500)
+        text = _get(port, "/metrics")[1].decode()
+        assert _metric(text, "streamcore_records_consumed_total", job=name) == 2500
+
+        wait_until(lambda: q.last_progress is not None, 10, "a progress report")
+        progress = orjson.loads(_get(port, "/progress")[1])
+        assert progress["name"] == name and "inWorkerLatencyMs" in progress
+
+        # A job function that blocks the loop: /healthz says so while it lasts.
+        produce(bootstrap, src, [(None, {"i": -1, "block": True}, 0)])
+        wait_until(lambda: _get(port, "/healthz")[0] == 503, 20, "healthz failing")
+        status, body = _get(port, "/healthz")
+        assert status == 503 and b"event loop stalled" in body, body
+        wait_until(lambda: _get(port, "/healthz")[0] == 200, 20, "healthz recovering")
+    finally:
+        q.stop(30)
+    assert q.exception() is None
+
+
+def _policy_job(bootstrap: str, policy: str) -> tuple[str, str, str, int, set[int]]:
+    src, out, name = unique(f"{policy}-in"), unique(f"{policy}-out"), unique(policy)
+    make_topics(bootstrap, src, out, partitions=2)
+    records: list[tuple[Any, Any, int | None]] = []
+    good: set[int] = set()
+    for i in range(300):
+        if i % 50 == 7:
+            records.append((b"k", b"{broken json", i % 2))  # the serde cannot decode it
+        else:
+            records.append((b"k", {"i": i}, i % 2))
+            if i % 50 != 13:
+                good.add(i)
+    produce(bootstrap, src, records)
+
+    return src, out, name, len(records), good
+
+
+@pytest.mark.parametrize("policy", ["dead_letter", "skip"])
+def test_error_policies_keep_going_and_lose_nothing(bootstrap: str, policy: str) -> None:
+    src, out, name, total, good = _policy_job(bootstrap, policy)
+    q = Job.start(_job_of(name, src, out, policy),
+                  WorkerConfig(http_port=0, bootstrap_servers=bootstrap))
+    try:
+        outs = read_topic(bootstrap, out, expect=len(good), partitions=2)
+        assert sorted(orjson.loads(m.value())["i"] for m in outs) == sorted(good)
+        # Offsets advance past the bad records: everything is committed.
+        wait_until(lambda: sum(committed(bootstrap, name, src, 2).values()) == total, 30,
+                   "offsets committed past the bad records")
+        assert q.worker is not None
+        port = q.worker.http_port
+        assert port
+        text = _get(port, "/metrics")[1].decode()
+        assert _metric(text, "streamcore_errors_total", kind="deserialization",
+                       policy=policy) == 6
+        assert _metric(text, "streamcore_errors_total", kind="user_function",
+                       policy=policy) == 6
+        if policy == "dead_letter":
+            dlq = read_topic(bootstrap, f"{name}-dlq", expect=12, partitions=2)
+            assert len(dlq) == 12
+            assert _metric(text, "streamcore_dlq_records_total") == 12
+            by_kind: dict[bytes, int] = {}
+            for m in dlq:
+                h = dict(m.headers() or [])
+                kind = h["streamcore.error.kind"]
+                by_kind[kind] = by_kind.get(kind, 0) + 1
+                assert h["streamcore.source.topic"] == src.encode()
+                part, off = int(h["streamcore.source.partition"]), \
+                    int(h["streamcore.source.offset"])
+                i = off * 2 + part  # records alternate between the two partitions
+                assert m.key() == b"k"
+                if kind == b"deserialization":
+                    assert m.value() == b"{broken json" and i % 50 == 7
+                    assert h["streamcore.error.exception"] == b"JSONDecodeError"
+                else:
+                    assert orjson.loads(m.value()) == {"i": i} and i % 50 == 13
+                    assert h["streamcore.error.exception"] == b"ValueError"
+                    assert b"thirteen" in h["streamcore.error.message"]
+                    assert h["streamcore.error.step"].startswith(b"map(")
+            assert by_kind == {b"deserialization": 6, b"user_function": 6}
+    finally:
+        q.stop(30)
+    assert q.exception() is None
+
+
+def _job_of(name: str, src: str, out: str, policy: str) -> Job:
+    def picky(v: dict[str, int]) -> dict[str, int]:
+        if v["i"] % 50 == 13:
+            raise ValueError(f"thirteen: {v['i']}")
+        return v
+
+    job = Job(name, on_error=policy)
+    job.stream(KafkaSource(src, value=JSON)).map(picky).to(KafkaSink(out, value=JSON))
+    return job
+
+
+def test_step_policy_overrides_the_job_policy(bootstrap: str) -> None:
+    """on_error on a step wins over the job's: here the job fails, the step skips."""
+    src, out, name = unique("ovr-in"), unique("ovr-out"), unique("ovr")
+    make_topics(bootstrap, src, out, partitions=1)
+    produce(bootstrap, src, [(None, {"i": i}, 0) for i in range(20)])
+    job = Job(name, on_error="fail")
+    (job.stream(KafkaSource(src, value=JSON))
+        .map(lambda v: {"i": v["i"], "inv": 1 / (v["i"] % 5)}, on_error="skip")
+        .to(KafkaSink(out, value=JSON)))
+    q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap))
+    try:
+        outs = read_topic(bootstrap, out, expect=16, partitions=1)
+    finally:
+        q.stop(30)
+    assert q.exception() is None
+    assert sorted(orjson.loads(m.value())["i"] for m in outs) == [
+        i for i in range(20) if i % 5]
