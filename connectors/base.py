@@ -7,12 +7,12 @@ wrapper per record would cost more than the rest of a stateless pipeline.
 
 Threading contract (it is what makes rebalances safe):
 
-* :meth:`ConsumerBackend.consume` and :meth:`ConsumerBackend.close` may block and may run the
-  rebalance callbacks; the engine calls them on one dedicated thread, never on the event loop.
-  The callbacks run on that thread and may block it until the engine has drained the
-  partitions; they may call :meth:`ConsumerBackend.commit` synchronously.
-* Every other consumer method is non-blocking and may be called from the event loop thread
-  while ``consume`` runs.
+* Every :class:`ConsumerBackend` method except :meth:`~ConsumerBackend.high_watermark` is called
+  from one dedicated thread, never from the event loop: ``consume`` and ``close`` block and run
+  the rebalance callbacks, and librdkafka blocks even an asynchronous commit or a pause while
+  a rebalance callback is in progress. A callback hands its work to the event loop and waits
+  for it, so a call from the loop during a callback would deadlock.
+* The callbacks run on that thread and may call :meth:`ConsumerBackend.commit` synchronously.
 * :class:`ProducerBackend` is used from the event loop thread only. Delivery callbacks run
   inside :meth:`ProducerBackend.poll`, so they run on the loop thread and need no locks.
 """
@@ -82,7 +82,8 @@ class ConsumerBackend(ABC):
 
     @abstractmethod
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
-        """Stop fetching these partitions; consumption resumes where the engine left off."""
+        """Stop fetching these partitions; consumption resumes where the engine left off.
+        Partitions no longer assigned are ignored."""
 
     @abstractmethod
     def resume(self, partitions: Sequence[TopicPartition]) -> None:

@@ -111,10 +111,16 @@ class ConfluentConsumer(ConsumerBackend):
         return cast(list[Message], [first, *rest])
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
-        self._c.pause([CTP(t, p) for t, p in partitions])
+        try:
+            self._c.pause([CTP(t, p) for t, p in partitions])
+        except KafkaException as exc:  # revoked meanwhile: nothing left to pause
+            log.debug("pause %s: %s", partitions, exc)
 
     def resume(self, partitions: Sequence[TopicPartition]) -> None:
-        self._c.resume([CTP(t, p) for t, p in partitions])
+        try:
+            self._c.resume([CTP(t, p) for t, p in partitions])
+        except KafkaException as exc:
+            log.debug("resume %s: %s", partitions, exc)
 
     def commit(self, offsets: dict[TopicPartition, int], *, asynchronous: bool) -> None:
         if not offsets:

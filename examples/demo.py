@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,11 +45,17 @@ def main() -> int:
     create_topics(info.bootstrap, {views: PARTITIONS, clicks: PARTITIONS})
     env = {**os.environ, "PAGEVIEWS_TOPIC": views, "CLICKS_TOPIC": clicks,
            "DEMO_JOB": f"demo-{tag}", "STREAMCORE_LOG_LEVEL": "WARNING"}
+    with socket.socket() as s:  # a free port for the worker's HTTP endpoints
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
     worker = subprocess.Popen(
         [sys.executable, "-m", "streamcore.cli", "run", "examples/clicks.py:job",
-         "--bootstrap", info.bootstrap, "--preset", "low_latency"], cwd=ROOT, env=env)
+         "--bootstrap", info.bootstrap, "--preset", "low_latency",
+         "--http-port", str(http_port), "--http-host", "127.0.0.1"], cwd=ROOT, env=env)
     try:
-        return _feed_and_watch(info.bootstrap, views, clicks, worker)
+        rc = _feed_and_watch(info.bootstrap, views, clicks, worker)
+        _show_metrics(http_port)
+        return rc
     finally:
         if worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
@@ -112,6 +119,21 @@ def _feed_and_watch(bootstrap: str, views: str, clicks: str,
         print("  MISSING OUTPUTS")
         return 1
     return 0
+
+
+def _show_metrics(port: int) -> None:
+    """A few lines of the worker's own /metrics, as Prometheus would scrape them."""
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    wanted = ("streamcore_records_consumed_total", "streamcore_records_produced_total",
+              "streamcore_commits_total", 'streamcore_processing_latency_seconds_bucket{job="'
+              , "streamcore_processing_latency_seconds_count")
+    print(f"\nworker metrics (http://127.0.0.1:{port}/metrics, excerpt):")
+    for line in text.splitlines():
+        if line.startswith(wanted) and ('le="0.001"' in line or "bucket" not in line):
+            print("  ", line)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ Commit protocol (continuous mode, at-least-once), every ``commit_interval``:
   2. per partition, advance the done offset (sealed batches with nothing pending);
   3. commit done + 1 for the partitions that moved. A failed delivery stops the worker
      before this step for its partition.
-Periodic commits are asynchronous: steps 1-3 are non-blocking code on the event loop, so they
-can never interleave with a revoke. Commits that must be complete before something else
-happens are synchronous and run on the consumer thread: inside the revoke callback (the group
-waits for it, as librdkafka allows) and at shutdown, after polling has stopped.
+Every consumer call runs on the consumer thread: librdkafka blocks even an asynchronous
+commit or a pause while a rebalance callback runs, and the callback is waiting for the event
+loop. So the loop queues those calls (``_consumer_ops``) and the poll loop applies them on the
+consumer thread right before its next poll. Periodic commits are asynchronous; commits that
+must be complete before something else happens are synchronous: inside the revoke callback
+(the group waits for it, as librdkafka allows) and at shutdown, after polling has stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -80,6 +83,10 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._inflight_poll: asyncio.Future[list[Message]] | None = None
+        # Consumer calls queued by the loop, applied on the consumer thread before each poll:
+        # pauses and resumes in order, and the latest periodic commit per partition.
+        self._consumer_ops: list[Callable[[], None]] = []
+        self._pending_commit: dict[TopicPartition, int] = {}
         self.latency = LatencyHistogram()  # in-worker: handed over -> output handed on
         self.e2e_latency = LatencyHistogram()  # record timestamp -> output handed on
         self.commit_latency = LatencyHistogram()
@@ -137,7 +144,8 @@ class Worker:
                 await self._stopping.wait()
                 await poll  # 1. stop intake at the source
                 await self._drain(list(self._tasks))  # 2. finish what was fetched; wait acks
-                await self._commit_sync(self._done_offsets(list(self._tasks)))  # 3. commit
+                await self._commit_sync(  # 3. commit everything done, queued or not
+                    self._done_offsets(list(self._tasks), only_moved=False))
                 raise _Stopped
         except* _Stopped:
             pass
@@ -156,7 +164,13 @@ class Worker:
         tasks = self._tasks
         perf = time.perf_counter
         while not self._stopping.is_set():
-            self._inflight_poll = loop.run_in_executor(self._consumer_thread, consume, n, timeout)
+            ops, self._consumer_ops = self._consumer_ops, []
+            if self._pending_commit:
+                ops.append(functools.partial(self._consumer.commit, self._pending_commit,
+                                             asynchronous=True))
+                self._pending_commit = {}
+            self._inflight_poll = loop.run_in_executor(
+                self._consumer_thread, self._apply_then_consume, ops, consume, n, timeout)
             msgs = await self._inflight_poll
             self._inflight_poll = None
             self.last_poll = time.monotonic()
@@ -179,6 +193,17 @@ class Worker:
             # serve delivery reports once per fetch so that they never pile up.
             await asyncio.sleep(0)
             self._producer.poll(0)
+
+    @staticmethod
+    def _apply_then_consume(ops: list[Callable[[], None]], consume: Callable[[int, float],
+                            list[Message]], n: int, timeout: float) -> list[Message]:
+        """On the consumer thread: queued commits and pauses first, then the poll."""
+        for op in ops:
+            try:
+                op()
+            except StreamcoreError as exc:  # a failed async commit is retried by the next one
+                log.warning("consumer call failed: %s", exc)
+        return consume(n, timeout)
 
     def _consumer_error(self, err: Any) -> None:
         fatal = getattr(err, "fatal", lambda: False)()
@@ -239,10 +264,12 @@ class Worker:
         self.rebalances += 1
         log.info("%s %s", "revoking" if commit else "lost", _fmt(mine))
         offsets: dict[TopicPartition, int] = {}
+        for tp in mine:  # a queued periodic commit must not land after the partition moved
+            self._pending_commit.pop(tp, None)
         try:
             if commit:
                 await self._drain(mine)
-                offsets = self._done_offsets(mine)
+                offsets = self._done_offsets(mine, only_moved=False)
         finally:
             for tp in mine:
                 await self._close_task(tp)
@@ -269,9 +296,10 @@ class Worker:
             if t.tracker.failure is not None:
                 raise t.tracker.failure
 
-    def _done_offsets(self, parts: list[TopicPartition], *,
-                      raise_failure: bool = True) -> dict[TopicPartition, int]:
-        """Next-offset-to-read for each partition whose done offset moved past the commit.
+    def _done_offsets(self, parts: list[TopicPartition], *, raise_failure: bool = True,
+                      only_moved: bool = True) -> dict[TopicPartition, int]:
+        """Next-offset-to-read for each partition with a done offset; with only_moved, only
+        where it moved past the last commit (periodic commits; final commits send all).
         A failed delivery is raised unless raise_failure is False; either way the batch that
         failed never becomes done, so nothing at or after it is returned."""
         self._producer.poll(0)  # step 1: serve delivery reports
@@ -283,7 +311,7 @@ class Worker:
             if raise_failure and task.tracker.failure is not None:
                 raise task.tracker.failure
             nxt = task.tracker.advance() + 1  # step 2
-            if nxt > 0 and nxt > task.committed:
+            if nxt > 0 and (nxt > task.committed or not only_moved):
                 offsets[tp] = nxt
         return offsets
 
@@ -310,9 +338,11 @@ class Worker:
         interval = self.config.commit_interval_s
         while True:
             await asyncio.sleep(interval)
-            offsets = self._done_offsets(list(self._tasks))  # steps 1 and 2
+            running = [tp for tp, t in self._tasks.items() if t.state is TaskState.RUNNING]
+            offsets = self._done_offsets(running)  # steps 1 and 2
             if offsets:
-                self._consumer.commit(offsets, asynchronous=True)  # step 3
+                # step 3, on the consumer thread right before its next poll
+                self._pending_commit.update(offsets)
                 self._mark_committed(offsets)
 
     async def _close_task(self, tp: TopicPartition) -> None:
@@ -329,11 +359,11 @@ class Worker:
 
     # -- backpressure --------------------------------------------------------------------
     def _pause(self, tp: TopicPartition) -> None:
-        self._consumer.pause([tp])
+        self._consumer_ops.append(lambda: self._consumer.pause([tp]))
 
     def _resume(self, tp: TopicPartition) -> None:
         if tp in self._tasks:
-            self._consumer.resume([tp])
+            self._consumer_ops.append(lambda: self._consumer.resume([tp]))
 
     # -- operations: DLQ, HTTP endpoints, metrics ---------------------------------------
     def _create_dlq(self) -> None:
@@ -495,7 +525,8 @@ class Worker:
                 break
             await asyncio.sleep(0.005)
         try:
-            await self._commit_sync(self._done_offsets(list(self._tasks), raise_failure=False))
+            await self._commit_sync(self._done_offsets(list(self._tasks), raise_failure=False,
+                                                       only_moved=False))
         except StreamcoreError as exc:
             log.warning("commit after failure failed: %s", exc)
 

@@ -131,3 +131,29 @@ def test_headers_and_timestamps_pass_through(bootstrap: str) -> None:
         i = orjson.loads(m.value())["i"]
         assert m.headers() == [("trace", f"t{i}".encode())]
         assert m.timestamp()[1] == 1_700_000_000_000 + i
+
+
+def test_pattern_source_and_timestamp_extractor(bootstrap: str) -> None:
+    """A regex subscription reads every matching topic; the extracted event time becomes the
+    output record's timestamp."""
+    tag = unique("pat")
+    a, b, other, out = f"{tag}-a", f"{tag}-b", f"{unique('else')}", unique("pat-out")
+    make_topics(bootstrap, a, b, other, out, partitions=1)
+    produce(bootstrap, a, [(None, {"src": "a", "ts": 1_600_000_000_000 + i}, 0)
+                           for i in range(5)])
+    produce(bootstrap, b, [(None, {"src": "b", "ts": 1_600_000_001_000 + i}, 0)
+                           for i in range(5)])
+    produce(bootstrap, other, [(None, {"src": "x", "ts": 1}, 0)])
+    job = Job(unique("pat"))
+    (job.stream(KafkaSource(pattern=f"^{tag}-.*", value=JSON, timestamp=lambda v: v["ts"]))
+        .to(KafkaSink(out, value=JSON)))
+    q = job.start(_cfg(bootstrap, consumer={"topic.metadata.refresh.interval.ms": 1000}))
+    try:
+        msgs = read_topic(bootstrap, out, expect=10, partitions=1)
+    finally:
+        q.stop(30)
+    assert q.exception() is None
+    values = [orjson.loads(m.value()) for m in msgs]
+    assert sorted(v["src"] for v in values) == ["a"] * 5 + ["b"] * 5  # not the other topic
+    for m, v in zip(msgs, values, strict=True):
+        assert m.timestamp()[1] == v["ts"]

@@ -111,8 +111,12 @@ def test_second_worker_joins_and_leaves_mid_stream(bootstrap: str) -> None:
         a.wait_for("assigned")
         time.sleep(1)
         with worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "b"}) as b:
-            b.wait_for("assigned", timeout=90)  # b takes over some partitions
-            a.wait_for("revoking")
+            try:
+                b.wait_for("assigned", timeout=90)  # b takes over some partitions
+                a.wait_for("revoking")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n--- worker a ({a.log_path}):\n{a.tail()}\n"
+                                     f"--- worker b: {b.log_path}") from None
             time.sleep(2)
             stop_gracefully(b)  # b leaves: a gets them back
         time.sleep(1)
