@@ -101,14 +101,21 @@ class ConfluentConsumer(ConsumerBackend):
         # librdkafka's consume(n, timeout) waits until it has n messages or the timeout
         # passes, which adds up to a whole timeout of latency at low rates. poll() returns
         # at the first message; consume(n - 1, 0) then takes what is already fetched.
+        # consume(k, 0) returns about one fetched batch, so repeat it while it yields: a
+        # backlog comes in full batches, and nothing ever waits once a message is there.
         try:
             first = self._c.poll(timeout)
             if first is None:
                 return []
-            rest = self._c.consume(max_records - 1, 0) if max_records > 1 else []
+            msgs: list[Message] = [cast(Message, first)]
+            while len(msgs) < max_records:
+                more = self._c.consume(max_records - len(msgs), 0)
+                if not more:
+                    break
+                msgs.extend(cast(list[Message], more))
         except KafkaException as exc:
             raise RebalanceError(f"consume failed: {exc}") from exc
-        return cast(list[Message], [first, *rest])
+        return msgs
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         try:

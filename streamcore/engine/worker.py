@@ -163,7 +163,8 @@ class Worker:
         n, timeout = self.config.poll_batch, self.config.poll_timeout_s
         tasks = self._tasks
         perf = time.perf_counter
-        while not self._stopping.is_set():
+
+        def fetch() -> None:
             ops, self._consumer_ops = self._consumer_ops, []
             if self._pending_commit:
                 ops.append(functools.partial(self._consumer.commit, self._pending_commit,
@@ -171,28 +172,39 @@ class Worker:
                 self._pending_commit = {}
             self._inflight_poll = loop.run_in_executor(
                 self._consumer_thread, self._apply_then_consume, ops, consume, n, timeout)
+
+        fetch()
+        while True:
+            assert self._inflight_poll is not None
             msgs = await self._inflight_poll
             self._inflight_poll = None
             self.last_poll = time.monotonic()
-            if not msgs:
-                continue
-            handed_at = perf()
-            if any([m.error() is not None for m in msgs]):  # rare: report and drop them
-                for m in msgs:
-                    if m.error() is not None:
-                        self._consumer_error(m.error())
-                msgs = [m for m in msgs if m.error() is None]
-            # A fetch holds runs of consecutive messages of one partition; groupby splits them
-            # in C, which matters because this runs once per input record.
-            for (topic, part), run in groupby(msgs, _topic_partition):
-                task = tasks.get((topic, part))  # type: ignore[arg-type]
-                if task is not None:
-                    task.offer(handed_at, list(run))
-            self.records_in += len(msgs)
-            # Let the partition tasks just woken process first (in-worker latency), then
-            # serve delivery reports once per fetch so that they never pile up.
-            await asyncio.sleep(0)
-            self._producer.poll(0)
+            if msgs:
+                self._dispatch(msgs, tasks, perf())
+            if self._stopping.is_set():
+                return  # what was just dispatched is drained by the caller
+            # The next fetch runs on the consumer thread while this one is processed; the
+            # partition tasks just woken go first (in-worker latency), then delivery reports
+            # are served once per fetch so that they never pile up.
+            fetch()
+            if msgs:
+                await asyncio.sleep(0)
+                self._producer.poll(0)
+
+    def _dispatch(self, msgs: list[Message], tasks: dict[TopicPartition, PartitionTask],
+                  handed_at: float) -> None:
+        if any([m.error() is not None for m in msgs]):  # rare: report and drop them
+            for m in msgs:
+                if m.error() is not None:
+                    self._consumer_error(m.error())
+            msgs = [m for m in msgs if m.error() is None]
+        # A fetch holds runs of consecutive messages of one partition; groupby splits them
+        # in C, which matters because this runs once per input record.
+        for (topic, part), run in groupby(msgs, _topic_partition):
+            task = tasks.get((topic, part))  # type: ignore[arg-type]
+            if task is not None:
+                task.offer(handed_at, list(run))
+        self.records_in += len(msgs)
 
     @staticmethod
     def _apply_then_consume(ops: list[Callable[[], None]], consume: Callable[[int, float],
