@@ -113,17 +113,21 @@ class ProducerBackend(ABC):
         topic: str,
         value: bytes | None,
         key: bytes | None,
-        *,
+        partition: int,
+        on_delivery: DeliveryCallback,
+        reserved: None,
         timestamp: int,
         headers: list[tuple[str, bytes]] | None,
-        on_delivery: DeliveryCallback,
+        /,
     ) -> None:
-        """Queue one record. Raises ``BufferError`` when the local queue is full (call
-        :meth:`poll` and retry); any other exception means the record can never be sent
-        (too large, unknown topic): :meth:`delivery_error` turns it into the error to raise.
+        """Queue one record (partition -1: the partitioner chooses; reserved: always None).
 
-        This is the hottest call of a pipeline, so a backend may replace it per instance by
-        its client's own bound method when that already has this signature."""
+        Positional only, in confluent-kafka's own argument order, so that a backend can bind
+        its client's method directly: this is the hottest call of a pipeline, and keyword
+        arguments would cost a dict per record. Raises ``BufferError`` when the local queue
+        is full (call :meth:`poll` and retry); any other exception means the record can never
+        be sent (too large, unknown topic): :meth:`delivery_error` turns it into the error
+        to raise."""
 
     @abstractmethod
     def delivery_error(self, topic: str, exc: Exception) -> Exception:

@@ -167,11 +167,12 @@ class ConfluentProducer(ProducerBackend):
         self.produce = cast(Any, self._p.produce)  # type: ignore[method-assign]
         self.poll = self._p.poll  # type: ignore[method-assign]
 
-    def produce(self, topic: str, value: bytes | None, key: bytes | None, *, timestamp: int,
-                headers: list[tuple[str, bytes]] | None, on_delivery: DeliveryCallback) -> None:
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
+                on_delivery: DeliveryCallback, reserved: None, timestamp: int,
+                headers: list[tuple[str, bytes]] | None, /) -> None:
         # Replaced per instance in __init__; kept for the interface and for readers.
-        self._p.produce(topic, value, key, timestamp=timestamp, headers=cast(Any, headers),
-                        on_delivery=on_delivery)
+        self._p.produce(topic, value, key, partition, on_delivery, reserved, timestamp,
+                        cast(Any, headers))
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
         if isinstance(exc, KafkaException) and exc.args:

@@ -201,7 +201,7 @@ def _make_sink(node: Node, ctx: PartitionContext) -> Emit:
         batch.pending += 1
         while True:
             try:
-                produce(topic, v, k, timestamp=ts, headers=h, on_delivery=batch.ack)
+                produce(topic, v, k, -1, batch.ack, None, ts, h)  # positional: no kwargs dict
                 return
             except BufferError:
                 # The producer's local queue is full: serve delivery reports to make room.

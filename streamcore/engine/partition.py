@@ -256,8 +256,8 @@ class PartitionTask:
         batch.pending += 1
         while True:
             try:
-                producer.produce(self._dlq, m.value(), m.key(), timestamp=m.timestamp()[1],
-                                 headers=headers, on_delivery=batch.ack)
+                producer.produce(self._dlq, m.value(), m.key(), -1, batch.ack, None,
+                                 m.timestamp()[1], headers)
                 break
             except BufferError:
                 producer.poll(0.05)

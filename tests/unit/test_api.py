@@ -86,8 +86,8 @@ class _RecordingProducer(ProducerBackend):
     def __init__(self) -> None:
         self.sent: list[tuple[str, Any, Any, int]] = []
 
-    def produce(self, topic: str, value: bytes | None, key: bytes | None, *, timestamp: int,
-                headers: Any, on_delivery: Any) -> None:
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
+                on_delivery: Any, reserved: None, timestamp: int, headers: Any, /) -> None:
         self.sent.append((topic, key, value, timestamp))
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
