@@ -28,7 +28,7 @@ from connectors.admin import create_topics  # noqa: E402
 from streamcore import broker  # noqa: E402
 from streamcore.progress import LatencyHistogram  # noqa: E402
 
-RATE = 1000  # page views per second
+RATE = 250  # page views per second: the local broker slows under faster short-wait fetches
 SECONDS = 15
 PARTITIONS = 4
 URLS = ["https://shop.example/cart", "https://shop.example/item/42", "https://shop.example/",
@@ -53,6 +53,7 @@ def main() -> int:
          "--bootstrap", info.bootstrap, "--preset", "low_latency",
          "--http-port", str(http_port), "--http-host", "127.0.0.1"], cwd=ROOT, env=env)
     try:
+        _wait_ready(http_port, worker)
         rc = _feed_and_watch(info.bootstrap, views, clicks, worker)
         _show_metrics(http_port)
         return rc
@@ -70,10 +71,8 @@ def _feed_and_watch(bootstrap: str, views: str, clicks: str,
                     worker: subprocess.Popen[bytes]) -> int:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-reader",
-                         "fetch.wait.max.ms": 5})
+                         "fetch.wait.max.ms": 5, "fetch.queue.backoff.ms": 1})
     consumer.assign([TopicPartition(clicks, p, 0) for p in range(PARTITIONS)])
-    print("waiting for the worker to join its group ...")
-    time.sleep(4)  # the local broker takes about 3 s for a group join
     latency = LatencyHistogram()
     sent = expected = received = 0
     samples: list[dict[str, object]] = []
@@ -92,7 +91,8 @@ def _feed_and_watch(bootstrap: str, views: str, clicks: str,
             producer.poll(0)
         elif received >= expected or now - start > SECONDS + 20:
             break
-        for m in consumer.consume(500, 0.005):
+        first = consumer.poll(0.002)  # poll returns at the first message; consume(n, t) waits
+        for m in ([first, *consumer.consume(499, 0)] if first is not None else []):
             if m.error():
                 continue
             out = orjson.loads(m.value() or b"{}")
@@ -119,6 +119,24 @@ def _feed_and_watch(bootstrap: str, views: str, clicks: str,
         print("  MISSING OUTPUTS")
         return 1
     return 0
+
+
+def _wait_ready(port: int, worker: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until the worker's /readyz says its partitions are assigned and running."""
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    print("waiting for the worker to join its group (the local broker takes a few s) ...")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and worker.poll() is None:
+        try:
+            with urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the worker did not become ready")
 
 
 def _show_metrics(port: int) -> None:
