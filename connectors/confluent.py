@@ -18,10 +18,12 @@ from connectors.base import (
     TopicPartition,
 )
 from streamcore.errors import BrokerUnavailable, DeliveryFailed, RebalanceError
+from streamcore.logs import BurstLogger
 
 __all__ = ["ConfluentConsumer", "ConfluentProducer", "consumer_settings", "producer_settings"]
 
 log = logging.getLogger("streamcore.kafka")
+_burst_log = BurstLogger(log)
 
 # Settings measured on the local broker and sane on real Kafka (DESIGN.md section 9).
 _CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -77,11 +79,12 @@ class ConfluentConsumer(ConsumerBackend):
 
     @staticmethod
     def _on_error(err: KafkaError) -> None:
-        # librdkafka retries transport errors itself; report them, stop only on fatal ones.
+        # librdkafka retries transport errors itself and reports each retry: log the first of
+        # a burst per error code (an outage gives a few lines, not thousands).
         if err.fatal():
             log.error("fatal consumer error: %s", err)
         else:
-            log.warning("consumer: %s", err)
+            _burst_log.warning(f"consumer:{err.code()}", "consumer: %s", err)
 
     @staticmethod
     def _on_commit(err: KafkaError | None, parts: list[CTP]) -> None:

@@ -92,7 +92,9 @@ class Worker:
         self.commit_latency = LatencyHistogram()
         self.errors: dict[tuple[str, str], int] = {}  # (kind, policy) -> count
         # Totals of partition tasks already closed, so that counters stay monotonic.
-        self._retired: dict[str, dict[Any, int]] = {"consumed": {}, "produced": {}, "dlq": {}}
+        self._retired_consumed: dict[TopicPartition, int] = {}
+        self._retired_produced: dict[str, int] = {}
+        self._retired_dlq = 0
         self.metrics = WorkerMetrics(job.name)
         self._http: StatusServer | None = None
         self.heartbeat = time.monotonic()
@@ -113,7 +115,7 @@ class Worker:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        if threading_ident_is_loop(loop):
+        if _running_on(loop):
             self._stopping.set()
         else:
             loop.call_soon_threadsafe(self._stopping.set)
@@ -436,18 +438,18 @@ class Worker:
         return True, {"partitions": states}
 
     def _retire(self, task: PartitionTask) -> None:
-        r = self._retired
-        r["consumed"][task.tp] = r["consumed"].get(task.tp, 0) + task.records_in
+        consumed, produced = self._retired_consumed, self._retired_produced
+        consumed[task.tp] = consumed.get(task.tp, 0) + task.records_in
         for c in task.ctx.sinks:
-            r["produced"][c.topic] = r["produced"].get(c.topic, 0) + c.n
-        r["dlq"][0] = r["dlq"].get(0, 0) + task.dlq_records
+            produced[c.topic] = produced.get(c.topic, 0) + c.n
+        self._retired_dlq += task.dlq_records
 
     def snapshot(self) -> Snapshot:
         """Everything the exporter shows; safe from the HTTP thread (copies are atomic)."""
         tasks = list(self._tasks.values())
-        consumed = dict(self._retired["consumed"])
-        produced = dict(self._retired["produced"])
-        dlq = self._retired["dlq"].get(0, 0)
+        consumed = dict(self._retired_consumed)
+        produced = dict(self._retired_produced)
+        dlq = self._retired_dlq
         lag: dict[tuple[str, ...], float] = {}
         states: dict[str, int] = {s.value: 0 for s in TaskState}
         for t in tasks:
@@ -602,7 +604,7 @@ def _fmt(parts: list[TopicPartition]) -> str:
     return ", ".join(f"{t}[{p}]" for t, p in sorted(parts))
 
 
-def threading_ident_is_loop(loop: asyncio.AbstractEventLoop) -> bool:
+def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
     try:
         return asyncio.get_running_loop() is loop
     except RuntimeError:

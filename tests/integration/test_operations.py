@@ -112,8 +112,8 @@ def _policy_job(bootstrap: str, policy: str) -> tuple[str, str, str, int, set[in
 @pytest.mark.parametrize("policy", ["dead_letter", "skip"])
 def test_error_policies_keep_going_and_lose_nothing(bootstrap: str, policy: str) -> None:
     src, out, name, total, good = _policy_job(bootstrap, policy)
-    q = Job.start(_job_of(name, src, out, policy),
-                  WorkerConfig(http_port=0, bootstrap_servers=bootstrap))
+    q = _job_of(name, src, out, policy).start(
+        WorkerConfig(http_port=0, bootstrap_servers=bootstrap))
     try:
         outs = read_topic(bootstrap, out, expect=len(good), partitions=2)
         assert sorted(orjson.loads(m.value())["i"] for m in outs) == sorted(good)
