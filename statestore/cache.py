@@ -1,0 +1,81 @@
+"""A write-back cache in front of a store, as Kafka Streams' record cache.
+
+RocksDB costs about 12 us per get+put through rocksdict; a stateful step that hit it for every
+record could not keep up. So the step reads and writes decoded values here: a read hits the
+cache first, a write only marks the key dirty. At each commit the engine calls :meth:`flush`,
+which writes every dirty key once (latest value) to the store in one atomic write batch and
+hands the same changes to the changelog writer. The engine then waits for the changelog's
+acknowledgements before it commits the input offsets that produced them.
+
+Memory is bounded: after a flush, when more than ``max_entries`` keys are cached, the clean
+entries are dropped (everything is clean right after a flush). Only the event loop thread
+touches a cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from statestore.base import Change, Store
+
+__all__ = ["StateCache"]
+
+_MISS = object()
+
+
+class StateCache:
+    def __init__(self, store: Store, dumps: Callable[[Any], bytes],
+                 loads: Callable[[bytes], Any], *, max_entries: int = 100_000) -> None:
+        self.store = store
+        self._dumps = dumps
+        self._loads = loads
+        self._max = max_entries
+        self._values: dict[bytes, Any] = {}  # decoded value, or None for "no such key"
+        self._dirty: set[bytes] = set()
+
+    def get(self, key: bytes) -> Any:
+        """The decoded value of key, or None."""
+        v = self._values.get(key, _MISS)
+        if v is _MISS:
+            raw = self.store.get(key)
+            v = None if raw is None else self._loads(raw)
+            self._values[key] = v
+        return v
+
+    def put(self, key: bytes, value: Any) -> None:
+        self._values[key] = value
+        self._dirty.add(key)
+
+    def delete(self, key: bytes) -> None:
+        self._values[key] = None
+        self._dirty.add(key)
+
+    @property
+    def dirty(self) -> int:
+        return len(self._dirty)
+
+    def flush(self, changelog: Callable[[bytes, bytes | None], None]) -> int:
+        """Write dirty keys to the store (one atomic batch) and to ``changelog(key, value)``
+        (value None: a tombstone); return how many. The store is written first: a crash
+        between the two leaves the store ahead of its changelog, which a restore from the
+        checkpoint repairs (changelog records carry whole values, not deltas)."""
+        if not self._dirty:
+            return 0
+        values, dumps = self._values, self._dumps
+        changes: list[Change] = []
+        for k in self._dirty:
+            v = values[k]
+            changes.append((k, None if v is None else dumps(v)))
+        self.store.write(changes)
+        self._dirty.clear()
+        for k, vb in changes:
+            changelog(k, vb)
+        if len(values) > self._max:
+            values.clear()
+        return len(changes)
+
+    def clear(self) -> None:
+        """Forget cached values and unflushed writes (the partition is being abandoned)."""
+        self._values.clear()
+        self._dirty.clear()

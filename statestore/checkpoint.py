@@ -1,0 +1,45 @@
+"""The checkpoint file beside a store: the changelog offset the store reflects.
+
+``{store_dir}.checkpoint`` holds ``{"topic": ..., "partition": ..., "offset": N}``: every
+changelog record before offset N is in the store, so a restore starts at N. It is replaced
+atomically (write a temporary file, fsync, rename), so a crash leaves the old or the new one,
+never half of one. A file that is missing, unreadable or for another changelog reads as
+None: the store is then rebuilt from the start of its changelog.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["read_checkpoint", "remove_checkpoint", "write_checkpoint"]
+
+
+def _file(store_dir: Path) -> Path:
+    return store_dir.with_name(store_dir.name + ".checkpoint")
+
+
+def read_checkpoint(store_dir: Path, topic: str, partition: int) -> int | None:
+    try:
+        data = json.loads(_file(store_dir).read_text())
+        if data["topic"] != topic or data["partition"] != partition:
+            return None
+        offset = data["offset"]
+        return offset if isinstance(offset, int) and offset >= 0 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_checkpoint(store_dir: Path, topic: str, partition: int, offset: int) -> None:
+    target = _file(store_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"topic": topic, "partition": partition, "offset": offset}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def remove_checkpoint(store_dir: Path) -> None:
+    _file(store_dir).unlink(missing_ok=True)

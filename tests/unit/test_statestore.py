@@ -1,0 +1,147 @@
+"""The Store contract (statestore/base.py), run against every backend, and the cache."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from statestore.base import Store, StoreClosed, StoreCorrupt
+from statestore.cache import StateCache
+from statestore.checkpoint import read_checkpoint, write_checkpoint
+from statestore.memory import memory_store
+from statestore.rocksdb import RocksDBStore
+
+Opener = Callable[[], Store]
+
+
+@pytest.fixture(params=["memory", "rocksdb"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    path = tmp_path / "store"
+    if request.param == "memory":
+        name = str(path) + uuid.uuid4().hex
+        return lambda: memory_store(name)
+    return lambda: RocksDBStore(path)
+
+
+def test_get_put_delete(opener: Opener) -> None:
+    s = opener()
+    assert s.get(b"k") is None
+    s.put(b"k", b"v1")
+    s.put(b"k", b"v2")
+    assert s.get(b"k") == b"v2"
+    s.delete(b"k")
+    s.delete(b"never-there")
+    assert s.get(b"k") is None
+    s.close()
+
+
+def test_scans_are_in_bytewise_key_order(opener: Opener) -> None:
+    s = opener()
+    keys = [b"b", b"a\xff", b"a", b"\x00", b"ab", b"a\x00", b"c"]
+    for k in keys:
+        s.put(k, k + b"!")
+    assert [k for k, _ in s.range()] == sorted(keys)
+    assert [k for k, _ in s.scan(b"a")] == [b"a", b"a\x00", b"ab", b"a\xff"]
+    assert [k for k, _ in s.range(b"a\x00", b"a\xff")] == [b"a\x00", b"ab"]
+    assert dict(s.scan(b"a"))[b"ab"] == b"ab!"
+    assert list(s.scan(b"zz")) == []
+    s.close()
+
+
+def test_prefix_scan_with_0xff_prefix(opener: Opener) -> None:
+    s = opener()
+    for k in (b"\xff", b"\xff\x01", b"\xfe"):
+        s.put(k, b"1")
+    assert [k for k, _ in s.scan(b"\xff")] == [b"\xff", b"\xff\x01"]
+    s.close()
+
+
+def test_write_batch_applies_in_order_and_is_idempotent(opener: Opener) -> None:
+    s = opener()
+    s.put(b"gone", b"x")
+    changes = [(b"a", b"1"), (b"a", b"2"), (b"gone", None), (b"b", b"3"), (b"b", None)]
+    s.write(changes)
+    s.write(changes)
+    assert dict(s.range()) == {b"a": b"2"}
+    s.close()
+
+
+def test_reopen_after_close_keeps_contents(opener: Opener) -> None:
+    s = opener()
+    s.write([(b"k%d" % i, b"v%d" % i) for i in range(100)])
+    s.delete(b"k5")
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(StoreClosed):
+        s.get(b"k1")
+    s2 = opener()
+    assert s2.get(b"k1") == b"v1" and s2.get(b"k5") is None
+    assert len(list(s2.range())) == 99
+    s2.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=4), st.one_of(st.none(), st.binary(max_size=3))),
+                max_size=40))
+def test_backends_agree_with_a_dict(tmp_path_factory: pytest.TempPathFactory,
+                                   ops: list[tuple[bytes, bytes | None]]) -> None:
+    path = tmp_path_factory.mktemp("p")
+    model: dict[bytes, bytes] = {}
+    stores = [memory_store(str(path) + "m"), RocksDBStore(path / "r")]
+    for s in stores:
+        s.write(ops)
+    for k, v in ops:
+        if v is None:
+            model.pop(k, None)
+        else:
+            model[k] = v
+    for s in stores:
+        assert list(s.range()) == sorted(model.items())
+        s.close()
+
+
+def test_corrupt_rocksdb_store_is_reported(tmp_path: Path) -> None:
+    s = RocksDBStore(tmp_path / "db")
+    s.put(b"k", b"v")
+    s.close()
+    (tmp_path / "db" / "CURRENT").write_text("garbage\n")
+    with pytest.raises(StoreCorrupt, match="cannot open RocksDB store"):
+        RocksDBStore(tmp_path / "db")
+    RocksDBStore.wipe(tmp_path / "db")
+    assert RocksDBStore(tmp_path / "db").get(b"k") is None
+
+
+def test_checkpoint_roundtrip_and_invalid_files(tmp_path: Path) -> None:
+    d = tmp_path / "0"
+    assert read_checkpoint(d, "t", 0) is None
+    write_checkpoint(d, "t", 0, 42)
+    assert read_checkpoint(d, "t", 0) == 42
+    assert read_checkpoint(d, "t", 1) is None  # another changelog partition
+    (tmp_path / "0.checkpoint").write_text("{not json")
+    assert read_checkpoint(d, "t", 0) is None
+
+
+def test_cache_writes_each_dirty_key_once_per_flush(tmp_path: Path) -> None:
+    import orjson
+
+    store = RocksDBStore(tmp_path / "db")
+    cache = StateCache(store, orjson.dumps, orjson.loads, max_entries=2)
+    for i in range(5):
+        cache.put(b"a", i)
+    cache.put(b"b", {"x": 1})
+    cache.delete(b"c")
+    assert store.get(b"a") is None  # nothing reaches the store before a flush
+    logged: list[tuple[bytes, bytes | None]] = []
+    assert cache.flush(lambda k, v: logged.append((k, v))) == 3
+    assert sorted(logged, key=lambda kv: kv[0]) == [(b"a", b"4"), (b"b", b'{"x":1}'),
+                                                    (b"c", None)]
+    assert store.get(b"a") == b"4" and cache.get(b"b") == {"x": 1}
+    assert cache.flush(lambda k, v: logged.append((k, v))) == 0  # nothing dirty
+    store.put(b"z", b"7")
+    assert cache.get(b"z") == 7
+    store.close()
