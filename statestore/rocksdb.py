@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import rocksdict
 
@@ -119,8 +119,8 @@ class RocksDBStore(Store):
               end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         # The end bound is checked here: rocksdict's ReadOptions upper bound does not work in
         # raw mode (it encodes the bound as a typed key).
-        items: Iterator[tuple[bytes, bytes]] = (
-            self.db.items(from_key=start) if start is not None else self.db.items())
+        items = cast(Iterator[tuple[bytes, bytes]], (
+            self.db.items(from_key=start) if start is not None else self.db.items()))
         for k, v in items:
             if end is not None and k >= end:
                 return
