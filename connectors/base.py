@@ -27,6 +27,7 @@ __all__ = [
     "ConsumerBackend",
     "DeliveryCallback",
     "Message",
+    "PartitionReader",
     "PartitionsCallback",
     "ProducerBackend",
     "TopicPartition",
@@ -145,3 +146,55 @@ class ProducerBackend(ABC):
     def close(self) -> None:
         """Release the client. Records still queued are dropped: flush (poll until
         ``in_flight() == 0``) first where they matter."""
+
+
+class PartitionReader(ABC):
+    """Reads given partitions from given offsets, outside any consumer group: restoring a
+    store from its changelog, and keeping a global table up to date. One thread at a time;
+    every method blocks."""
+
+    @abstractmethod
+    def assign(self, starts: dict[TopicPartition, int]) -> None:
+        """Read these partitions from these offsets (replacing any earlier assignment)."""
+
+    @abstractmethod
+    def read(self, max_records: int, timeout: float) -> list[Message]:
+        """Up to max_records messages, waiting at most timeout seconds for the first one.
+        Errors are raised, not returned."""
+
+    @abstractmethod
+    def end_offset(self, tp: TopicPartition) -> int:
+        """The partition's high watermark, asked of the broker now. The local broker
+        under-reports it, so callers treat it as a lower bound of the true end."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the client."""
+
+
+def read_to_end(reader: PartitionReader, starts: dict[TopicPartition, int],
+                apply: Callable[[list[Message]], None], *, batch: int = 10_000,
+                quiet: float = 0.3, stop: Callable[[], bool] = lambda: False,
+                ) -> dict[TopicPartition, int]:
+    """Read every partition in starts to its true end, handing each fetched batch to apply;
+    return the next offset per partition.
+
+    The high watermark alone is not trusted (the local broker under-reports it when the last
+    batch held several records): a partition is at its end only when its position is at or
+    past the watermark *and* a further fetch of ``quiet`` seconds returns nothing for it.
+    """
+    position = dict(starts)
+    reader.assign(starts)
+    if not starts:
+        return position
+    while not stop():
+        msgs = reader.read(batch, quiet)
+        if msgs:
+            apply(msgs)
+            for m in msgs:  # one pass to find each partition's last offset
+                position[(m.topic(), m.partition())] = m.offset() + 1  # type: ignore[index,operator]
+            continue
+        # A quiet fetch: done if every partition is at or past its (lower-bound) end.
+        if all(position[tp] >= reader.end_offset(tp) for tp in position):
+            return position
+    return position

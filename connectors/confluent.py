@@ -13,6 +13,7 @@ from connectors.base import (
     ConsumerBackend,
     DeliveryCallback,
     Message,
+    PartitionReader,
     PartitionsCallback,
     ProducerBackend,
     TopicPartition,
@@ -20,7 +21,14 @@ from connectors.base import (
 from streamcore.errors import BrokerUnavailable, DeliveryFailed, RebalanceError
 from streamcore.logs import BurstLogger
 
-__all__ = ["ConfluentConsumer", "ConfluentProducer", "consumer_settings", "producer_settings"]
+__all__ = [
+    "ConfluentConsumer",
+    "ConfluentProducer",
+    "ConfluentReader",
+    "consumer_settings",
+    "producer_settings",
+    "reader_settings",
+]
 
 log = logging.getLogger("streamcore.kafka")
 _burst_log = BurstLogger(log)
@@ -55,6 +63,21 @@ def consumer_settings(bootstrap: str, group: str, starting: str, common: Mapping
         "group.id": group,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
+    }
+
+
+def reader_settings(bootstrap: str, common: Mapping[str, Any]) -> dict[str, Any]:
+    """A consumer that only assigns (no group membership, no commits)."""
+    return {
+        "fetch.queue.backoff.ms": 1,
+        "fetch.wait.max.ms": 100,
+        "queued.max.messages.kbytes": 65536,
+        **common,
+        "bootstrap.servers": bootstrap,
+        "group.id": "streamcore-reader",  # required by the client; never joined or committed
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",  # a checkpoint past the end (topic re-created): all
     }
 
 
@@ -157,6 +180,41 @@ class ConfluentConsumer(ConsumerBackend):
         except KafkaException:
             return None
         return int(high) if high is not None and high >= 0 else None
+
+
+class ConfluentReader(PartitionReader):
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        try:
+            self._c = Consumer(dict(settings))
+        except KafkaException as exc:
+            raise BrokerUnavailable(f"cannot create a reader: {exc}") from exc
+
+    def assign(self, starts: dict[TopicPartition, int]) -> None:
+        self._c.assign([CTP(t, p, o) for (t, p), o in starts.items()])
+
+    def read(self, max_records: int, timeout: float) -> list[Message]:
+        try:
+            first = self._c.poll(timeout)
+            if first is None:
+                return []
+            msgs = [first, *self._c.consume(max_records - 1, 0)]
+        except KafkaException as exc:
+            raise BrokerUnavailable(f"reading failed: {exc}") from exc
+        for m in msgs:
+            err = m.error()
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                raise BrokerUnavailable(f"reading {m.topic()}[{m.partition()}] failed: {err}")
+        return [cast(Message, m) for m in msgs if m.error() is None]
+
+    def end_offset(self, tp: TopicPartition) -> int:
+        try:
+            _low, high = self._c.get_watermark_offsets(CTP(*tp), timeout=10, cached=False)
+        except KafkaException as exc:
+            raise BrokerUnavailable(f"cannot read the end offset of {tp}: {exc}") from exc
+        return int(high)
+
+    def close(self) -> None:
+        self._c.close()
 
 
 class ConfluentProducer(ProducerBackend):

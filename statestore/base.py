@@ -27,7 +27,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
-__all__ = ["Change", "Store", "StoreClosed", "StoreCorrupt"]
+__all__ = ["Change", "Store", "StoreClosed", "StoreCorrupt", "StoreLocked"]
 
 Change = tuple[bytes, bytes | None]  # (key, value); a value of None deletes the key
 
@@ -39,6 +39,11 @@ class StoreClosed(RuntimeError):
 class StoreCorrupt(RuntimeError):
     """A store's files could not be opened; the engine wipes it and rebuilds from the
     changelog."""
+
+
+class StoreLocked(RuntimeError):
+    """Another process holds the store open (two workers sharing one state directory); it
+    must never be wiped."""
 
 
 class Store(ABC):

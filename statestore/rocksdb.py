@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import rocksdict
 
-from statestore.base import Change, Store, StoreClosed, StoreCorrupt
+from statestore.base import Change, Store, StoreClosed, StoreCorrupt, StoreLocked
 
 __all__ = ["RocksDBSettings", "RocksDBStore"]
 
@@ -82,6 +82,9 @@ class RocksDBStore(Store):
             self._db: rocksdict.Rdict | None = rocksdict.Rdict(
                 str(self.path), _options(settings or RocksDBSettings()))
         except Exception as exc:  # rocksdict raises a bare Exception ("Corruption: ...")
+            if "lock" in str(exc).lower():
+                raise StoreLocked(f"RocksDB store at {self.path} is in use by another "
+                                  f"process: {exc}") from exc
             raise StoreCorrupt(f"cannot open RocksDB store at {self.path}: {exc}") from exc
 
     @staticmethod

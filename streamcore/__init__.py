@@ -6,6 +6,7 @@ Everything a job needs is importable from here::
 """
 
 from connectors.kafka import KafkaSink, KafkaSource
+from statestore.rocksdb import RocksDBSettings
 from streamcore.config import WorkerConfig
 from streamcore.errors import (
     BrokerUnavailable,
@@ -16,12 +17,14 @@ from streamcore.errors import (
     JobDefinitionError,
     RebalanceError,
     RetriableError,
+    StateError,
     StreamcoreError,
     UserFunctionError,
 )
 from streamcore.job import Job, Stream
 from streamcore.query import StreamingQuery
 from streamcore.serde import BYTES, JSON, STR, Serde
+from streamcore.table import Table
 
 __version__ = "0.1.0"
 
@@ -40,10 +43,13 @@ __all__ = [
     "KafkaSource",
     "RebalanceError",
     "RetriableError",
+    "RocksDBSettings",
     "Serde",
+    "StateError",
     "Stream",
     "StreamcoreError",
     "StreamingQuery",
+    "Table",
     "UserFunctionError",
     "WorkerConfig",
     "__version__",

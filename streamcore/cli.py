@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="port for /metrics /healthz /readyz /progress (default 9108, 0: any)")
     run.add_argument("--http-host", help="address to bind the HTTP endpoints (default 0.0.0.0)")
     run.add_argument("--no-http", action="store_true", help="serve no HTTP endpoints")
+    run.add_argument("--state-dir", help="directory of the state stores (default ./state)")
+    run.add_argument("--state-backend", help="rocksdb (default) or memory")
     run.add_argument("--preset", choices=("default", "low_latency", "high_throughput"),
                      default="default")
     run.add_argument("-X", dest="kafka", action="append", default=[], metavar="KEY=VALUE",
@@ -116,6 +118,10 @@ def _config(args: argparse.Namespace, job: Any) -> WorkerConfig:
         cli["http_host"] = args.http_host
     if args.no_http:
         cli["http_port"] = None
+    if args.state_dir:
+        cli["state_dir"] = args.state_dir
+    if args.state_backend:
+        cli["state_backend"] = args.state_backend
     kafka: dict[str, str] = {}
     for kv in args.kafka:
         k, sep, v = kv.partition("=")

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from statestore.rocksdb import RocksDBSettings
 from streamcore.errors import ConfigError
 
 __all__ = ["WorkerConfig", "parse_duration"]
@@ -65,6 +66,10 @@ class WorkerConfig:
     http_host: str = "0.0.0.0"
     http_port: int | None = 9108  # /metrics /healthz /readyz /progress; 0: any free port
     health_timeout: float | str = 10.0  # /healthz fails when the event loop stalls this long
+    state_dir: str = "./state"  # stores live under {state_dir}/{job}/{step}/{partition}/
+    state_backend: str = "rocksdb"  # or "memory": nothing on disk, replayed on every assign
+    state_cache_entries: int = 100_000  # decoded values cached per store between commits
+    rocksdb: RocksDBSettings = field(default_factory=RocksDBSettings)
     kafka: Mapping[str, Any] = field(default_factory=dict)
     consumer: Mapping[str, Any] = field(default_factory=dict)
     producer: Mapping[str, Any] = field(default_factory=dict)
@@ -83,7 +88,14 @@ class WorkerConfig:
             raise ConfigError("group", "must not be empty")
         if self.commit_interval <= 0:  # type: ignore[operator]
             raise ConfigError("commit_interval", "must be positive")
-        for name in ("poll_batch", "inbox_high", "inbox_low"):
+        if not isinstance(self.state_dir, str) or not self.state_dir.strip():
+            raise ConfigError("state_dir", "must be a directory path")
+        if self.state_backend not in ("rocksdb", "memory"):
+            raise ConfigError("state_backend",
+                              f"must be 'rocksdb' or 'memory', got {self.state_backend!r}")
+        if not isinstance(self.rocksdb, RocksDBSettings):
+            raise ConfigError("rocksdb", "must be a RocksDBSettings")
+        for name in ("poll_batch", "inbox_high", "inbox_low", "state_cache_entries"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
@@ -151,15 +163,17 @@ class WorkerConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerConfig:
         """Build from keyword arguments overlaid by STREAMCORE_<FIELD> variables.
 
-        Scalar fields only; ``kafka``/``consumer``/``producer`` come from code or the CLI.
+        Scalar fields only; ``kafka``/``consumer``/``producer``/``rocksdb`` come from code
+        or the CLI.
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = dict(overrides)
         for f in dataclasses.fields(cls):
             raw = env.get(f"STREAMCORE_{f.name.upper()}")
-            if raw is None or f.name in ("kafka", "consumer", "producer"):
+            if raw is None or f.name in ("kafka", "consumer", "producer", "rocksdb"):
                 continue
-            if f.name in ("poll_batch", "inbox_high", "inbox_low", "http_port"):
+            if f.name in ("poll_batch", "inbox_high", "inbox_low", "http_port",
+                          "state_cache_entries"):
                 try:
                     values[f.name] = int(raw)
                 except ValueError:

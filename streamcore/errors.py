@@ -9,6 +9,7 @@
           ├── DeliveryFailed       the broker rejected an output or changelog record
           ├── DeserializationError an input record could not be decoded
           ├── UserFunctionError    a user function raised
+          ├── StateError           a state store could not be opened, restored or written
           └── RebalanceError       a partition could not be handed over cleanly
 
 Retriable and fatal errors are kept apart so that a caller never has to inspect a message to
@@ -27,6 +28,7 @@ __all__ = [
     "JobDefinitionError",
     "RebalanceError",
     "RetriableError",
+    "StateError",
     "StreamcoreError",
     "UserFunctionError",
 ]
@@ -86,6 +88,10 @@ class DeserializationError(_RecordError):
 
 class UserFunctionError(_RecordError):
     """A user-supplied function raised while processing a record."""
+
+
+class StateError(FatalError):
+    """A state store could not be opened, restored or written."""
 
 
 class RebalanceError(FatalError):

@@ -16,6 +16,7 @@ from connectors.kafka import KafkaSink, KafkaSource
 __all__ = ["Node", "OpKind"]
 
 _ids = itertools.count()
+_SHOWN = ("name", "index", "concurrency", "on_error", "op", "how", "partitions", "topic")
 
 
 class OpKind:
@@ -31,6 +32,11 @@ class OpKind:
     BRANCH = "branch"  # one node per branch output; params["index"] says which
     TO = "to"
     FOREACH = "foreach"
+    # Stateful and internal steps (params["name"] is the stable step name).
+    REPARTITION = "repartition"  # a sink to an internal topic and the source reading it back
+    AGGREGATE = "aggregate"  # reduce, aggregate, count, update_state_by_key: params["update"]
+    TABLE = "table"  # a table read from a compacted topic (job.table); not part of a chain
+    JOIN = "join"  # stream-table join: params["table"] is the TABLE node
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,16 +50,24 @@ class Node:
     id: int = field(default_factory=lambda: next(_ids))
 
     def describe(self) -> str:
-        if self.source is not None:
+        if self.kind == OpKind.SOURCE and self.source is not None:
             return self.source.describe()
-        if self.sink is not None:
+        if self.kind == OpKind.TO and self.sink is not None:
             return self.sink.describe()
+        if self.kind == OpKind.AGGREGATE:
+            return f"{self.params['op']}(name={self.params['name']})"
         name = getattr(self.fn, "__name__", "") if self.fn is not None else ""
         extra = ", ".join(f"{k}={v}" for k, v in self.params.items()
-                          if k != "preds" and v is not None)
+                          if k in _SHOWN and v is not None)
         inner = ", ".join(x for x in (name, extra) if x)
         return f"{self.kind}({inner})"
 
     @property
     def terminal(self) -> bool:
         return self.kind in (OpKind.TO, OpKind.FOREACH)
+
+    @property
+    def name(self) -> str | None:
+        """The stable step name of a stateful or internal step."""
+        name = self.params.get("name")
+        return name if isinstance(name, str) else None

@@ -26,6 +26,15 @@ from connectors.kafka import KafkaSink, KafkaSource
 from streamcore.config import WorkerConfig
 from streamcore.errors import JobDefinitionError
 from streamcore.graph import Node, OpKind
+from streamcore.serde import INTERNAL_KEY, INTERNAL_VALUE, JSON, STR, Serde
+from streamcore.table import (
+    Table,
+    aggregate_update,
+    check_join,
+    count_update,
+    reduce_update,
+    update_state_update,
+)
 
 if TYPE_CHECKING:
     from streamcore.query import StreamingQuery
@@ -33,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["Job", "Stream"]
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_STEP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 ON_ERROR = ("fail", "skip", "dead_letter")
 
 
@@ -61,6 +71,7 @@ class Job:
         self.on_error = on_error
         self._sources: list[Node] = []
         self._nodes: list[Node] = []
+        self._names: dict[str, Node] = {}  # stable names of stateful and internal steps
 
     def stream(self, source: KafkaSource) -> Stream:
         """A stream of the records of source."""
@@ -71,6 +82,39 @@ class Job:
         self._nodes.append(node)
         return Stream(self, node)
 
+    def table(self, topic: str, *, key: Serde = STR, value: Serde = JSON,
+              name: str | None = None) -> Table:
+        """The table held by a compacted topic: the latest value per key (a null value
+        deletes the key). Every worker keeps the whole table in a local store, restored from
+        the topic itself and kept up to date while the job runs, so streams of any
+        partitioning can join it. ``name`` (default: the topic) names its store."""
+        if not isinstance(topic, str) or not topic:
+            raise JobDefinitionError(f"job.table() needs a topic name, got {topic!r}")
+        node = Node(OpKind.TABLE, params={"name": name or topic, "topic": topic, "key": key,
+                                          "value": value})
+        self._register(node)
+        self._nodes.append(node)
+        return Table(self, node)
+
+    def _register(self, node: Node) -> None:
+        self._check_name(node.params.get("op", node.kind), node.name)
+        assert node.name is not None
+        self._names[node.name] = node
+
+    def _check_name(self, op: str, name: str | None) -> None:
+        if name is None:
+            raise JobDefinitionError(
+                f"{op} needs a stable name=: it names the step's store and internal "
+                "topics, which must survive redeployments")
+        if not _STEP_NAME.match(name):
+            raise JobDefinitionError(
+                f"step name {name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+        if name in self._names:
+            raise JobDefinitionError(f"step name {name!r} is used twice in job {self.name!r}")
+
+    def internal_topic(self, name: str, suffix: str) -> str:
+        return f"{self.name}-{name}-{suffix}"
+
     # -- introspection used by the engine ------------------------------------------------
     @property
     def sources(self) -> list[Node]:
@@ -79,6 +123,25 @@ class Job:
     @property
     def nodes(self) -> list[Node]:
         return list(self._nodes)
+
+    @property
+    def repartitions(self) -> list[Node]:
+        """Internal topics that split the graph; each is also read back as a source."""
+        return [n for n in self._nodes if n.kind == OpKind.REPARTITION]
+
+    @property
+    def tables(self) -> list[Node]:
+        return [n for n in self._nodes if n.kind == OpKind.TABLE]
+
+    @property
+    def stateful(self) -> list[Node]:
+        return [n for n in self._nodes if n.kind == OpKind.AGGREGATE]
+
+    @property
+    def subscription(self) -> list[str]:
+        """Every topic the worker's consumer subscribes to: inputs and repartition topics."""
+        topics = [t for n in self._sources for t in n.source.subscription]  # type: ignore[union-attr]
+        return topics + [n.params["topic"] for n in self.repartitions]
 
     def _add(self, node: Node) -> Node:
         self._nodes.append(node)
@@ -209,6 +272,115 @@ class Stream:
             Stream(self._job, self._job._add(Node(OpKind.BRANCH, (hub,), None, {"index": i})))
             for i in range(len(predicates)))
 
+    # -- stateful steps (each needs a stable name=) --------------------------------------
+    def repartition(self, num_partitions: int | None = None, *, name: str | None = None,
+                    ) -> Stream:
+        """Redistribute records by key through the internal topic ``{job}-{name}-repartition``
+        (``num_partitions`` partitions; default: as many as the input). Records with the same
+        key then reach the same partition task, wherever they came from."""
+        if num_partitions is not None and (not isinstance(num_partitions, int)
+                                           or num_partitions < 1):
+            raise JobDefinitionError(f"repartition num_partitions must be >= 1, got "
+                                     f"{num_partitions!r}")
+        self._job._check_name("repartition", name)
+        node = self._repartition_node(name, num_partitions)
+        self._job._register(node)
+        return Stream(self._job, self._job._add(node))
+
+    def _repartition_node(self, name: str | None, partitions: int | None) -> Node:
+        if name is None:
+            raise JobDefinitionError("repartition needs a stable name=")
+        topic = self._job.internal_topic(name, "repartition")
+        return Node(OpKind.REPARTITION, (self._node,), params={
+            "name": name, "topic": topic, "partitions": partitions},
+            source=KafkaSource(topic, key=INTERNAL_KEY, value=INTERNAL_VALUE),
+            sink=KafkaSink(topic, key=INTERNAL_KEY, value=INTERNAL_VALUE))
+
+    def _needs_repartition(self) -> bool:
+        """True unless every record reaching here is still partitioned by its key as in one
+        input topic (no key_by since the source, one source topic)."""
+        sources: set[int] = set()
+        stack, seen = [self._node], set()
+        while stack:
+            n = stack.pop()
+            if n.id in seen:
+                continue
+            seen.add(n.id)
+            if n.kind == OpKind.KEY_BY:
+                return True
+            if n.kind == OpKind.REPARTITION:
+                sources.add(n.id)
+                continue
+            if n.kind == OpKind.SOURCE:
+                assert n.source is not None
+                if n.source.pattern is not None or len(n.source.topics) != 1:
+                    return True
+                sources.add(n.id)
+            stack.extend(n.parents)
+        return len(sources) != 1
+
+    def _stateful(self, op: str, update: Callable[[Any, Any], Any], name: str | None,
+                  value: Serde, on_error: str | None,
+                  key_fn: Callable[[Any], Any] | None = None) -> Table:
+        _check_policy(on_error)
+        if not isinstance(value, Serde):
+            raise JobDefinitionError(f"{op} value= must be a Serde, got {value!r}")
+        self._job._check_name(op, name)
+        assert name is not None
+        up: Stream = self
+        if key_fn is not None:
+            up = up._then(OpKind.KEY_BY, key_fn)
+        if up._needs_repartition():  # all records of a key must reach one partition task
+            up = Stream(self._job, self._job._add(up._repartition_node(name, None)))
+        node = Node(OpKind.AGGREGATE, (up._node,), update, {
+            "name": name, "op": op, "value": value, "on_error": on_error})
+        self._job._register(node)
+        return Table(self._job, self._job._add(node))
+
+    def reduce(self, fn: Callable[[Any, Any], Any], *, name: str | None = None,
+               value: Serde = JSON, on_error: str | None = None) -> Table:
+        """Per key, combine values with fn(accumulated, value); the first value starts it."""
+        _check_fn(fn, "reduce")
+        return self._stateful("reduce", reduce_update(fn), name, value, on_error)
+
+    def aggregate(self, initializer: Callable[[], Any], adder: Callable[[Any, Any], Any], *,
+                  name: str | None = None, value: Serde = JSON,
+                  on_error: str | None = None) -> Table:
+        """Per key, adder(aggregate, value), starting from initializer()."""
+        _check_fn(initializer, "aggregate")
+        _check_fn(adder, "aggregate")
+        return self._stateful("aggregate", aggregate_update(initializer, adder), name, value,
+                              on_error)
+
+    def count(self, *, name: str | None = None) -> Table:
+        """Records per key."""
+        return self._stateful("count", count_update, name, JSON, None)
+
+    def count_by_value(self, *, name: str | None = None) -> Table:
+        """Records per distinct value (the value becomes the key), as Spark's countByValue."""
+        return self._stateful("count_by_value", count_update, name, JSON, None,
+                              key_fn=_identity)
+
+    def update_state_by_key(self, fn: Callable[[list[Any], Any], Any], *,
+                            name: str | None = None, value: Serde = JSON,
+                            on_error: str | None = None) -> Table:
+        """Spark's updateStateByKey: state = fn(new_values, old_state) per key, old_state None
+        for a new key; returning None deletes the key. Each record is its own update here
+        (new_values has one value) because continuous mode has no batches."""
+        _check_fn(fn, "update_state_by_key")
+        return self._stateful("update_state_by_key", update_state_update(fn), name, value,
+                              on_error)
+
+    def join(self, table: Table, fn: Callable[[Any, Any], Any] | None = None, *,
+             how: str = "inner", on_error: str | None = None) -> Stream:
+        """Look up each record's key in table (a table read with job.table). ``inner`` drops
+        records whose key is not in the table; ``left`` keeps them with None. The output value
+        is fn(value, table_value), or the pair (value, table_value) without fn."""
+        check_join(table, how)
+        if fn is not None:
+            _check_fn(fn, "join")
+        return self._then(OpKind.JOIN, fn, table=table._node, how=how, on_error=on_error)
+
     def to(self, sink: KafkaSink) -> None:
         """Write every record to sink."""
         if not isinstance(sink, KafkaSink):
@@ -226,3 +398,7 @@ class Stream:
 
 def _discard(_value: Any) -> None:
     return None
+
+
+def _identity(value: Any) -> Any:
+    return value

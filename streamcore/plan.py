@@ -15,7 +15,7 @@ from streamcore.engine.context import AsyncLane, Emit, PartitionContext, SinkCou
 from streamcore.engine.tracking import Batch
 from streamcore.errors import JobDefinitionError
 from streamcore.graph import Node, OpKind
-from streamcore.serde import BYTES
+from streamcore.serde import BYTES, INTERNAL_KEY
 
 if TYPE_CHECKING:
     from streamcore.job import Job
@@ -32,9 +32,13 @@ def _children(job: Job) -> dict[int, list[Node]]:
 
 
 def source_for_topic(job: Job, topic: str) -> Node:
-    """The source node that reads topic (by name, else by pattern)."""
+    """The node whose chain processes records of topic: a source (by name, else by
+    pattern) or a repartition step reading its internal topic back."""
     import re
 
+    for node in job.repartitions:
+        if node.params["topic"] == topic:
+            return node
     for node in job.sources:
         assert node.source is not None
         if topic in node.source.topics:
@@ -75,14 +79,15 @@ def compile_chain(job: Job, source: Node, ctx: PartitionContext) -> Emit:
 
     def entry(node: Node) -> Emit:
         if node.id not in built:
-            built[node.id] = _make(node, fanout, kids, ctx, lanes_by_node)
+            built[node.id] = _make(node, fanout, kids, ctx, lanes_by_node, node is source)
         return built[node.id]
 
     return entry(source)
 
 
 def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]],
-          ctx: PartitionContext, lanes_by_node: dict[int, list[AsyncLane]]) -> Emit:
+          ctx: PartitionContext, lanes_by_node: dict[int, list[AsyncLane]],
+          is_root: bool) -> Emit:
     k = node.kind
     fn: Any = node.fn
     if k == OpKind.BRANCH and "preds" in node.params:
@@ -98,12 +103,14 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
                     return
         return branch
 
-    if k == OpKind.TO:
+    if k == OpKind.TO or (k == OpKind.REPARTITION and not is_root):
+        # A repartition step ends this chain with a write to its internal topic; the chain
+        # of the task reading that topic back starts at the same node (is_root).
         lanes_by_node[node.id] = []
         return _make_sink(node, ctx)
 
     down = fanout(node)
-    if k in (OpKind.SOURCE, OpKind.UNION, OpKind.BRANCH):
+    if k in (OpKind.SOURCE, OpKind.UNION, OpKind.BRANCH, OpKind.REPARTITION):
         return down
     # Each closure wraps only the user's call, so a failure names its own step and the
     # downstream steps' failures pass through untouched. try costs nothing until it raises.
@@ -165,6 +172,23 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
             except Exception as exc:
                 raise StepFailed(step, policy, exc) from exc
         return foreach
+    if k == OpKind.AGGREGATE:
+        return _make_aggregate(node, down, ctx, step, policy)
+    if k == OpKind.JOIN:
+        table = ctx.tables[node.params["table"].id]
+        lookup = table.get
+        inner = node.params["how"] == "inner"
+
+        def join(key: Any, value: Any, ts: int) -> None:
+            try:
+                other = lookup(key)
+                if other is None and inner:
+                    return
+                out = (value, other) if fn is None else fn(value, other)
+            except Exception as exc:
+                raise StepFailed(step, policy, exc) from exc
+            down(key, out, ts)
+        return join
     if k == OpKind.MAP_ASYNC:
         lane = AsyncLane(fn, node.params["concurrency"], down, ctx, node.describe())
         lane.downstream = list(lanes_by_node[node.id])
@@ -172,6 +196,32 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
         ctx.lanes.append(lane)
         return lane.submit
     raise JobDefinitionError(f"unknown operation {k!r}")
+
+
+def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,
+                    policy: str | None) -> Emit:
+    """A stateful step: state = update(state, value) per key in the partition's store;
+    the new state goes downstream at once (None: the key was deleted)."""
+    name = node.name
+    assert name is not None and ctx.open_state is not None
+    serde = node.params["value"]
+    cache = ctx.open_state(name, serde.serialize, serde.deserialize)
+    get, put, delete = cache.get, cache.put, cache.delete
+    kser = INTERNAL_KEY.serialize
+    update: Any = node.fn
+
+    def aggregate(key: Any, value: Any, ts: int) -> None:
+        try:
+            kb = kser(key)
+            new = update(get(kb), value)
+        except Exception as exc:
+            raise StepFailed(step, policy, exc) from exc
+        if new is None:
+            delete(kb)
+        else:
+            put(kb, new)
+        down(key, new, ts)
+    return aggregate
 
 
 def _make_sink(node: Node, ctx: PartitionContext) -> Emit:

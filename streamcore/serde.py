@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["BYTES", "JSON", "STR", "Serde"]
+__all__ = ["BYTES", "INTERNAL_KEY", "INTERNAL_VALUE", "JSON", "STR", "Serde"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +52,34 @@ def _str_de(b: bytes) -> str:
 JSON = Serde("json", orjson.dumps, orjson.loads)
 STR = Serde("str", _str_ser, _str_de)
 BYTES = Serde("bytes", _to_bytes, _identity)
+
+
+# The serdes of internal topics (repartition) and of state keys. Bytes travel as themselves
+# behind a 0x00 tag (no JSON text starts with it); anything else as JSON. Keys read arrays
+# back as tuples, so that a composite key stays hashable after a repartition.
+def _internal_ser(obj: Any) -> bytes:
+    if type(obj) is bytes:
+        return b"\x00" + obj
+    return orjson.dumps(obj)
+
+
+def _tuples(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return tuple(_tuples(x) for x in obj)
+    return obj
+
+
+def _internal_key_de(b: bytes) -> Any:
+    if b[:1] == b"\x00":
+        return bytes(b[1:])
+    return _tuples(orjson.loads(b))
+
+
+def _internal_value_de(b: bytes) -> Any:
+    if b[:1] == b"\x00":
+        return bytes(b[1:])
+    return orjson.loads(b)
+
+
+INTERNAL_KEY = Serde("internal-key", _internal_ser, _internal_key_de)
+INTERNAL_VALUE = Serde("internal-value", _internal_ser, _internal_value_de)

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol
 
 from connectors.base import Message, ProducerBackend
+from statestore.cache import StateCache
 from streamcore.engine.tracking import Batch
 from streamcore.errors import UserFunctionError
 
-__all__ = ["AsyncLane", "Emit", "PartitionContext", "SinkCounter", "StepFailed"]
+__all__ = ["AsyncLane", "Emit", "GlobalTableView", "OpenState", "PartitionContext",
+           "SinkCounter", "StepFailed"]
 
 Emit = Callable[[Any, Any, int], None]
+
+
+class GlobalTableView(Protocol):
+    def get(self, key: Any) -> Any: ...
 
 
 class StepFailed(Exception):
@@ -43,10 +49,18 @@ class SinkCounter:
         self.n = 0
 
 
-class PartitionContext:
-    __slots__ = ("batch", "blocked", "lanes", "msg", "partition", "producer", "sinks", "topic")
+OpenState = Callable[[str, Callable[[Any], bytes], Callable[[bytes], Any]], StateCache]
 
-    def __init__(self, topic: str, partition: int, producer: ProducerBackend) -> None:
+
+class PartitionContext:
+    __slots__ = ("batch", "blocked", "lanes", "msg", "open_state", "partition", "producer",
+                 "sinks", "tables", "topic")
+
+    def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
+                 open_state: OpenState | None = None,
+                 tables: Mapping[int, GlobalTableView] | None = None) -> None:
+        self.open_state = open_state  # (step name, dumps, loads) -> the step's store cache
+        self.tables = tables or {}  # TABLE node id -> its global table
         self.topic = topic
         self.partition = partition
         self.producer = producer
@@ -88,6 +102,13 @@ class AsyncLane:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def first_offset(self) -> int | None:
+        """Offset of the oldest record still in the lane (None: empty)."""
+        if not self._queue:
+            return None
+        msg = self._queue[0][3]
+        return msg.offset() if msg is not None else None
 
     def submit(self, key: Any, value: Any, ts: int) -> None:
         ctx = self.ctx

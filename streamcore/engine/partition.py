@@ -6,9 +6,10 @@ Lifecycle (as Kafka Streams' Task)::
        │            │            └───────────────────────^
        └────────────┴────────────────────────────────────^
 
-RESTORING rebuilds the partition's state stores before the first record (none yet for a
-stateless job). SUSPENDED means intake has stopped (revoke or shutdown): what is already in the
-inbox is finished up to a deadline, what is not is left for the next owner.
+RESTORING rebuilds the partition's state stores from their changelogs before the first record
+(engine/state.py); a stateless partition passes straight through it. SUSPENDED means intake
+has stopped (revoke or shutdown): what is already in the inbox is finished up to a deadline,
+what is not is left for the next owner.
 """
 
 from __future__ import annotations
@@ -16,16 +17,25 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from connectors.base import Message, ProducerBackend, TopicPartition
+from connectors.base import Message, PartitionReader, ProducerBackend, TopicPartition
 from connectors.kafka import KafkaSource
-from streamcore.engine.context import PartitionContext, StepFailed
+from statestore.base import StoreLocked
+from statestore.cache import StateCache
+from streamcore.engine.context import GlobalTableView, PartitionContext, StepFailed
+from streamcore.engine.state import PartitionStores
 from streamcore.engine.tracking import OffsetTracker
-from streamcore.errors import DeserializationError, StreamcoreError, UserFunctionError
+from streamcore.errors import (
+    DeserializationError,
+    StateError,
+    StreamcoreError,
+    UserFunctionError,
+)
 from streamcore.graph import Node
 from streamcore.logs import BurstLogger
 from streamcore.plan import compile_chain
@@ -70,13 +80,25 @@ class PartitionTask:
         latency: LatencyHistogram,
         e2e: LatencyHistogram,
         errors: dict[tuple[str, str], int],
+        make_stores: Callable[[int], PartitionStores] | None = None,
+        new_reader: Callable[[], PartitionReader] | None = None,
+        tables: Mapping[int, GlobalTableView] | None = None,
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
         self.tracker = OffsetTracker()
         self.committed = -1  # next offset to read, as last committed by us (-1: none yet)
-        self.ctx = PartitionContext(tp[0], tp[1], producer)
-        self._chain = compile_chain(job, source, self.ctx)
+        self.stores: PartitionStores | None = None
+        self._make_stores = make_stores
+        self._new_reader = new_reader
+        self._job = job
+        self.ctx = PartitionContext(tp[0], tp[1], producer, open_state=self._open_state,
+                                    tables=tables)
+        try:
+            self._chain = compile_chain(job, source, self.ctx)
+        except BaseException:
+            self.close_stores()
+            raise
         spec = source.source
         assert isinstance(spec, KafkaSource)
         self._spec = spec
@@ -98,7 +120,69 @@ class PartitionTask:
         self.first_offset: int | None = None
         self.last_offset: int | None = None
 
-    # -- state ---------------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------
+    def _open_state(self, step: str, dumps: Callable[[Any], bytes],
+                    loads: Callable[[bytes], Any]) -> StateCache:
+        if self.stores is None:
+            assert self._make_stores is not None, "stateful step without a state setup"
+            self.stores = self._make_stores(self.tp[1])
+        try:
+            return self.stores.open(step, self._job.internal_topic(step, "changelog"), dumps,
+                                    loads)
+        except StoreLocked as exc:
+            raise StateError(f"{exc}; give each worker on a machine its own state_dir "
+                             "(--state-dir)") from exc
+
+    async def _restore(self) -> None:
+        """Replay the changelogs on a worker thread; if cancelled (revoked meanwhile), stop
+        the thread and wait for it, so that the stores can be closed safely."""
+        stores = self.stores
+        if stores is None or not stores.slots:
+            return
+        assert self._new_reader is not None
+        stop = threading.Event()
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, stores.restore, self._new_reader, stop.is_set)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.wait([fut])
+            raise
+
+    def processed_offset(self) -> int:
+        """The highest offset whose records have all been through the whole chain (their
+        state changes are in the stores' caches)."""
+        off = self.last_offset if self.last_offset is not None else -1
+        for lane in self.ctx.lanes:
+            first = lane.first_offset()
+            if first is not None:
+                off = min(off, first - 1)
+        return off
+
+    def flush_state(self) -> None:
+        """Start flushing the stores' dirty keys to RocksDB and the changelog (commit time)."""
+        if self.stores is not None:
+            self.stores.flush(self.processed_offset(), self.ctx.producer)
+
+    def state_settled(self) -> bool:
+        """Every processed record's state change is acknowledged by the changelog."""
+        s = self.stores
+        return s is None or (s.settle() and not s.dirty
+                             and s.durable >= self.processed_offset())
+
+    def done_offset(self) -> int:
+        """The highest done offset: outputs acknowledged and state changes durable."""
+        done = self.tracker.advance()
+        if self.stores is not None:
+            done = min(done, self.stores.durable)
+        return done
+
+    def close_stores(self) -> None:
+        if self.stores is not None:
+            self.stores.close()
+            self.stores = None
+
     def transition(self, new: TaskState) -> None:
         if new not in _ALLOWED[self.state]:
             raise StreamcoreError(f"partition {self.tp}: illegal transition "
@@ -133,7 +217,7 @@ class PartitionTask:
         """Process the inbox until stop_intake() and the inbox is empty. Raises on a fatal
         error; the record that caused it is never marked done."""
         self.transition(TaskState.RESTORING)
-        # State stores are restored here once the job has any (none for stateless steps).
+        await self._restore()
         if self.state is TaskState.RESTORING:
             self.transition(TaskState.RUNNING)
         try:

@@ -6,8 +6,10 @@ hands its work to the event loop and waits for it, so a revoked partition is dra
 offsets committed before the group moves it (DESIGN.md section 4, invariant 3).
 
 Commit protocol (continuous mode, at-least-once), every ``commit_interval``:
+  0. flush each stateful partition's dirty keys to RocksDB and its changelog topics;
   1. serve delivery reports (``producer.poll``), so acknowledged outputs are counted;
-  2. per partition, advance the done offset (sealed batches with nothing pending);
+  2. per partition, advance the done offset (sealed batches with nothing pending, and no
+     later than the last state flush whose changelog records are all acknowledged);
   3. commit done + 1 for the partitions that moved. A failed delivery stops the worker
      before this step for its partition.
 Every consumer call runs on the consumer thread: librdkafka blocks even an asynchronous
@@ -29,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 from connectors.admin import create_topics, partition_count
@@ -36,14 +39,19 @@ from connectors.base import ConsumerBackend, Message, ProducerBackend, TopicPart
 from connectors.confluent import (
     ConfluentConsumer,
     ConfluentProducer,
+    ConfluentReader,
     consumer_settings,
     producer_settings,
+    reader_settings,
 )
 from metrics.exporter import Snapshot, WorkerMetrics
 from metrics.http import StatusServer
 from streamcore.config import WorkerConfig
 from streamcore.engine.partition import PartitionTask, TaskState
+from streamcore.engine.state import PartitionStores
+from streamcore.engine.tables import GlobalTable
 from streamcore.errors import ConfigError, FatalError, StreamcoreError
+from streamcore.internal import internal_topics
 from streamcore.logs import BurstLogger
 from streamcore.plan import source_for_topic
 from streamcore.progress import LatencyHistogram
@@ -80,6 +88,8 @@ class Worker:
         self._running: dict[TopicPartition, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._consumer_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-consumer")
+        self._state_dir = Path(config.state_dir)
+        self._tables: dict[int, GlobalTable] = {}  # TABLE node id -> its global table
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._inflight_poll: asyncio.Future[list[Message]] | None = None
@@ -131,7 +141,11 @@ class Worker:
         if self.job.uses_dead_letter:
             await self._loop.run_in_executor(None, self._create_dlq)
         self._start_http()
-        topics = [t for n in self.job.sources for t in n.source.subscription]
+        # Internal topics and global tables first: a partition must not start before its
+        # repartition and changelog topics exist, nor a join before its table is complete.
+        table_sizes = await self._loop.run_in_executor(None, self._create_internal_topics)
+        await self._open_tables(table_sizes)
+        topics = self.job.subscription
         self._consumer.subscribe(topics, on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("worker started: job=%s group=%s topics=%s", self.job.name, self.group, topics)
@@ -263,7 +277,8 @@ class Worker:
                 tp, self.job, source_for_topic(self.job, tp[0]), self._producer,
                 inbox_high=self.config.inbox_high, inbox_low=self.config.inbox_low,
                 pause=self._pause, resume=self._resume, latency=self.latency,
-                e2e=self.e2e_latency, errors=self.errors)
+                e2e=self.e2e_latency, errors=self.errors, make_stores=self._make_stores,
+                new_reader=self._new_reader, tables=self._tables)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
@@ -300,11 +315,15 @@ class Worker:
             _, late = await asyncio.wait(running, timeout=max(0.0, deadline - time.monotonic()))
             if late:
                 log.warning("drain deadline passed; %d partition(s) abandoned in flight", len(late))
-        # Wait for the broker to acknowledge what was handed to the producer.
+        # Wait for the broker to acknowledge what was handed to the producer, and flush the
+        # state stores (their changelog acknowledged too) so that everything is done.
         while time.monotonic() < deadline:
             self._producer.poll(0)
-            if all(t.tracker.failure is not None or t.tracker.all_done() for t in tasks):
+            if all(t.tracker.failure is not None
+                   or (t.tracker.all_done() and t.state_settled()) for t in tasks):
                 break
+            for t in tasks:
+                t.flush_state()
             await asyncio.sleep(0.002)
         for t in tasks:
             if t.tracker.failure is not None:
@@ -324,7 +343,7 @@ class Worker:
                 continue
             if raise_failure and task.tracker.failure is not None:
                 raise task.tracker.failure
-            nxt = task.tracker.advance() + 1  # step 2
+            nxt = task.done_offset() + 1  # step 2 (state changes acknowledged included)
             if nxt > 0 and (nxt > task.committed or not only_moved):
                 offsets[tp] = nxt
         return offsets
@@ -353,6 +372,8 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             running = [tp for tp, t in self._tasks.items() if t.state is TaskState.RUNNING]
+            for tp in running:  # step 0: flush state stores to RocksDB and the changelog
+                self._tasks[tp].flush_state()
             offsets = self._done_offsets(running)  # steps 1 and 2
             if offsets:
                 # step 3, on the consumer thread right before its next poll
@@ -368,8 +389,42 @@ class Worker:
                 await running
         if task is not None:
             self._retire(task)
+            task.close_stores()
             if task.state is not TaskState.CLOSED:
                 task.transition(TaskState.CLOSED)
+
+    # -- state: internal topics, stores, global tables ------------------------------------
+    def _create_internal_topics(self) -> dict[str, int]:
+        """Create repartition and changelog topics; return the partition count of each
+        global table's topic."""
+        plan = internal_topics(self.job, self._partition_count)
+        for cfg, topics in plan.by_config.items():
+            if topics:
+                create_topics(self.config.bootstrap_servers, topics, config=dict(cfg),
+                              kafka=self.config.kafka)
+        return plan.tables
+
+    def _partition_count(self, topic: str) -> int:
+        return partition_count(self.config.bootstrap_servers, topic, kafka=self.config.kafka)
+
+    def _make_stores(self, partition: int) -> PartitionStores:
+        c = self.config
+        return PartitionStores(self.job.name, partition, state_dir=self._state_dir,
+                               backend=c.state_backend, settings=c.rocksdb,
+                               cache_entries=c.state_cache_entries)
+
+    def _new_reader(self) -> ConfluentReader:
+        return ConfluentReader(reader_settings(self.config.bootstrap_servers, self.config.kafka))
+
+    async def _open_tables(self, sizes: dict[str, int]) -> None:
+        assert self._loop is not None
+        for node in self.job.tables:
+            table = GlobalTable(self.job.name, node, partitions=sizes[node.params["topic"]],
+                                state_dir=self._state_dir, backend=self.config.state_backend,
+                                settings=self.config.rocksdb, new_reader=self._new_reader)
+            self._tables[node.id] = table
+            await self._loop.run_in_executor(None, table.restore)
+            table.start()
 
     # -- backpressure --------------------------------------------------------------------
     def _pause(self, tp: TopicPartition) -> None:
@@ -563,6 +618,8 @@ class Worker:
             for tp in list(self._tasks):
                 await self._close_task(tp)
             self._producer.close()
+            for table in self._tables.values():
+                table.close()
             if self._http is not None:
                 self._http.stop()
             self._consumer_thread.shutdown(wait=False)

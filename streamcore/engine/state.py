@@ -1,0 +1,208 @@
+"""The state stores of one partition task: open, restore, flush with the changelog, close.
+
+A stateful step's store for partition P lives under ``{state_dir}/{job}/{step}/{P}/`` with a
+write-back cache in front (statestore/cache.py) and the changelog topic
+``{job}-{step}-changelog``, partition P, behind. Its life follows the task's:
+
+1. open, when the task is created: a store that cannot be opened is wiped (with a warning); a
+   store without a valid checkpoint is wiped too, because its contents may be ahead of or
+   behind the changelog in ways only a full replay repairs;
+2. restore (task RESTORING): replay the changelog from the checkpoint to its true end;
+3. flush, at every commit: dirty keys go to RocksDB (one write batch) and to the changelog;
+   :class:`Flush` counts their acknowledgements. The input offsets the flush covers may be
+   committed only once it is acknowledged (DESIGN.md section 4, invariant 1), and only then
+   is the checkpoint moved to the changelog's new end;
+4. close (revoke, shutdown): flush RocksDB, release it; the checkpoint stays for the next owner
+   on this machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from connectors.base import Message, PartitionReader, ProducerBackend, read_to_end
+from statestore.base import Store, StoreCorrupt
+from statestore.cache import StateCache
+from statestore.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
+from statestore.memory import memory_store, wipe_memory_store
+from statestore.rocksdb import RocksDBSettings, RocksDBStore
+from streamcore.errors import DeliveryFailed
+
+__all__ = ["Flush", "PartitionStores", "StoreSlot", "open_store"]
+
+log = logging.getLogger("streamcore.state")
+
+
+def open_store(path: Path, settings: RocksDBSettings) -> tuple[Store, bool]:
+    """Open the RocksDB store at path; return it and whether its previous contents are
+    usable (False: it did not exist, or could not be opened and was wiped)."""
+    existed = path.exists()
+    try:
+        return RocksDBStore(path, settings), existed
+    except StoreCorrupt as exc:
+        log.warning("%s; wiping it and rebuilding from the changelog", exc)
+        RocksDBStore.wipe(path)
+        return RocksDBStore(path, settings), False
+
+
+@dataclass
+class StoreSlot:
+    step: str
+    changelog: str
+    path: Path
+    store: Store
+    cache: StateCache
+    restore_from: int  # changelog offset to replay from
+    restored: int = 0
+    restore_seconds: float = 0.0
+    end: int = -1  # next changelog offset known to be in the store
+
+
+class Flush:
+    """The changelog records of one flush and their acknowledgements."""
+
+    __slots__ = ("covers", "ends", "failure", "pending")
+
+    def __init__(self, covers: int) -> None:
+        self.covers = covers  # every input offset <= covers has its state in this flush
+        self.pending = 0
+        self.failure: DeliveryFailed | None = None
+        self.ends: dict[str, int] = {}  # changelog topic -> highest acknowledged offset + 1
+
+    def ack(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            if self.failure is None:
+                self.failure = DeliveryFailed(msg.topic() if msg is not None else "?", str(err))
+            return
+        self.pending -= 1
+        topic, off = msg.topic(), msg.offset()
+        if off is not None and off + 1 > self.ends.get(topic, -1):
+            self.ends[topic] = off + 1
+
+
+class PartitionStores:
+    def __init__(self, job: str, partition: int, *, state_dir: Path, backend: str,
+                 settings: RocksDBSettings, cache_entries: int) -> None:
+        self.job = job
+        self.partition = partition
+        self._dir = state_dir
+        self._backend = backend
+        self._settings = settings
+        self._cache_entries = cache_entries
+        self.slots: list[StoreSlot] = []
+        self.inflight: Flush | None = None
+        self.durable = -1  # highest input offset whose state changes are acknowledged
+
+    def open(self, step: str, changelog: str, dumps: Callable[[Any], bytes],
+             loads: Callable[[bytes], Any]) -> StateCache:
+        path = self._dir / self.job / step / str(self.partition)
+        start: int | None = None
+        if self._backend == "memory":  # nothing survives the process: always replay
+            wipe_memory_store(str(path))
+            store: Store = memory_store(str(path))
+        else:
+            store, usable = open_store(path, self._settings)
+            start = read_checkpoint(path, changelog, self.partition) if usable else None
+            if start is None:
+                remove_checkpoint(path)
+                if usable and any(True for _ in store.range()):
+                    # Contents without a checkpoint: replaying onto them could keep keys
+                    # that the changelog has since deleted. Start clean.
+                    log.warning("store %s has no valid checkpoint; rebuilding it from %s",
+                                path, changelog)
+                    store.close()
+                    RocksDBStore.wipe(path)
+                    store, _ = open_store(path, self._settings)
+        cache = StateCache(store, dumps, loads, max_entries=self._cache_entries)
+        self.slots.append(StoreSlot(step, changelog, path, store, cache, start or 0))
+        return cache
+
+    # -- 2. restore (on a worker thread) -------------------------------------------------
+    def restore(self, new_reader: Callable[[], PartitionReader],
+                stop: Callable[[], bool]) -> None:
+        """Replay each store's changelog from its checkpoint to the true end."""
+        for slot in self.slots:
+            t0 = time.perf_counter()
+            reader = new_reader()
+            try:
+                def apply(msgs: list[Message], slot: StoreSlot = slot) -> None:
+                    slot.store.write([(m.key() or b"", m.value()) for m in msgs])
+                    slot.restored += len(msgs)
+                tp = (slot.changelog, self.partition)
+                ends = read_to_end(reader, {tp: slot.restore_from}, apply, stop=stop)
+            finally:
+                reader.close()
+            if stop():
+                return
+            slot.end = ends[tp]
+            slot.restore_seconds = time.perf_counter() - t0
+            self._checkpoint(slot)
+            log.info("restored %s[%d] from offset %d: %d records in %.2fs", slot.changelog,
+                     self.partition, slot.restore_from, slot.restored, slot.restore_seconds)
+
+    # -- 3. flush (event loop thread) ----------------------------------------------------
+    def flush(self, covers: int, producer: ProducerBackend) -> None:
+        """Start a flush of every dirty key, covering input offsets up to covers; a flush
+        still waiting for acknowledgements is completed first (then this returns)."""
+        if self.inflight is not None and not self.settle():
+            return
+        f = Flush(covers)
+        part = self.partition
+        for slot in self.slots:
+            topic = slot.changelog
+
+            def send(key: bytes, value: bytes | None, topic: str = topic) -> None:
+                f.pending += 1
+                while True:
+                    try:
+                        producer.produce(topic, value, key, part, f.ack, None, 0, None)
+                        return
+                    except BufferError:
+                        producer.poll(0.05)
+                    except Exception as exc:
+                        raise producer.delivery_error(topic, exc) from exc
+            slot.cache.flush(send)
+        self.inflight = f
+        self.settle()
+
+    def settle(self) -> bool:
+        """Complete the in-flight flush if it is acknowledged; True when none is pending.
+        A failed changelog write is raised: its input offsets must never be committed."""
+        f = self.inflight
+        if f is None:
+            return True
+        if f.failure is not None:
+            raise f.failure
+        if f.pending:
+            return False
+        self.inflight = None
+        self.durable = max(self.durable, f.covers)
+        for slot in self.slots:  # the store now reflects the changelog up to here
+            end = f.ends.get(slot.changelog)
+            if end is not None and end > slot.end:
+                slot.end = end
+                self._checkpoint(slot)
+        return True
+
+    def _checkpoint(self, slot: StoreSlot) -> None:
+        if self._backend != "memory":
+            write_checkpoint(slot.path, slot.changelog, self.partition, slot.end)
+
+    @property
+    def dirty(self) -> int:
+        return sum(s.cache.dirty for s in self.slots)
+
+    # -- 4. close ------------------------------------------------------------------------
+    def close(self) -> None:
+        for slot in self.slots:
+            try:
+                slot.store.close()
+            except Exception as exc:
+                log.warning("closing store %s failed: %s", slot.path, exc)
+        self.slots.clear()
+

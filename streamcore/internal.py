@@ -1,0 +1,90 @@
+"""The internal topics a job needs, and how many partitions each gets.
+
+* ``{job}-{name}-repartition``: as many partitions as asked (``repartition(n)``), else as
+  many as the largest input topic feeding it.
+* ``{job}-{name}-changelog``: compacted, as many partitions as the topic whose partition
+  tasks own the store (an input topic or a repartition topic): store P logs to partition P.
+
+Topics are created with explicit configs (DESIGN.md section 9: the local broker reports only
+the configs given at creation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from streamcore.errors import StateError
+from streamcore.graph import Node, OpKind
+
+if TYPE_CHECKING:
+    from streamcore.job import Job
+
+__all__ = ["COMPACT", "DELETE", "InternalTopics", "internal_topics"]
+
+COMPACT = (("cleanup.policy", "compact"),)
+DELETE = (("cleanup.policy", "delete"),)
+
+
+@dataclass
+class InternalTopics:
+    by_config: dict[tuple[tuple[str, str], ...], dict[str, int]] = field(default_factory=dict)
+    tables: dict[str, int] = field(default_factory=dict)  # global table topic -> partitions
+
+
+def _existing(count: Callable[[str], int], topic: str, why: str) -> int:
+    n = count(topic)
+    if n < 1:
+        raise StateError(f"topic {topic!r} does not exist; create it before starting the "
+                         f"job ({why})")
+    return n
+
+
+def _hosts(node: Node) -> list[Node]:
+    """The sources and repartition steps whose records reach node."""
+    found: list[Node] = []
+    stack, seen = list(node.parents), set()
+    while stack:
+        n = stack.pop()
+        if n.id in seen:
+            continue
+        seen.add(n.id)
+        if n.kind in (OpKind.SOURCE, OpKind.REPARTITION):
+            found.append(n)
+        else:
+            stack.extend(n.parents)
+    return found
+
+
+def internal_topics(job: Job, count: Callable[[str], int]) -> InternalTopics:
+    plan = InternalTopics(by_config={COMPACT: {}, DELETE: {}})
+    sizes: dict[int, int] = {}  # source / repartition node id -> partitions
+
+    def size_of(host: Node, why: str) -> int:
+        if host.id not in sizes:
+            if host.kind == OpKind.REPARTITION:
+                sizes[host.id] = host.params["partitions"] or max(
+                    size_of(h, why) for h in _hosts(host))
+            else:
+                assert host.source is not None
+                if host.source.pattern is not None:
+                    raise StateError(
+                        f"cannot size internal topics from pattern source "
+                        f"{host.source.describe()}: give repartition(num_partitions=...)")
+                sizes[host.id] = max(_existing(count, t, why) for t in host.source.topics)
+        return sizes[host.id]
+
+    for node in job.repartitions:  # in creation order: upstream ones first
+        plan.by_config[DELETE][node.params["topic"]] = size_of(
+            node, f"it sizes the repartition topic of step {node.name!r}")
+    for node in job.stateful:
+        hosts = _hosts(node)
+        assert len(hosts) == 1, "a stateful step reads one partitioned topic"
+        assert node.name is not None
+        plan.by_config[COMPACT][job.internal_topic(node.name, "changelog")] = size_of(
+            hosts[0], f"it sizes the changelog of step {node.name!r}")
+    for node in job.tables:
+        topic = node.params["topic"]
+        plan.tables[topic] = _existing(count, topic, f"it holds table {node.name!r}")
+    return plan
