@@ -39,17 +39,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                                      "Records sent to the dead-letter topic."),
     "streamcore_event_loop_lag_seconds": ("gauge", ("job",),
                                           "Seconds since the worker's event loop last ran."),
-    # Reported once keyed state and epoch mode land (issues on state and epoch mode); the
-    # families exist now so that dashboards and alerts can be written against them.
-    "streamcore_watermark_ms": ("gauge", ("job", "topic", "partition"),
-                                "Event-time watermark (epoch ms)."),
-    "streamcore_late_records_dropped_total": ("counter", ("job", "step"),
-                                              "Records older than the watermark, dropped."),
     "streamcore_state_restore_records_total": ("counter", ("job", "step"),
                                                "Changelog records replayed into stores."),
     "streamcore_state_restore_duration_seconds": ("gauge", ("job", "step"),
                                                   "Duration of the last store restore."),
-    "streamcore_store_size_bytes": ("gauge", ("job", "step"), "On-disk size of state stores."),
+    "streamcore_store_keys": ("gauge", ("job", "step"),
+                              "Keys in the state stores of this worker (RocksDB estimate)."),
+    # Reported once event time and epoch mode land; the families exist now so that
+    # dashboards and alerts can be written against them.
+    "streamcore_watermark_ms": ("gauge", ("job", "topic", "partition"),
+                                "Event-time watermark (epoch ms)."),
+    "streamcore_late_records_dropped_total": ("counter", ("job", "step"),
+                                              "Records older than the watermark, dropped."),
     "streamcore_epoch_duration_seconds": ("histogram", ("job",),
                                           "Epoch (micro-batch) duration in epoch mode."),
 }

@@ -105,6 +105,7 @@ class Worker:
         self._retired_consumed: dict[TopicPartition, int] = {}
         self._retired_produced: dict[str, int] = {}
         self._retired_dlq = 0
+        self._retired_restored: dict[str, int] = {}  # step -> changelog records replayed
         self.metrics = WorkerMetrics(job.name)
         self._http: StatusServer | None = None
         self.heartbeat = time.monotonic()
@@ -498,6 +499,9 @@ class Worker:
         for c in task.ctx.sinks:
             produced[c.topic] = produced.get(c.topic, 0) + c.n
         self._retired_dlq += task.dlq_records
+        for slot in task.stores.slots if task.stores is not None else ():
+            self._retired_restored[slot.step] = (
+                self._retired_restored.get(slot.step, 0) + slot.restored)
 
     def snapshot(self) -> Snapshot:
         """Everything the exporter shows; safe from the HTTP thread (copies are atomic)."""
@@ -507,7 +511,19 @@ class Worker:
         dlq = self._retired_dlq
         lag: dict[tuple[str, ...], float] = {}
         states: dict[str, int] = {s.value: 0 for s in TaskState}
+        restored: dict[tuple[str, ...], float] = {
+            (k,): v for k, v in self._retired_restored.items()}
+        restore_s: dict[tuple[str, ...], float] = {}
+        keys: dict[tuple[str, ...], float] = {}
+        for table in self._tables.values():
+            restored[(table.name,)] = restored.get((table.name,), 0) + table.restored
+            restore_s[(table.name,)] = table.restore_seconds
         for t in tasks:
+            for slot in list(t.stores.slots) if t.stores is not None else ():
+                k = (slot.step,)
+                restored[k] = restored.get(k, 0) + slot.restored
+                restore_s[k] = max(restore_s.get(k, 0.0), slot.restore_seconds)
+                keys[k] = keys.get(k, 0) + slot.store.approximate_count()
             consumed[t.tp] = consumed.get(t.tp, 0) + t.records_in
             for c in list(t.ctx.sinks):
                 produced[c.topic] = produced.get(c.topic, 0) + c.n
@@ -530,6 +546,9 @@ class Worker:
             "streamcore_errors_total": {(k, p): n for (k, p), n in dict(self.errors).items()},
             "streamcore_dlq_records_total": {(): dlq},
             "streamcore_event_loop_lag_seconds": {(): time.monotonic() - self.heartbeat},
+            "streamcore_state_restore_records_total": restored,
+            "streamcore_state_restore_duration_seconds": restore_s,
+            "streamcore_store_keys": keys,
         }
         return Snapshot(samples=samples, histograms={
             "streamcore_processing_latency_seconds": self.latency.export(),
