@@ -8,6 +8,7 @@ test_state_processes.py.
 from __future__ import annotations
 
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,45 @@ def test_restore_reaches_the_true_end_of_a_batched_changelog(bootstrap: str,
     stores.close()
     if reported_end < n + 1:
         print(f"broker under-reported the end: {reported_end} < {n + 1}")
+
+
+def test_large_state_stays_on_disk(bootstrap: str, tmp_path: Path) -> None:
+    """1M distinct keys with ~250-byte aggregates: held in memory they would take over
+    500 MB; the bounded cache and RocksDB keep the worker's growth far below that."""
+    import psutil
+
+    src = unique("big-in")
+    make_topics(bootstrap, src)
+    n = 1_000_000
+    produce(bootstrap, src, ((b"key-%07d" % i, b"1", None) for i in range(n)),
+            **{"linger.ms": 50, "batch.num.messages": 10000})
+    seen = [0]
+
+    def tally(_value: Any) -> None:
+        seen[0] += 1
+
+    job = Job(unique("big"))
+    (job.stream(KafkaSource(src))
+        .aggregate(lambda: {"n": 0, "pad": "x" * 200}, lambda a, v: {**a, "n": a["n"] + 1},
+                   name="wide")
+        .to_stream().foreach(tally))
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    q = job.start(_cfg(bootstrap, tmp_path, state_cache_entries=10_000,
+                       rocksdb=RocksDBSettings(write_buffer_mb=4, block_cache_mb=16)))
+    try:
+        deadline = time.monotonic() + 240
+        peak = before
+        while seen[0] < n and time.monotonic() < deadline and q.is_active:
+            time.sleep(0.5)
+            peak = max(peak, proc.memory_info().rss)
+        assert seen[0] == n, f"processed {seen[0]} of {n}"
+        worker = q.worker
+        assert worker is not None
+        keys = worker.snapshot().samples["streamcore_store_keys"][("wide",)]
+    finally:
+        q.stop(60)
+    assert q.exception() is None, q.exception()
+    growth_mb = (peak - before) / 2**20
+    assert growth_mb < 250, f"resident memory grew {growth_mb:.0f} MB for 1M keys"
+    assert keys > 0.8 * n  # RocksDB's estimate of the keys on disk
