@@ -3,7 +3,8 @@
 1. start the local broker (or reuse a running one), create fresh topics;
 2. start `streamcore run examples/clicks.py:job` as a worker process;
 3. feed synthetic page views for 15 s while reading the job's output;
-4. print a few outputs and a summary; stop the worker (SIGTERM) and the broker.
+4. print a few outputs, a summary and the stateful step's counts per section (which must add
+   up to the clicks); stop the worker (SIGTERM) and the broker.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ def main() -> int:
     info = broker.start(run_dir)
     print(f"broker: {info.bootstrap} ({'reused' if was_running else 'started'})")
     tag = uuid.uuid4().hex[:6]
-    views, clicks = f"pageviews-{tag}", f"clicks-{tag}"
-    create_topics(info.bootstrap, {views: PARTITIONS, clicks: PARTITIONS})
+    views, clicks, sections = f"pageviews-{tag}", f"clicks-{tag}", f"sections-{tag}"
+    create_topics(info.bootstrap, {views: PARTITIONS, clicks: PARTITIONS,
+                                   sections: PARTITIONS})
     env = {**os.environ, "PAGEVIEWS_TOPIC": views, "CLICKS_TOPIC": clicks,
-           "DEMO_JOB": f"demo-{tag}", "STREAMCORE_LOG_LEVEL": "WARNING"}
+           "SECTIONS_TOPIC": sections, "DEMO_JOB": f"demo-{tag}",
+           "STREAMCORE_LOG_LEVEL": "WARNING",
+           "STREAMCORE_STATE_DIR": str(ROOT / ".streamcore" / "demo-state")}
     with socket.socket() as s:  # a free port for the worker's HTTP endpoints
         s.bind(("127.0.0.1", 0))
         http_port = s.getsockname()[1]
@@ -54,7 +58,8 @@ def main() -> int:
          "--http-port", str(http_port), "--http-host", "127.0.0.1"], cwd=ROOT, env=env)
     try:
         _wait_ready(http_port, worker)
-        rc = _feed_and_watch(info.bootstrap, views, clicks, worker)
+        rc, expected = _feed_and_watch(info.bootstrap, views, clicks, worker)
+        rc = rc or _show_section_counts(info.bootstrap, sections, expected)
         _show_metrics(http_port)
         return rc
     finally:
@@ -68,7 +73,8 @@ def main() -> int:
 
 
 def _feed_and_watch(bootstrap: str, views: str, clicks: str,
-                    worker: subprocess.Popen[bytes]) -> int:
+                    worker: subprocess.Popen[bytes]) -> tuple[int, int]:
+    """Feed page views, read clicks; return (exit code, clicks expected)."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-reader",
                          "fetch.wait.max.ms": 5, "fetch.queue.backoff.ms": 1})
@@ -102,7 +108,7 @@ def _feed_and_watch(bootstrap: str, views: str, clicks: str,
                 samples.append(out)
         if worker.poll() is not None:
             print(f"worker exited early with code {worker.returncode}")
-            return 1
+            return 1, expected
     producer.flush(10)
     consumer.close()
     elapsed = time.monotonic() - start
@@ -117,6 +123,33 @@ def _feed_and_watch(bootstrap: str, views: str, clicks: str,
     print(f"  end-to-end latency p50 {s['p50']:.1f} ms, p99 {s['p99']:.1f} ms")
     if received < expected:
         print("  MISSING OUTPUTS")
+        return 1, expected
+    return 0, expected
+
+
+def _show_section_counts(bootstrap: str, topic: str, expected: int) -> int:
+    """The stateful step's output: the latest count per section, which must add up to the
+    number of clicks."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-reader",
+                         "fetch.wait.max.ms": 100})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    latest: dict[str, int] = {}
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < 2.0:
+        msgs = consumer.consume(1000, 0.2)
+        for m in msgs:
+            if not m.error():
+                latest[(m.key() or b"").decode()] = orjson.loads(m.value() or b"0")
+        if msgs:
+            quiet_since = time.monotonic()
+    consumer.close()
+    total = sum(latest.values())
+    print("\nviews per section (stateful count, RocksDB + changelog):")
+    for section, n in sorted(latest.items(), key=lambda kv: -kv[1]):
+        print(f"   {section:<10} {n}")
+    print(f"   total      {total}")
+    if total != expected:
+        print(f"   COUNTS DO NOT ADD UP (expected {expected})")
         return 1
     return 0
 
