@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import os
 
-from bench.workload import CONSUMER_W1, CONSUMER_W3, PRODUCER_W1, PRODUCER_W3, enrich, keep
+from bench.workload import (
+    CONSUMER_W1,
+    CONSUMER_W3,
+    PRODUCER_W1,
+    PRODUCER_W3,
+    add_order,
+    enrich,
+    keep,
+)
 from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
 
-_w3 = os.environ.get("BENCH_MODE") == "w3"
+_mode = os.environ.get("BENCH_MODE", "w1")
+_w3 = _mode == "w3"
 job = Job(os.environ.get("BENCH_JOB", "bench"), config=WorkerConfig(
     producer=PRODUCER_W3 if _w3 else PRODUCER_W1,
     consumer=CONSUMER_W3 if _w3 else CONSUMER_W1,
     poll_timeout="20ms" if _w3 else "100ms",
     progress_interval="5s"))
-(job.stream(KafkaSource(os.environ.get("BENCH_IN", "in"), value=JSON))
-    .filter(keep)
-    .map(enrich)
-    .to(KafkaSink(os.environ.get("BENCH_OUT", "out"), value=JSON)))
+source = job.stream(KafkaSource(os.environ.get("BENCH_IN", "in"), value=JSON))
+if _mode == "w2":
+    # Per user (the record key): running count and sum of the order totals, in RocksDB with
+    # a changelog; the updated aggregate goes out for every record.
+    (source
+        .aggregate(lambda: {"count": 0, "sum": 0.0}, add_order, name="totals")
+        .to(KafkaSink(os.environ.get("BENCH_OUT", "out"), value=JSON)))
+else:
+    (source
+        .filter(keep)
+        .map(enrich)
+        .to(KafkaSink(os.environ.get("BENCH_OUT", "out"), value=JSON)))

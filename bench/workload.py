@@ -31,3 +31,9 @@ def enrich(v: dict[str, Any]) -> dict[str, Any]:
     v["total"] = v["price"] * v["qty"]
     v["tier"] = "big" if v["total"] > 40 else "small"
     return v
+
+
+def add_order(agg: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
+    agg["count"] += 1
+    agg["sum"] += v["price"] * v["qty"]
+    return agg
