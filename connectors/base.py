@@ -31,6 +31,8 @@ __all__ = [
     "PartitionsCallback",
     "ProducerBackend",
     "TopicPartition",
+    "advance_positions",
+    "read_to_end",
 ]
 
 TopicPartition = tuple[str, int]
@@ -172,6 +174,12 @@ class PartitionReader(ABC):
         """Release the client."""
 
 
+def advance_positions(position: dict[TopicPartition, int], msgs: list[Message]) -> None:
+    """Set each partition's position past the last of msgs read from it."""
+    for m in msgs:
+        position[(m.topic(), m.partition())] = m.offset() + 1  # type: ignore[index,operator]
+
+
 def read_to_end(reader: PartitionReader, starts: dict[TopicPartition, int],
                 apply: Callable[[list[Message]], None], *, batch: int = 10_000,
                 quiet: float = 0.3, stop: Callable[[], bool] = lambda: False,
@@ -191,8 +199,7 @@ def read_to_end(reader: PartitionReader, starts: dict[TopicPartition, int],
         msgs = reader.read(batch, quiet)
         if msgs:
             apply(msgs)
-            for m in msgs:  # one pass to find each partition's last offset
-                position[(m.topic(), m.partition())] = m.offset() + 1  # type: ignore[index,operator]
+            advance_positions(position, msgs)
             continue
         # A quiet fetch: done if every partition is at or past its (lower-bound) end.
         if all(position[tp] >= reader.end_offset(tp) for tp in position):

@@ -86,6 +86,27 @@ def producer_settings(bootstrap: str, common: Mapping[str, Any],
     return {**_PRODUCER_DEFAULTS, **common, **own, "bootstrap.servers": bootstrap}
 
 
+def _poll_then_drain(c: Consumer, max_records: int, timeout: float) -> list[Message]:
+    """Up to max_records messages: wait for the first, then take what is already fetched.
+
+    librdkafka's consume(n, timeout) waits until it has n messages or the timeout passes,
+    which adds up to a whole timeout of latency at low rates. poll() returns at the first
+    message; consume(k, 0) then takes what is already fetched, about one fetched batch per
+    call, so it is repeated while it yields: a backlog comes in full batches, and nothing
+    ever waits once a message is there.
+    """
+    first = c.poll(timeout)
+    if first is None:
+        return []
+    msgs: list[Message] = [cast(Message, first)]
+    while len(msgs) < max_records:
+        more = c.consume(max_records - len(msgs), 0)
+        if not more:
+            break
+        msgs.extend(cast(list[Message], more))
+    return msgs
+
+
 def _tps(parts: Sequence[CTP]) -> list[TopicPartition]:
     return [(p.topic, p.partition) for p in parts]
 
@@ -124,24 +145,10 @@ class ConfluentConsumer(ConsumerBackend):
         )
 
     def consume(self, max_records: int, timeout: float) -> list[Message]:
-        # librdkafka's consume(n, timeout) waits until it has n messages or the timeout
-        # passes, which adds up to a whole timeout of latency at low rates. poll() returns
-        # at the first message; consume(n - 1, 0) then takes what is already fetched.
-        # consume(k, 0) returns about one fetched batch, so repeat it while it yields: a
-        # backlog comes in full batches, and nothing ever waits once a message is there.
         try:
-            first = self._c.poll(timeout)
-            if first is None:
-                return []
-            msgs: list[Message] = [cast(Message, first)]
-            while len(msgs) < max_records:
-                more = self._c.consume(max_records - len(msgs), 0)
-                if not more:
-                    break
-                msgs.extend(cast(list[Message], more))
+            return _poll_then_drain(self._c, max_records, timeout)
         except KafkaException as exc:
             raise RebalanceError(f"consume failed: {exc}") from exc
-        return msgs
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         try:
@@ -194,17 +201,14 @@ class ConfluentReader(PartitionReader):
 
     def read(self, max_records: int, timeout: float) -> list[Message]:
         try:
-            first = self._c.poll(timeout)
-            if first is None:
-                return []
-            msgs = [first, *self._c.consume(max_records - 1, 0)]
+            msgs = _poll_then_drain(self._c, max_records, timeout)
         except KafkaException as exc:
             raise BrokerUnavailable(f"reading failed: {exc}") from exc
         for m in msgs:
             err = m.error()
             if err is not None and err.code() != KafkaError._PARTITION_EOF:
                 raise BrokerUnavailable(f"reading {m.topic()}[{m.partition()}] failed: {err}")
-        return [cast(Message, m) for m in msgs if m.error() is None]
+        return [m for m in msgs if m.error() is None]
 
     def end_offset(self, tp: TopicPartition) -> int:
         try:

@@ -1,8 +1,7 @@
 """An in-memory store with the same contract as RocksDB: for tests and small jobs.
 
-Its contents live as long as the object; "reopening" a closed MemoryStore is done by the
-engine through :func:`memory_store` with the same path, which returns the same contents for
-the life of the process (so tests of close/reopen behave like a disk store).
+Its contents live in the dict it is given (or its own): a new MemoryStore on the dict of a
+closed one "reopens" it with the same contents.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 from statestore.base import Change, Store, StoreClosed
 
-__all__ = ["MemoryStore", "memory_store"]
+__all__ = ["MemoryStore"]
 
 
 class MemoryStore(Store):
@@ -81,18 +80,3 @@ class MemoryStore(Store):
     def close(self) -> None:
         self._closed = True
 
-
-_registry: dict[str, dict[bytes, bytes]] = {}
-_registry_lock = threading.Lock()
-
-
-def memory_store(path: str) -> MemoryStore:
-    """A MemoryStore whose contents survive close() for the life of the process, by path."""
-    with _registry_lock:
-        data = _registry.setdefault(path, {})
-    return MemoryStore(data)
-
-
-def wipe_memory_store(path: str) -> None:
-    with _registry_lock:
-        _registry.pop(path, None)

@@ -29,11 +29,12 @@ from connectors.base import Message, PartitionReader, ProducerBackend, read_to_e
 from statestore.base import Store, StoreCorrupt
 from statestore.cache import StateCache
 from statestore.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
-from statestore.memory import memory_store, wipe_memory_store
+from statestore.memory import MemoryStore
 from statestore.rocksdb import RocksDBSettings, RocksDBStore
 from streamcore.errors import DeliveryFailed
 
-__all__ = ["Flush", "PartitionStores", "StoreSlot", "open_store"]
+__all__ = ["Flush", "PartitionStores", "StoreSlot", "open_store", "reopen_empty",
+           "write_records"]
 
 log = logging.getLogger("streamcore.state")
 
@@ -48,6 +49,19 @@ def open_store(path: Path, settings: RocksDBSettings) -> tuple[Store, bool]:
         log.warning("%s; wiping it and rebuilding from the changelog", exc)
         RocksDBStore.wipe(path)
         return RocksDBStore(path, settings), False
+
+
+def reopen_empty(store: Store, path: Path, settings: RocksDBSettings) -> Store:
+    """Close store, wipe its directory and open it again, empty."""
+    store.close()
+    RocksDBStore.wipe(path)
+    return open_store(path, settings)[0]
+
+
+def write_records(store: Store, msgs: list[Message]) -> int:
+    """Apply changelog (or compacted topic) records to store; a null value deletes."""
+    store.write([(m.key() or b"", m.value()) for m in msgs])
+    return len(msgs)
 
 
 @dataclass
@@ -103,8 +117,7 @@ class PartitionStores:
         path = self._dir / self.job / step / str(self.partition)
         start: int | None = None
         if self._backend == "memory":  # nothing survives the process: always replay
-            wipe_memory_store(str(path))
-            store: Store = memory_store(str(path))
+            store: Store = MemoryStore()
         else:
             store, usable = open_store(path, self._settings)
             start = read_checkpoint(path, changelog, self.partition) if usable else None
@@ -115,9 +128,7 @@ class PartitionStores:
                     # that the changelog has since deleted. Start clean.
                     log.warning("store %s has no valid checkpoint; rebuilding it from %s",
                                 path, changelog)
-                    store.close()
-                    RocksDBStore.wipe(path)
-                    store, _ = open_store(path, self._settings)
+                    store = reopen_empty(store, path, self._settings)
         cache = StateCache(store, dumps, loads, max_entries=self._cache_entries)
         self.slots.append(StoreSlot(step, changelog, path, store, cache, start or 0))
         return cache
@@ -131,8 +142,7 @@ class PartitionStores:
             reader = new_reader()
             try:
                 def apply(msgs: list[Message], slot: StoreSlot = slot) -> None:
-                    slot.store.write([(m.key() or b"", m.value()) for m in msgs])
-                    slot.restored += len(msgs)
+                    slot.restored += write_records(slot.store, msgs)
                 tp = (slot.changelog, self.partition)
                 ends = read_to_end(reader, {tp: slot.restore_from}, apply, stop=stop)
             finally:

@@ -16,12 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from connectors.base import Message, PartitionReader, TopicPartition, read_to_end
+from connectors.base import (
+    Message,
+    PartitionReader,
+    TopicPartition,
+    advance_positions,
+    read_to_end,
+)
 from statestore.base import Store
 from statestore.checkpoint import read_checkpoint, write_checkpoint
 from statestore.memory import MemoryStore
-from statestore.rocksdb import RocksDBSettings, RocksDBStore
-from streamcore.engine.state import open_store
+from statestore.rocksdb import RocksDBSettings
+from streamcore.engine.state import open_store, reopen_empty, write_records
 from streamcore.graph import Node
 
 __all__ = ["GlobalTable"]
@@ -65,9 +71,7 @@ class GlobalTable:
             if usable and all(v is not None for v in saved.values()):
                 starts = {tp: v for tp, v in saved.items() if v is not None}
             else:  # some partition has no valid checkpoint: replay everything onto nothing
-                store.close()
-                RocksDBStore.wipe(self._path)
-                store, _ = open_store(self._path, self._settings)
+                store = reopen_empty(store, self._path, self._settings)
             self.store = store
         t0 = time.perf_counter()
         reader = self._new_reader()
@@ -81,8 +85,7 @@ class GlobalTable:
                  self.restored, self.restore_seconds)
 
     def _apply(self, msgs: list[Message]) -> None:
-        self.store.write([(m.key() or b"", m.value()) for m in msgs])
-        self.restored += len(msgs)
+        self.restored += write_records(self.store, msgs)
 
     def _checkpoint(self) -> None:
         if self._backend != "rocksdb":
@@ -111,12 +114,11 @@ class GlobalTable:
                 msgs = reader.read(5000, 0.2)
                 if msgs:
                     self._apply(msgs)
-                    for m in msgs:
-                        self.positions[(m.topic(), m.partition())] = m.offset() + 1  # type: ignore[index,operator]
+                    advance_positions(self.positions, msgs)
                 if time.monotonic() - last_checkpoint > 1.0:
                     self._checkpoint()
                     last_checkpoint = time.monotonic()
-        except BaseException as exc:  # reported by the worker's health check and on stop
+        except BaseException as exc:  # the table stays at its last position (see failure)
             self.failure = exc
             log.error("table %r stopped following %s: %s", self.name, self.topic, exc)
         finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 from statestore.base import Store, StoreClosed, StoreCorrupt
 from statestore.cache import StateCache
 from statestore.checkpoint import read_checkpoint, write_checkpoint
-from statestore.memory import memory_store
+from statestore.memory import MemoryStore
 from statestore.rocksdb import RocksDBStore
 
 Opener = Callable[[], Store]
@@ -23,8 +22,8 @@ Opener = Callable[[], Store]
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
     path = tmp_path / "store"
     if request.param == "memory":
-        name = str(path) + uuid.uuid4().hex
-        return lambda: memory_store(name)
+        data: dict[bytes, bytes] = {}  # outlives each store: reopening sees the contents
+        return lambda: MemoryStore(data)
     return lambda: RocksDBStore(path)
 
 
@@ -92,7 +91,7 @@ def test_backends_agree_with_a_dict(tmp_path_factory: pytest.TempPathFactory,
                                    ops: list[tuple[bytes, bytes | None]]) -> None:
     path = tmp_path_factory.mktemp("p")
     model: dict[bytes, bytes] = {}
-    stores = [memory_store(str(path) + "m"), RocksDBStore(path / "r")]
+    stores = [MemoryStore(), RocksDBStore(path / "r")]
     for s in stores:
         s.write(ops)
     for k, v in ops:
