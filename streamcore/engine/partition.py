@@ -112,7 +112,6 @@ class PartitionTask:
         self._latency = latency
         self._e2e = e2e
         self._errors = errors  # (kind, policy) -> count, shared by the worker's tasks
-        self._job_name: str = job.name
         self._default_policy: str = job.on_error
         self._dlq = job.dlq_topic
         self.dlq_records = 0
@@ -335,7 +334,7 @@ class PartitionTask:
                    ("streamcore.source.topic", self.tp[0].encode()),
                    ("streamcore.source.partition", str(self.tp[1]).encode()),
                    ("streamcore.source.offset", str(m.offset()).encode()),
-                   ("streamcore.job", self._job_name.encode())]
+                   ("streamcore.job", self._job.name.encode())]
         producer = self.ctx.producer
         batch.pending += 1
         while True:

@@ -519,7 +519,8 @@ class Worker:
             restored[(table.name,)] = restored.get((table.name,), 0) + table.restored
             restore_s[(table.name,)] = table.restore_seconds
         for t in tasks:
-            for slot in list(t.stores.slots) if t.stores is not None else ():
+            stores = t.stores  # read once: the loop thread may close it meanwhile
+            for slot in list(stores.slots) if stores is not None else ():
                 k = (slot.step,)
                 restored[k] = restored.get(k, 0) + slot.restored
                 restore_s[k] = max(restore_s.get(k, 0.0), slot.restore_seconds)
