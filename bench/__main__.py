@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,19 @@ def _reader(bootstrap: str, topic: str, fetch_wait_ms: int) -> Consumer:
     return c
 
 
+def _produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) -> None:
+    """Produce (key, value) records with the W1 producer settings and wait for them all."""
+    p = Producer({"bootstrap.servers": bootstrap, **PRODUCER_W1})
+    for key, value in records:
+        while True:
+            try:
+                p.produce(topic, value, key)
+                break
+            except BufferError:
+                p.poll(0.05)
+    p.flush(60)
+
+
 def run_w1(system: str, records: int, mode: str = "w1") -> Result:
     """Throughput: W1 (stateless) or, with mode "w2", the keyed running aggregate (then the
     stores are also rebuilt from their changelogs by a second worker: restore rate)."""
@@ -118,15 +132,8 @@ def run_w1(system: str, records: int, mode: str = "w1") -> Result:
     with _Broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
         src, out = "w1-in", "w1-out"
         create_topics(bootstrap, {src: PARTITIONS, out: PARTITIONS})
-        p = Producer({"bootstrap.servers": bootstrap, **PRODUCER_W1})
-        for i in range(records):
-            while True:
-                try:
-                    p.produce(src, record(i), f"u{i % 5000}".encode())
-                    break
-                except BufferError:
-                    p.poll(0.05)
-        p.flush(60)
+        _produce_all(bootstrap, src, ((f"u{i % 5000}".encode(), record(i))
+                                      for i in range(records)))
         expected = records - (records + 9) // 10 if mode == "w1" else records
         reader = _reader(bootstrap, out, 100)
         log = Path(tmp) / "proc.log"
@@ -188,16 +195,9 @@ def run_restore(records: int) -> dict[str, float]:
     with _Broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
         topic = "bench-totals-changelog"
         create_topics(bootstrap, {topic: 1}, config={"cleanup.policy": "compact"})
-        p = Producer({"bootstrap.servers": bootstrap, **PRODUCER_W1})
-        for i in range(records):
-            while True:
-                try:
-                    p.produce(topic, orjson.dumps({"count": i, "sum": i * 12.5}),
-                              b'"u%d"' % (i % 100_000), partition=0)
-                    break
-                except BufferError:
-                    p.poll(0.05)
-        p.flush(60)
+        _produce_all(bootstrap, topic, ((b'"u%d"' % (i % 100_000),
+                                         orjson.dumps({"count": i, "sum": i * 12.5}))
+                                        for i in range(records)))
         stores = PartitionStores("bench", 0, state_dir=Path(tmp), backend="rocksdb",
                                  settings=RocksDBSettings(), cache_entries=1000)
         stores.open("totals", topic, orjson.dumps, orjson.loads)
