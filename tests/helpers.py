@@ -92,6 +92,26 @@ def read_topic(bootstrap: str, topic: str, *, expect: int, partitions: int = 4,
     return out
 
 
+def latest_per_key(msgs: list[Any]) -> dict[str, Any]:
+    """The last value per key (JSON, None for a tombstone) in the order a topic holds them:
+    for a table's stream of updates, its final contents."""
+    out: dict[str, Any] = {}
+    for m in msgs:
+        v = m.value()
+        out[m.key().decode()] = None if v is None else orjson.loads(v)
+    return out
+
+
+def totals(pairs: Iterable[tuple[str, int]]) -> dict[str, dict[str, int]]:
+    """Per key, the count and sum of the numbers: what the count-and-sum test jobs keep."""
+    exp: dict[str, dict[str, int]] = {}
+    for key, x in pairs:
+        e = exp.setdefault(key, {"n": 0, "sum": 0})
+        e["n"] += 1
+        e["sum"] += x
+    return exp
+
+
 def committed(bootstrap: str, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:

@@ -21,21 +21,12 @@ from statestore.rocksdb import RocksDBSettings
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 from streamcore.engine.state import PartitionStores
 from streamcore.serde import INTERNAL_KEY
-from tests.helpers import make_topics, produce, read_topic, unique
+from tests.helpers import latest_per_key, make_topics, produce, read_topic, totals, unique
 
 
 def _cfg(bootstrap: str, state_dir: Path, **kw: Any) -> WorkerConfig:
     return WorkerConfig(http_port=0, bootstrap_servers=bootstrap, state_dir=str(state_dir),
                         progress_interval="1s", **kw)
-
-
-def _latest(msgs: list[Any]) -> dict[str, Any]:
-    """The last value per key, in the order the output topic holds them (per-key order)."""
-    out: dict[str, Any] = {}
-    for m in msgs:
-        v = m.value()
-        out[m.key().decode()] = None if v is None else orjson.loads(v)
-    return out
 
 
 def _run(job: Job, cfg: WorkerConfig, out: str, expect: int, **kw: Any) -> list[Any]:
@@ -70,9 +61,9 @@ def test_aggregates_with_rekeying_on_four_partitions(bootstrap: str, tmp_path: P
 
     q = job.start(_cfg(bootstrap, tmp_path))
     try:
-        got_counts = _latest(read_topic(bootstrap, counts, expect=n))
-        got_sums = _latest(read_topic(bootstrap, sums, expect=n))
-        got_kinds = _latest(read_topic(bootstrap, by_value, expect=n))
+        got_counts = latest_per_key(read_topic(bootstrap, counts, expect=n))
+        got_sums = latest_per_key(read_topic(bootstrap, sums, expect=n))
+        got_kinds = latest_per_key(read_topic(bootstrap, by_value, expect=n))
     finally:
         q.stop(30)
     assert q.exception() is None, q.exception()
@@ -161,15 +152,6 @@ def _batch(start: int, n: int) -> list[dict[str, Any]]:
     return [{"k": f"k{i % 11}", "x": i} for i in range(start, start + n)]
 
 
-def _expected(records: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    exp: dict[str, dict[str, int]] = {}
-    for r in records:
-        e = exp.setdefault(r["k"], {"n": 0, "sum": 0})
-        e["n"] += 1
-        e["sum"] += r["x"]
-    return exp
-
-
 def test_restart_keeps_state_and_a_lost_disk_is_rebuilt(bootstrap: str, tmp_path: Path) -> None:
     src, out, name = unique("rs-in"), unique("rs-out"), unique("rs")
     make_topics(bootstrap, src, out)
@@ -192,7 +174,7 @@ def test_restart_keeps_state_and_a_lost_disk_is_rebuilt(bootstrap: str, tmp_path
             q.stop(30)
         assert q.exception() is None, q.exception()
         assert len(msgs) == len(sent), "a graceful stop and restart must not duplicate"
-        assert _latest(msgs) == _expected(sent), f"round {round_}"
+        assert latest_per_key(msgs) == totals((r["k"], r["x"]) for r in sent), f"round {round_}"
         replayed = restored.get(("totals",), 0)
         if round_ == 1:
             assert replayed == 0, "an intact store restores from its checkpoint: nothing"

@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from tests.helpers import (
     PacedProducer,
+    latest_per_key,
     make_topics,
     read_topic,
     stop_gracefully,
+    totals,
     unique,
     worker_process,
 )
@@ -27,19 +28,11 @@ pytestmark = pytest.mark.slow
 
 
 def _final(bootstrap: str, out: str, expect: int) -> dict[str, dict[str, int]]:
-    final: dict[str, dict[str, int]] = {}
-    for m in read_topic(bootstrap, out, expect=expect, timeout=90, settle=2.0):
-        final[m.key().decode()] = orjson.loads(m.value())
-    return final
+    return latest_per_key(read_topic(bootstrap, out, expect=expect, timeout=90, settle=2.0))
 
 
 def _expected(total: int) -> dict[str, dict[str, int]]:
-    exp: dict[str, dict[str, int]] = {}
-    for seq in range(total):
-        e = exp.setdefault(f"k{seq % 20}", {"n": 0, "sum": 0})
-        e["n"] += 1
-        e["sum"] += seq
-    return exp
+    return totals((f"k{seq % 20}", seq) for seq in range(total))
 
 
 def _kill_and_restart(bootstrap: str, state: Path, *, broken: bool) -> tuple[
