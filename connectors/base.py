@@ -132,6 +132,22 @@ class ProducerBackend(ABC):
         be sent (too large, unknown topic): :meth:`delivery_error` turns it into the error
         to raise."""
 
+    def produce_waiting(self, topic: str, value: bytes | None, key: bytes | None,
+                        partition: int, on_delivery: DeliveryCallback, timestamp: int,
+                        headers: list[tuple[str, bytes]] | None) -> None:
+        """:meth:`produce`, serving delivery reports while the local queue is full (the wait
+        is the backpressure); a record that can never be sent raises
+        :meth:`delivery_error`. The sink inlines this loop: it is the hot path."""
+        while True:
+            try:
+                self.produce(topic, value, key, partition, on_delivery, None, timestamp,
+                             headers)
+                return
+            except BufferError:
+                self.poll(0.05)
+            except Exception as exc:
+                raise self.delivery_error(topic, exc) from exc
+
     @abstractmethod
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
         """The :class:`~streamcore.errors.DeliveryFailed` for an exception from produce."""

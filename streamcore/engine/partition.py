@@ -335,15 +335,7 @@ class PartitionTask:
                    ("streamcore.source.partition", str(self.tp[1]).encode()),
                    ("streamcore.source.offset", str(m.offset()).encode()),
                    ("streamcore.job", self._job.name.encode())]
-        producer = self.ctx.producer
         batch.pending += 1
-        while True:
-            try:
-                producer.produce(self._dlq, m.value(), m.key(), -1, batch.ack, None,
-                                 m.timestamp()[1], headers)
-                break
-            except BufferError:
-                producer.poll(0.05)
-            except Exception as exc:
-                raise producer.delivery_error(self._dlq, exc) from exc
+        self.ctx.producer.produce_waiting(self._dlq, m.value(), m.key(), -1, batch.ack,
+                                          m.timestamp()[1], headers)
         self.dlq_records += 1

@@ -168,14 +168,7 @@ class PartitionStores:
 
             def send(key: bytes, value: bytes | None, topic: str = topic) -> None:
                 f.pending += 1
-                while True:
-                    try:
-                        producer.produce(topic, value, key, part, f.ack, None, 0, None)
-                        return
-                    except BufferError:
-                        producer.poll(0.05)
-                    except Exception as exc:
-                        raise producer.delivery_error(topic, exc) from exc
+                producer.produce_waiting(topic, value, key, part, f.ack, 0, None)
             slot.cache.flush(send)
         self.inflight = f
         self.settle()
