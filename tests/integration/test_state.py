@@ -7,6 +7,7 @@ test_state_processes.py.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections import Counter
@@ -212,8 +213,11 @@ def test_restore_reaches_the_true_end_of_a_batched_changelog(bootstrap: str,
 
 
 def test_large_state_stays_on_disk(bootstrap: str, tmp_path: Path) -> None:
-    """1M distinct keys with ~250-byte aggregates: held in memory they would take over
-    500 MB; the bounded cache and RocksDB keep the worker's growth far below that."""
+    """1M distinct keys with ~250-byte aggregates: held in memory the last 750k alone take
+    ~400 MB (measured with an unbounded cache); with the bounded cache and RocksDB the
+    worker's memory levels off once its fixed buffers (client prefetch, producer queue,
+    memtables, block cache: ~230 MB here) are full. Measuring growth after that point keeps
+    the check clear of how large those buffers happen to be on the machine."""
     import psutil
 
     src = unique("big-in")
@@ -228,7 +232,8 @@ def test_large_state_stays_on_disk(bootstrap: str, tmp_path: Path) -> None:
 
     job = Job(unique("big"))
     (job.stream(KafkaSource(src))
-        .aggregate(lambda: {"n": 0, "pad": "x" * 200}, lambda a, v: {**a, "n": a["n"] + 1},
+        .aggregate(lambda: {"n": 0, "pad": os.urandom(100).hex()},  # a distinct object per key
+                   lambda a, v: {**a, "n": a["n"] + 1},
                    name="wide")
         .to_stream().foreach(tally))
     proc = psutil.Process()
@@ -237,10 +242,15 @@ def test_large_state_stays_on_disk(bootstrap: str, tmp_path: Path) -> None:
                        rocksdb=RocksDBSettings(write_buffer_mb=4, block_cache_mb=16)))
     try:
         deadline = time.monotonic() + 240
+        # The fixed buffers fill within the first ~100k records; measure growth after that.
+        settled: int | None = None
         peak = before
         while seen[0] < n and time.monotonic() < deadline and q.is_active:
-            time.sleep(0.5)
-            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.25)
+            rss = proc.memory_info().rss
+            if settled is None and seen[0] >= n // 4:
+                settled = rss
+            peak = max(peak, rss)
         assert seen[0] == n, f"processed {seen[0]} of {n}"
         worker = q.worker
         assert worker is not None
@@ -248,6 +258,9 @@ def test_large_state_stays_on_disk(bootstrap: str, tmp_path: Path) -> None:
     finally:
         q.stop(60)
     assert q.exception() is None, q.exception()
-    growth_mb = (peak - before) / 2**20
-    assert growth_mb < 250, f"resident memory grew {growth_mb:.0f} MB for 1M keys"
+    assert settled is not None
+    print(f"RSS growth: {(settled - before) / 2**20:.0f} MB at {n // 4} keys, "
+          f"peak {(peak - before) / 2**20:.0f} MB")
+    late_mb = (peak - settled) / 2**20
+    assert late_mb < 150, f"resident memory grew {late_mb:.0f} MB over the last 750k keys"
     assert keys > 0.8 * n  # RocksDB's estimate of the keys on disk
