@@ -5,14 +5,19 @@ The engine never imports a client library; it drives these. A backend for anothe
 objects when they already have the :class:`Message` shape (confluent-kafka's do), because a
 wrapper per record would cost more than the rest of a stateless pipeline.
 
-Threading contract (it is what makes rebalances safe):
+Threading contract (it is what makes rebalances safe and reading fast):
 
-* Every :class:`ConsumerBackend` method except :meth:`~ConsumerBackend.high_watermark` is called
-  from one dedicated thread, never from the event loop: ``consume`` and ``close`` block and run
-  the rebalance callbacks, and librdkafka blocks even an asynchronous commit or a pause while
-  a rebalance callback is in progress. A callback hands its work to the event loop and waits
-  for it, so a call from the loop during a callback would deadlock.
-* The callbacks run on that thread and may call :meth:`ConsumerBackend.commit` synchronously.
+* A :class:`ConsumerBackend` has two sides. The *group* side (``subscribe``, ``serve``,
+  ``commit``, ``close``) runs on one dedicated membership thread, never on the event loop:
+  ``serve`` and ``close`` run the rebalance callbacks, which hand their work to the event
+  loop and wait for it, so a group call from the loop during a callback would deadlock.
+* The *data* side (``consume``, ``pause``, ``resume``, ``high_watermark``) never runs a
+  callback. ``consume`` is called by one caller at a time: from a fetch thread when it must
+  wait, and straight from the event loop with ``timeout=0`` while a backlog lasts (handing
+  every batch over from another thread costs a third of the throughput: the two threads
+  contend for the GIL).
+* The callbacks run on the membership thread and may call :meth:`ConsumerBackend.commit`
+  synchronously.
 * :class:`ProducerBackend` is used from the event loop thread only. Delivery callbacks run
   inside :meth:`ProducerBackend.poll`, so they run on the loop thread and need no locks.
 """
@@ -57,7 +62,11 @@ DeliveryCallback = Callable[[Any, Any], None]
 
 
 class ConsumerBackend(ABC):
-    """A group member: subscribe, fetch batches, commit explicit offsets."""
+    """A group member: subscribe, fetch batches, commit explicit offsets.
+
+    Records of a partition are fetched only after on_assign returned for it and no more once
+    on_revoke or on_lost was called for it.
+    """
 
     @abstractmethod
     def subscribe(
@@ -76,8 +85,14 @@ class ConsumerBackend(ABC):
         """
 
     @abstractmethod
+    def serve(self, timeout: float) -> list[Any]:
+        """Keep the group membership alive and run due rebalance callbacks, waiting at most
+        timeout seconds. Returns consumer errors to report (none usually). Blocking."""
+
+    @abstractmethod
     def consume(self, max_records: int, timeout: float) -> list[Message]:
-        """Up to max_records messages, waiting at most timeout seconds. Blocking.
+        """Up to max_records messages, waiting at most timeout seconds (0: only what is
+        already fetched). Runs no callback.
 
         Messages of one partition come in offset order. Error messages (``error()`` not None)
         may be mixed in; the engine decides what they mean.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -112,12 +113,19 @@ def _tps(parts: Sequence[CTP]) -> list[TopicPartition]:
 
 
 class ConfluentConsumer(ConsumerBackend):
+    """Two librdkafka consumers of the same group id: a *member* that joins the group, runs
+    the rebalance callbacks and commits, with every partition it owns paused so that it
+    never fetches; and a *reader* that is assigned the same partitions (no group membership,
+    so none of its calls runs a callback) and fetches the records. That split lets the event
+    loop read straight from the reader while a backlog lasts (see connectors.base)."""
+
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self._settings = dict(settings)
         self._settings.setdefault("error_cb", self._on_error)
         self._settings.setdefault("on_commit", self._on_commit)
         try:
             self._c = Consumer(self._settings)
+            self._d = Consumer(self._settings)
         except KafkaException as exc:
             raise BrokerUnavailable(f"cannot create the consumer: {exc}") from exc
 
@@ -137,28 +145,59 @@ class ConfluentConsumer(ConsumerBackend):
 
     def subscribe(self, topics: Sequence[str], *, on_assign: PartitionsCallback,
                   on_revoke: PartitionsCallback, on_lost: PartitionsCallback) -> None:
-        self._c.subscribe(
-            list(topics),
-            on_assign=lambda _c, parts: on_assign(_tps(parts)),
-            on_revoke=lambda _c, parts: on_revoke(_tps(parts)),
-            on_lost=lambda _c, parts: on_lost(_tps(parts)),
-        )
+        def assigned(c: Consumer, parts: list[CTP]) -> None:
+            on_assign(_tps(parts))  # 1. the tasks exist before any of their records arrive
+            try:  # 2. the member takes them (as librdkafka requires) but never fetches them
+                c.incremental_assign(parts)
+                eager = False
+            except KafkaException:  # a user-configured eager assignor: whole assignments
+                c.assign(parts)
+                eager = True
+            if parts:
+                c.pause(parts)
+            # 3. the reader starts at the group's committed offsets (no offset given: the
+            # committed one, else auto.offset.reset), exactly where the member would have.
+            fresh = [CTP(p.topic, p.partition) for p in parts]
+            if eager:
+                self._d.assign(fresh)
+            elif fresh:
+                self._d.incremental_assign(fresh)
+
+        def taken(callback: PartitionsCallback) -> Callable[[Consumer, list[CTP]], None]:
+            def revoked(_c: Consumer, parts: list[CTP]) -> None:
+                # The reader stops first, so the draining tasks get no new records; what it
+                # had fetched and not handed over is read again by the next owner.
+                with contextlib.suppress(KafkaException):
+                    self._d.incremental_unassign([CTP(p.topic, p.partition) for p in parts])
+                callback(_tps(parts))
+            return revoked
+
+        self._c.subscribe(list(topics), on_assign=assigned, on_revoke=taken(on_revoke),
+                          on_lost=taken(on_lost))
+
+    def serve(self, timeout: float) -> list[Any]:
+        try:
+            m = self._c.poll(timeout)
+        except KafkaException as exc:
+            raise RebalanceError(f"consumer failed: {exc}") from exc
+        # Only errors come back: every partition of the member is paused.
+        return [m.error()] if m is not None and m.error() is not None else []
 
     def consume(self, max_records: int, timeout: float) -> list[Message]:
         try:
-            return _poll_then_drain(self._c, max_records, timeout)
+            return _poll_then_drain(self._d, max_records, timeout)
         except KafkaException as exc:
             raise RebalanceError(f"consume failed: {exc}") from exc
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         try:
-            self._c.pause([CTP(t, p) for t, p in partitions])
+            self._d.pause([CTP(t, p) for t, p in partitions])
         except KafkaException as exc:  # revoked meanwhile: nothing left to pause
             log.debug("pause %s: %s", partitions, exc)
 
     def resume(self, partitions: Sequence[TopicPartition]) -> None:
         try:
-            self._c.resume([CTP(t, p) for t, p in partitions])
+            self._d.resume([CTP(t, p) for t, p in partitions])
         except KafkaException as exc:
             log.debug("resume %s: %s", partitions, exc)
 
@@ -179,11 +218,14 @@ class ConfluentConsumer(ConsumerBackend):
                     f"commit failed for {tp.topic}[{tp.partition}]: {tp.error}")
 
     def close(self) -> None:
-        self._c.close()
+        try:
+            self._c.close()  # leaves the group: on_revoke runs for what is still assigned
+        finally:
+            self._d.close()
 
     def high_watermark(self, tp: TopicPartition) -> int | None:
         try:
-            _low, high = self._c.get_watermark_offsets(CTP(*tp), cached=True)
+            _low, high = self._d.get_watermark_offsets(CTP(*tp), cached=True)
         except KafkaException:
             return None
         return int(high) if high is not None and high >= 0 else None

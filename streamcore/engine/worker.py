@@ -1,9 +1,9 @@
 """The worker: one consumer, one producer, one task per assigned partition.
 
-Everything the worker starts belongs to one ``asyncio.TaskGroup``. The consumer's blocking
-calls (consume, close, and so the rebalance callbacks) run on one dedicated thread; a callback
-hands its work to the event loop and waits for it, so a revoked partition is drained and its
-offsets committed before the group moves it (DESIGN.md section 4, invariant 3).
+Everything the worker starts belongs to one ``asyncio.TaskGroup``. The consumer's group calls
+(serve, close, and so the rebalance callbacks) run on one dedicated membership thread; a
+callback hands its work to the event loop and waits for it, so a revoked partition is drained
+and its offsets committed before the group moves it (DESIGN.md section 4, invariant 3).
 
 Commit protocol (continuous mode, at-least-once), every ``commit_interval``:
   0. flush each stateful partition's dirty keys to RocksDB and its changelog topics;
@@ -12,12 +12,14 @@ Commit protocol (continuous mode, at-least-once), every ``commit_interval``:
      later than the last state flush whose changelog records are all acknowledged);
   3. commit done + 1 for the partitions that moved. A failed delivery stops the worker
      before this step for its partition.
-Every consumer call runs on the consumer thread: librdkafka blocks even an asynchronous
-commit or a pause while a rebalance callback runs, and the callback is waiting for the event
-loop. So the loop queues those calls (``_consumer_ops``) and the poll loop applies them on the
-consumer thread right before its next poll. Periodic commits are asynchronous; commits that
-must be complete before something else happens are synchronous: inside the revoke callback
-(the group waits for it, as librdkafka allows) and at shutdown, after polling has stopped.
+The consumer has a group side and a data side (connectors.base). Every group call runs on
+the membership thread: librdkafka blocks even an asynchronous commit while a rebalance
+callback runs, and the callback is waiting for the event loop. So the loop queues commits
+(``_pending_commit``) and the membership loop applies them between serves of the group.
+Records are read on the fetch thread when they must be waited for, and on the loop itself
+while a backlog lasts. Periodic commits are asynchronous; commits that must be complete
+before something else happens are synchronous: inside the revoke callback (the group waits
+for it, as librdkafka allows) and at shutdown, after polling has stopped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import logging
 import time
 import uuid
@@ -59,6 +60,9 @@ from streamcore.progress import LatencyHistogram
 __all__ = ["Worker"]
 
 log = logging.getLogger("streamcore.worker")
+# How long one serve of the group may block the membership thread: queued commits and
+# pauses wait at most this long.
+_SERVE_TIMEOUT_S = 0.02
 _burst_log = BurstLogger(log)
 
 
@@ -87,15 +91,16 @@ class Worker:
         self._tasks: dict[TopicPartition, PartitionTask] = {}
         self._running: dict[TopicPartition, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
+        # The group side of the consumer runs on the membership thread; fetches that must
+        # wait run on the fetch thread (see connectors.base for why the two are apart).
         self._consumer_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-consumer")
+        self._fetch_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-fetch")
         self._state_dir = Path(config.state_dir)
         self._tables: dict[int, GlobalTable] = {}  # TABLE node id -> its global table
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._inflight_poll: asyncio.Future[list[Message]] | None = None
-        # Consumer calls queued by the loop, applied on the consumer thread before each poll:
-        # pauses and resumes in order, and the latest periodic commit per partition.
-        self._consumer_ops: list[Callable[[], None]] = []
+        # The latest periodic commit per partition, applied on the membership thread.
         self._pending_commit: dict[TopicPartition, int] = {}
         self.latency = LatencyHistogram()  # in-worker: handed over -> output handed on
         self.e2e_latency = LatencyHistogram()  # record timestamp -> output handed on
@@ -155,6 +160,7 @@ class Worker:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 poll = tg.create_task(self._poll_loop(), name="poll")
+                tg.create_task(self._membership_loop(), name="membership")
                 tg.create_task(self._commit_loop(), name="commit")
                 tg.create_task(self._progress_loop(), name="progress")
                 tg.create_task(self._heartbeat_loop(), name="heartbeat")
@@ -181,16 +187,21 @@ class Worker:
         tasks = self._tasks
         perf = time.perf_counter
 
-        def fetch() -> None:
-            ops, self._consumer_ops = self._consumer_ops, []
-            if self._pending_commit:
-                ops.append(functools.partial(self._consumer.commit, self._pending_commit,
-                                             asynchronous=True))
-                self._pending_commit = {}
-            self._inflight_poll = loop.run_in_executor(
-                self._consumer_thread, self._apply_then_consume, ops, consume, n, timeout)
+        def fetch(here: bool) -> None:
+            if not here:
+                self._inflight_poll = loop.run_in_executor(self._fetch_thread, consume, n,
+                                                           timeout)
+                return
+            # Read what librdkafka has already fetched, here on the loop thread: no thread
+            # handoff, no GIL contention (connectors.base; the reader runs no callbacks).
+            done: asyncio.Future[list[Message]] = loop.create_future()
+            try:
+                done.set_result(consume(n, 0))
+            except Exception as exc:
+                done.set_exception(exc)
+            self._inflight_poll = done
 
-        fetch()
+        fetch(False)
         while True:
             assert self._inflight_poll is not None
             msgs = await self._inflight_poll
@@ -200,13 +211,31 @@ class Worker:
                 self._dispatch(msgs, tasks, perf())
             if self._stopping.is_set():
                 return  # what was just dispatched is drained by the caller
-            # The next fetch runs on the consumer thread while this one is processed; the
-            # partition tasks just woken go first (in-worker latency), then delivery reports
-            # are served once per fetch so that they never pile up.
-            fetch()
+            if len(msgs) >= n:
+                # A backlog: let the partition tasks take this batch (then serve delivery
+                # reports), and read the next one here; nothing has to wait for it.
+                await asyncio.sleep(0)
+                self._producer.poll(0)
+                fetch(True)
+                continue
+            # Caught up: the next fetch waits on the fetch thread while this one is
+            # processed; the partition tasks just woken go first (in-worker latency), then
+            # delivery reports are served once per fetch so that they never pile up.
+            fetch(False)
             if msgs:
                 await asyncio.sleep(0)
                 self._producer.poll(0)
+
+    async def _membership_loop(self) -> None:
+        """Serve the group on the membership thread: rebalance callbacks, and the latest
+        periodic commit the loop queued."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            commit, self._pending_commit = self._pending_commit, {}
+            errors = await loop.run_in_executor(self._consumer_thread, self._commit_then_serve,
+                                                commit, _SERVE_TIMEOUT_S)
+            for err in errors:
+                self._consumer_error(err)
 
     def _dispatch(self, msgs: list[Message], tasks: dict[TopicPartition, PartitionTask],
                   handed_at: float) -> None:
@@ -223,16 +252,15 @@ class Worker:
                 task.offer(handed_at, list(run))
         self.records_in += len(msgs)
 
-    @staticmethod
-    def _apply_then_consume(ops: list[Callable[[], None]], consume: Callable[[int, float],
-                            list[Message]], n: int, timeout: float) -> list[Message]:
-        """On the consumer thread: queued commits and pauses first, then the poll."""
-        for op in ops:
+    def _commit_then_serve(self, commit: dict[TopicPartition, int],
+                           timeout: float) -> list[Any]:
+        """On the membership thread: the queued commit first, then serve the group."""
+        if commit:
             try:
-                op()
+                self._consumer.commit(commit, asynchronous=True)
             except StreamcoreError as exc:  # a failed async commit is retried by the next one
-                log.warning("consumer call failed: %s", exc)
-        return consume(n, timeout)
+                log.warning("commit failed: %s", exc)
+        return self._consumer.serve(timeout)
 
     def _consumer_error(self, err: Any) -> None:
         fatal = getattr(err, "fatal", lambda: False)()
@@ -428,12 +456,13 @@ class Worker:
             table.start()
 
     # -- backpressure --------------------------------------------------------------------
+    # Pauses and resumes are on the consumer's data side: called here, at once.
     def _pause(self, tp: TopicPartition) -> None:
-        self._consumer_ops.append(lambda: self._consumer.pause([tp]))
+        self._consumer.pause([tp])
 
     def _resume(self, tp: TopicPartition) -> None:
         if tp in self._tasks:
-            self._consumer_ops.append(lambda: self._consumer.resume([tp]))
+            self._consumer.resume([tp])
 
     # -- operations: DLQ, HTTP endpoints, metrics ---------------------------------------
     def _create_dlq(self) -> None:
@@ -624,7 +653,7 @@ class Worker:
         record), then leave the group so its partitions move on at once."""
         assert self._loop is not None
         try:
-            if self._inflight_poll is not None:  # the consumer thread is single-use
+            if self._inflight_poll is not None:  # let a fetch in flight end before closing
                 with contextlib.suppress(BaseException):
                     await self._inflight_poll
             if failure is not None and self._tasks:
@@ -643,6 +672,7 @@ class Worker:
             if self._http is not None:
                 self._http.stop()
             self._consumer_thread.shutdown(wait=False)
+            self._fetch_thread.shutdown(wait=False)
             log.info("worker stopped: job=%s%s", self.job.name,
                      f" ({type(failure).__name__}: {failure})" if failure else "")
 

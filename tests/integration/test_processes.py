@@ -102,11 +102,15 @@ def test_sigterm_mid_stream_then_restart_no_loss_no_duplicates(bootstrap: str) -
     assert not dups, f"{len(dups)} duplicates after a graceful stop, e.g. {dups[:10]}"
 
 
-def test_second_worker_joins_and_leaves_mid_stream(bootstrap: str) -> None:
+@pytest.mark.parametrize("backlog", [False, True], ids=["caught-up", "backlog"])
+def test_second_worker_joins_and_leaves_mid_stream(bootstrap: str, backlog: bool) -> None:
+    """With backlog, records arrive faster than the workers process them, so that the
+    rebalances happen while each worker reads full batches on its event loop."""
     src, out, name = unique("reb-in"), unique("reb-out"), unique("reb")
     make_topics(bootstrap, src, out)
-    env = {"IN": src, "OUT": out, "JOB": name, "LINGER_MS": "5"}
-    with PacedProducer(bootstrap, src, rate=1000) as producer, \
+    env = {"IN": src, "OUT": out, "JOB": name, "LINGER_MS": "5",
+           "SLOW_US": "100" if backlog else "0"}
+    with PacedProducer(bootstrap, src, rate=12000 if backlog else 1000) as producer, \
             worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "a"}) as a:
         a.wait_for("assigned")
         time.sleep(1)
@@ -114,11 +118,15 @@ def test_second_worker_joins_and_leaves_mid_stream(bootstrap: str) -> None:
             try:
                 b.wait_for("assigned", timeout=90)  # b takes over some partitions
                 a.wait_for("revoking")
+                done = committed(bootstrap, name, src).values()
+                lag = producer.sent - sum(max(0, o) for o in done)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n--- worker a ({a.log_path}):\n{a.tail()}\n"
                                      f"--- worker b: {b.log_path}") from None
             time.sleep(2)
             stop_gracefully(b)  # b leaves: a gets them back
+        if backlog:
+            assert lag > 5000, f"no backlog at the handover (lag {lag}): nothing tested"
         time.sleep(1)
         deadline = time.monotonic() + 60
         while a.log().count("assigned") < 2 and time.monotonic() < deadline:

@@ -4,9 +4,11 @@ IN, OUT, JOB: topics and job name. WORKER_ID: stamped on each output, to see who
 what. LINGER_MS: producer linger (a long linger widens the window between "handed to the
 producer" and "acknowledged"). BREAK_COMMIT_ORDER=1: deliberately commit offsets before the
 outputs are acknowledged, to prove that the crash test catches a broken commit order.
+SLOW_US: busy time per record, so that a backlog builds up and lasts.
 """
 
 import os
+import time
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 
@@ -23,10 +25,20 @@ if os.environ.get("BREAK_COMMIT_ORDER") == "1":
 
 worker = os.environ.get("WORKER_ID", "w")
 linger = int(os.environ.get("LINGER_MS", "5"))
+slow_s = int(os.environ.get("SLOW_US", "0")) / 1e6
+
+
+def stamp(v: dict[str, object]) -> dict[str, object]:
+    if slow_s:
+        until = time.perf_counter() + slow_s
+        while time.perf_counter() < until:
+            pass
+    return {**v, "w": worker}
+
 
 job = Job(os.environ["JOB"], config=WorkerConfig(
     producer={"linger.ms": linger}, consumer={"fetch.wait.max.ms": 20}))
 (job.stream(KafkaSource(os.environ["IN"], value=JSON))
-    .map(lambda v: {**v, "w": worker})
+    .map(stamp)
     .key_by(lambda v: str(v["p"]))
     .to(KafkaSink(os.environ["OUT"], key=STR, value=JSON)))
