@@ -9,7 +9,7 @@ state stores later) private to the partition task that owns them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from streamcore.engine.context import AsyncLane, Emit, PartitionContext, SinkCounter, StepFailed
 from streamcore.engine.tracking import Batch
@@ -239,15 +239,16 @@ def _make_sink(node: Node, ctx: PartitionContext) -> Emit:
     step = sink.describe()
 
     def to(key: Any, value: Any, ts: int) -> None:
-        batch = cast(Batch, ctx.batch)  # always set while records flow (no assert: hot path)
+        batch: Batch = ctx.batch  # type: ignore[assignment]  # set while records flow
         try:
             v = None if value is None else vser(value)
             k = key if key is None or (raw_keys and type(key) is bytes) else kser(key)
         except Exception as exc:
             raise StepFailed(step, None, exc) from exc
         counter.n += 1
-        msg = ctx.msg
-        h = msg.headers() if with_headers and msg is not None else None
+        h = None
+        if with_headers and ctx.msg is not None:
+            h = ctx.msg.headers()
         batch.pending += 1
         while True:
             try:

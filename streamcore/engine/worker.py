@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import operator
 import time
 import uuid
 from collections.abc import Callable
@@ -124,6 +125,7 @@ class Worker:
         self.commits = 0
         self.rebalances = 0
         self.last_poll = time.monotonic()
+        self._one_topic: str | None = None  # the only topic subscribed (not a pattern)
 
     # -- public --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -152,6 +154,7 @@ class Worker:
         table_sizes = await self._loop.run_in_executor(None, self._create_internal_topics)
         await self._open_tables(table_sizes)
         topics = self.job.subscription
+        self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         self._consumer.subscribe(topics, on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("worker started: job=%s group=%s topics=%s", self.job.name, self.group, topics)
@@ -245,11 +248,18 @@ class Worker:
                     self._consumer_error(m.error())
             msgs = [m for m in msgs if m.error() is None]
         # A fetch holds runs of consecutive messages of one partition; groupby splits them
-        # in C, which matters because this runs once per input record.
-        for (topic, part), run in groupby(msgs, _topic_partition):
-            task = tasks.get((topic, part))  # type: ignore[arg-type]
-            if task is not None:
-                task.offer(handed_at, list(run))
+        # in C, which matters because this runs once per input record. With one topic the
+        # key is the partition alone: a C method call, no Python frame per record.
+        if self._one_topic is not None:
+            for part, run in groupby(msgs, _PARTITION):
+                task = tasks.get((self._one_topic, part))
+                if task is not None:
+                    task.offer(handed_at, list(run))
+        else:
+            for (topic, part), run in groupby(msgs, _topic_partition):
+                task = tasks.get((topic, part))  # type: ignore[arg-type]
+                if task is not None:
+                    task.offer(handed_at, list(run))
         self.records_in += len(msgs)
 
     def _commit_then_serve(self, commit: dict[TopicPartition, int],
@@ -697,6 +707,9 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(e, StreamcoreError):
             return e
     return flat[0] if flat else eg
+
+
+_PARTITION = operator.methodcaller("partition")
 
 
 def _topic_partition(m: Message) -> tuple[str | None, int | None]:
