@@ -278,7 +278,7 @@ class Worker:
             raise FatalError(f"consumer failed: {err}")
         _burst_log.warning(f"consumer:{getattr(err, 'code', lambda: err)()}", "consumer: %s", err)
 
-    # -- rebalance callbacks (consumer thread) -------------------------------------------
+    # -- rebalance callbacks (membership thread) -----------------------------------------
     def _call_on_loop(self, coro: Any) -> Any:
         assert self._loop is not None
         self._rebalancing_since = time.monotonic()
@@ -293,7 +293,7 @@ class Worker:
     def _on_revoke(self, parts: list[TopicPartition]) -> None:
         offsets = self._call_on_loop(self._revoke(parts, commit=True))
         if offsets:
-            # Synchronously, here on the consumer thread, before the group moves them on.
+            # Synchronously, here on the membership thread, before the group moves them on.
             try:
                 t0 = time.perf_counter()
                 self._consumer.commit(offsets, asynchronous=False)
@@ -396,7 +396,7 @@ class Worker:
         log.debug("committed %s", _fmt_offsets(offsets))
 
     async def _commit_sync(self, offsets: dict[TopicPartition, int]) -> None:
-        """Commit and wait for the result, on the consumer thread (polling must be stopped)."""
+        """Commit and wait for the result, on the membership thread (after polling stopped)."""
         if not offsets:
             return
         assert self._loop is not None
@@ -415,7 +415,7 @@ class Worker:
                 self._tasks[tp].flush_state()
             offsets = self._done_offsets(running)  # steps 1 and 2
             if offsets:
-                # step 3, on the consumer thread right before its next poll
+                # step 3, on the membership thread before its next serve of the group
                 self._pending_commit.update(offsets)
                 self._mark_committed(offsets)
 
