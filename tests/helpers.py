@@ -189,15 +189,17 @@ class WorkerProcess:
         keep = [ln for ln in self.log().splitlines() if '"progress"' not in ln]
         return "\n".join(keep[-lines:])
 
-    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+    def wait_for(self, text: str, timeout: float = 60.0, *, times: int = 1) -> None:
+        """Until text is in the worker's log `times` times (a second assignment, say)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log():
+            if self.log().count(text) >= times:
                 return
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
             time.sleep(0.1)
-        raise AssertionError(f"{text!r} not in worker log after {timeout}s:\n{self.tail()}")
+        raise AssertionError(f"{text!r} not {times}x in worker log after {timeout}s:\n"
+                             f"{self.tail()}")
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)

@@ -61,8 +61,8 @@ from streamcore.progress import LatencyHistogram
 __all__ = ["Worker"]
 
 log = logging.getLogger("streamcore.worker")
-# How long one serve of the group may block the membership thread: queued commits and
-# pauses wait at most this long.
+# How long one serve of the group may block the membership thread: a queued periodic
+# commit waits at most this long.
 _SERVE_TIMEOUT_S = 0.02
 _burst_log = BurstLogger(log)
 
@@ -250,16 +250,11 @@ class Worker:
         # A fetch holds runs of consecutive messages of one partition; groupby splits them
         # in C, which matters because this runs once per input record. With one topic the
         # key is the partition alone: a C method call, no Python frame per record.
-        if self._one_topic is not None:
-            for part, run in groupby(msgs, _PARTITION):
-                task = tasks.get((self._one_topic, part))
-                if task is not None:
-                    task.offer(handed_at, list(run))
-        else:
-            for (topic, part), run in groupby(msgs, _topic_partition):
-                task = tasks.get((topic, part))  # type: ignore[arg-type]
-                if task is not None:
-                    task.offer(handed_at, list(run))
+        topic = self._one_topic
+        for key, run in groupby(msgs, _topic_partition if topic is None else _PARTITION):
+            task = tasks.get(key if topic is None else (topic, key))
+            if task is not None:
+                task.offer(handed_at, list(run))
         self.records_in += len(msgs)
 
     def _commit_then_serve(self, commit: dict[TopicPartition, int],
