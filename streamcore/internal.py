@@ -1,8 +1,10 @@
 """The internal topics a job needs, and how many partitions each gets.
 
-* ``{job}-{name}-repartition``: as many partitions as asked (``repartition(n)``), else as
+Names start with the application id (the consumer group, by default the job name).
+
+* ``{app}-{name}-repartition``: as many partitions as asked (``repartition(n)``), else as
   many as the largest input topic feeding it.
-* ``{job}-{name}-changelog``: compacted, as many partitions as the topic whose partition
+* ``{app}-{name}-changelog``: compacted, as many partitions as the topic whose partition
   tasks own the store (an input topic or a repartition topic): store P logs to partition P.
 
 Topics are created with explicit configs (DESIGN.md section 9: the local broker reports only
@@ -57,7 +59,8 @@ def _hosts(node: Node) -> list[Node]:
     return found
 
 
-def internal_topics(job: Job, count: Callable[[str], int]) -> InternalTopics:
+def internal_topics(job: Job, count: Callable[[str], int],
+                    app_id: str | None = None) -> InternalTopics:
     plan = InternalTopics(by_config={COMPACT: {}, DELETE: {}})
     sizes: dict[int, int] = {}  # source / repartition node id -> partitions
 
@@ -76,13 +79,14 @@ def internal_topics(job: Job, count: Callable[[str], int]) -> InternalTopics:
         return sizes[host.id]
 
     for node in job.repartitions:  # in creation order: upstream ones first
-        plan.by_config[DELETE][node.params["topic"]] = size_of(
+        plan.by_config[DELETE][job.internal_topic(node.params["name"], "repartition",
+                                                  app_id)] = size_of(
             node, f"it sizes the repartition topic of step {node.name!r}")
     for node in job.stateful:
         hosts = _hosts(node)
         assert len(hosts) == 1, "a stateful step reads one partitioned topic"
         assert node.name is not None
-        plan.by_config[COMPACT][job.internal_topic(node.name, "changelog")] = size_of(
+        plan.by_config[COMPACT][job.internal_topic(node.name, "changelog", app_id)] = size_of(
             hosts[0], f"it sizes the changelog of step {node.name!r}")
     for node in job.tables:
         topic = node.params["topic"]

@@ -112,8 +112,11 @@ class Job:
         if name in self._names:
             raise JobDefinitionError(f"step name {name!r} is used twice in job {self.name!r}")
 
-    def internal_topic(self, name: str, suffix: str) -> str:
-        return f"{self.name}-{name}-{suffix}"
+    def internal_topic(self, name: str, suffix: str, app_id: str | None = None) -> str:
+        """``{app_id}-{name}-{suffix}``. The application id is the consumer group (default:
+        the job name), as in Kafka Streams: two groups running one job must never share a
+        repartition or changelog topic, or each would read the other's records."""
+        return f"{app_id or self.name}-{name}-{suffix}"
 
     # -- introspection used by the engine ------------------------------------------------
     @property
@@ -137,11 +140,11 @@ class Job:
     def stateful(self) -> list[Node]:
         return [n for n in self._nodes if n.kind == OpKind.AGGREGATE]
 
-    @property
-    def subscription(self) -> list[str]:
+    def subscription(self, app_id: str | None = None) -> list[str]:
         """Every topic the worker's consumer subscribes to: inputs and repartition topics."""
         topics = [t for n in self._sources for t in n.source.subscription]  # type: ignore[union-attr]
-        return topics + [n.params["topic"] for n in self.repartitions]
+        return topics + [self.internal_topic(n.params["name"], "repartition", app_id)
+                         for n in self.repartitions]
 
     def _add(self, node: Node) -> Node:
         self._nodes.append(node)
@@ -290,9 +293,11 @@ class Stream:
     def _repartition_node(self, name: str | None, partitions: int | None) -> Node:
         if name is None:
             raise JobDefinitionError("repartition needs a stable name=")
+        # The node's source and sink carry the serdes; the topic's name depends on the
+        # application id, known only when a worker runs (Job.internal_topic).
         topic = self._job.internal_topic(name, "repartition")
         return Node(OpKind.REPARTITION, (self._node,), params={
-            "name": name, "topic": topic, "partitions": partitions},
+            "name": name, "partitions": partitions},
             source=KafkaSource(topic, key=INTERNAL_KEY, value=INTERNAL_VALUE),
             sink=KafkaSink(topic, key=INTERNAL_KEY, value=INTERNAL_VALUE))
 

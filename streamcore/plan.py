@@ -31,13 +31,13 @@ def _children(job: Job) -> dict[int, list[Node]]:
     return kids
 
 
-def source_for_topic(job: Job, topic: str) -> Node:
+def source_for_topic(job: Job, topic: str, app_id: str | None = None) -> Node:
     """The node whose chain processes records of topic: a source (by name, else by
     pattern) or a repartition step reading its internal topic back."""
     import re
 
     for node in job.repartitions:
-        if node.params["topic"] == topic:
+        if job.internal_topic(node.params["name"], "repartition", app_id) == topic:
             return node
     for node in job.sources:
         assert node.source is not None
@@ -54,8 +54,10 @@ def _noop(key: Any, value: Any, ts: int) -> None:
     return None
 
 
-def compile_chain(job: Job, source: Node, ctx: PartitionContext) -> Emit:
-    """The entry closure for records of source, for the partition described by ctx."""
+def compile_chain(job: Job, source: Node, ctx: PartitionContext,
+                  app_id: str | None = None) -> Emit:
+    """The entry closure for records of source, for the partition described by ctx;
+    internal topics are those of app_id (default: the job name)."""
     kids = _children(job)
     built: dict[int, Emit] = {}
     lanes_by_node: dict[int, list[AsyncLane]] = {}  # lanes at or below each node
@@ -79,7 +81,8 @@ def compile_chain(job: Job, source: Node, ctx: PartitionContext) -> Emit:
 
     def entry(node: Node) -> Emit:
         if node.id not in built:
-            built[node.id] = _make(node, fanout, kids, ctx, lanes_by_node, node is source)
+            built[node.id] = _make(node, fanout, kids, ctx, lanes_by_node, node is source,
+                                   job, app_id)
         return built[node.id]
 
     return entry(source)
@@ -87,7 +90,7 @@ def compile_chain(job: Job, source: Node, ctx: PartitionContext) -> Emit:
 
 def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]],
           ctx: PartitionContext, lanes_by_node: dict[int, list[AsyncLane]],
-          is_root: bool) -> Emit:
+          is_root: bool, job: Job, app_id: str | None) -> Emit:
     k = node.kind
     fn: Any = node.fn
     if k == OpKind.BRANCH and "preds" in node.params:
@@ -107,7 +110,9 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
         # A repartition step ends this chain with a write to its internal topic; the chain
         # of the task reading that topic back starts at the same node (is_root).
         lanes_by_node[node.id] = []
-        return _make_sink(node, ctx)
+        topic = (job.internal_topic(node.params["name"], "repartition", app_id)
+                 if k == OpKind.REPARTITION else None)
+        return _make_sink(node, ctx, topic)
 
     down = fanout(node)
     if k in (OpKind.SOURCE, OpKind.UNION, OpKind.BRANCH, OpKind.REPARTITION):
@@ -224,10 +229,10 @@ def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,
     return aggregate
 
 
-def _make_sink(node: Node, ctx: PartitionContext) -> Emit:
+def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
     sink = node.sink
     assert sink is not None
-    topic = sink.topic
+    topic = topic or sink.topic
     vser = sink.value.serialize
     kser = sink.key.serialize
     raw_keys = sink.key is BYTES  # keys that are already bytes need no call

@@ -83,6 +83,7 @@ class PartitionTask:
         make_stores: Callable[[int], PartitionStores] | None = None,
         new_reader: Callable[[], PartitionReader] | None = None,
         tables: Mapping[int, GlobalTableView] | None = None,
+        app_id: str | None = None,
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
@@ -92,10 +93,11 @@ class PartitionTask:
         self._make_stores = make_stores
         self._new_reader = new_reader
         self._job = job
+        self._app_id = app_id  # names the internal topics (the consumer group)
         self.ctx = PartitionContext(tp[0], tp[1], producer, open_state=self._open_state,
                                     tables=tables)
         try:
-            self._chain = compile_chain(job, source, self.ctx)
+            self._chain = compile_chain(job, source, self.ctx, app_id)
         except BaseException:
             self.close_stores()
             raise
@@ -126,8 +128,8 @@ class PartitionTask:
             assert self._make_stores is not None, "stateful step without a state setup"
             self.stores = self._make_stores(self.tp[1])
         try:
-            return self.stores.open(step, self._job.internal_topic(step, "changelog"), dumps,
-                                    loads)
+            return self.stores.open(step, self._job.internal_topic(step, "changelog",
+                                                                   self._app_id), dumps, loads)
         except StoreLocked as exc:
             raise StateError(f"{exc}; give each worker on a machine its own state_dir "
                              "(--state-dir)") from exc

@@ -153,7 +153,7 @@ class Worker:
         # repartition and changelog topics exist, nor a join before its table is complete.
         table_sizes = await self._loop.run_in_executor(None, self._create_internal_topics)
         await self._open_tables(table_sizes)
-        topics = self.job.subscription
+        topics = self.job.subscription(self.group)
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         self._consumer.subscribe(topics, on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -308,11 +308,11 @@ class Worker:
         log.info("assigned %s", _fmt(parts))
         for tp in parts:
             task = PartitionTask(
-                tp, self.job, source_for_topic(self.job, tp[0]), self._producer,
+                tp, self.job, source_for_topic(self.job, tp[0], self.group), self._producer,
                 inbox_high=self.config.inbox_high, inbox_low=self.config.inbox_low,
                 pause=self._pause, resume=self._resume, latency=self.latency,
                 e2e=self.e2e_latency, errors=self.errors, make_stores=self._make_stores,
-                new_reader=self._new_reader, tables=self._tables)
+                new_reader=self._new_reader, tables=self._tables, app_id=self.group)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
@@ -431,7 +431,7 @@ class Worker:
     def _create_internal_topics(self) -> dict[str, int]:
         """Create repartition and changelog topics; return the partition count of each
         global table's topic."""
-        plan = internal_topics(self.job, self._partition_count)
+        plan = internal_topics(self.job, self._partition_count, self.group)
         for cfg, topics in plan.by_config.items():
             if topics:
                 create_topics(self.config.bootstrap_servers, topics, config=dict(cfg),
@@ -443,7 +443,7 @@ class Worker:
 
     def _make_stores(self, partition: int) -> PartitionStores:
         c = self.config
-        return PartitionStores(self.job.name, partition, state_dir=self._state_dir,
+        return PartitionStores(self.group, partition, state_dir=self._state_dir,
                                backend=c.state_backend, settings=c.rocksdb,
                                cache_entries=c.state_cache_entries)
 
@@ -453,7 +453,7 @@ class Worker:
     async def _open_tables(self, sizes: dict[str, int]) -> None:
         assert self._loop is not None
         for node in self.job.tables:
-            table = GlobalTable(self.job.name, node, partitions=sizes[node.params["topic"]],
+            table = GlobalTable(self.group, node, partitions=sizes[node.params["topic"]],
                                 state_dir=self._state_dir, backend=self.config.state_backend,
                                 settings=self.config.rocksdb, new_reader=self._new_reader)
             self._tables[node.id] = table
