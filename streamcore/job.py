@@ -221,15 +221,13 @@ class Stream:
     def map_async(self, fn: Callable[[Any], Awaitable[Any]], *, concurrency: int = 16,
                   on_error: str | None = None) -> Stream:
         """Replace each value by ``await fn(value)``, running up to concurrency calls at once
-        per partition; results are emitted in input order. A raising call fails the job
-        (on_error other than "fail" is not supported here yet)."""
+        per partition; results are emitted in input order. A raising call gets ``on_error``
+        (default: the job's policy) when its turn comes, as a synchronous step would."""
         if not inspect.iscoroutinefunction(fn) and not callable(fn):
             raise JobDefinitionError(f"map_async() needs an async function, got {fn!r}")
         if not isinstance(concurrency, int) or concurrency < 1:
             raise JobDefinitionError(f"map_async concurrency must be >= 1, got {concurrency!r}")
-        if on_error not in (None, "fail"):
-            raise JobDefinitionError("map_async supports only on_error='fail' for now")
-        return self._then(OpKind.MAP_ASYNC, fn, concurrency=concurrency)
+        return self._then(OpKind.MAP_ASYNC, fn, concurrency=concurrency, on_error=on_error)
 
     def flat_map(self, fn: Callable[[Any], Iterable[Any]], *,
                  on_error: str | None = None) -> Stream:

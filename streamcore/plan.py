@@ -75,8 +75,13 @@ def compile_chain(job: Job, source: Node, ctx: PartitionContext,
         many = tuple(downs)
 
         def fan(key: Any, value: Any, ts: int) -> None:
+            # A failure in one branch is that branch's: its policy is applied here and
+            # the record still reaches the branches after it.
             for d in many:
-                d(key, value, ts)
+                try:
+                    d(key, value, ts)
+                except StepFailed as failed:
+                    ctx.failed(failed)
         return fan
 
     def entry(node: Node) -> Emit:
@@ -143,8 +148,11 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
                 outs = list(fn(value))  # a generator raising half-way is the step's failure
             except Exception as exc:
                 raise StepFailed(step, policy, exc) from exc
-            for v in outs:
-                down(key, v, ts)
+            for v in outs:  # each output is a record of its own downstream
+                try:
+                    down(key, v, ts)
+                except StepFailed as failed:
+                    ctx.failed(failed)
         return flat_map
     if k == OpKind.PEEK:
         def peek(key: Any, value: Any, ts: int) -> None:
@@ -195,7 +203,7 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
             down(key, out, ts)
         return join
     if k == OpKind.MAP_ASYNC:
-        lane = AsyncLane(fn, node.params["concurrency"], down, ctx, node.describe())
+        lane = AsyncLane(fn, node.params["concurrency"], down, ctx, step, policy)
         lane.downstream = list(lanes_by_node[node.id])
         lanes_by_node[node.id] = [lane, *lanes_by_node[node.id]]
         ctx.lanes.append(lane)

@@ -31,6 +31,7 @@ class StreamingQuery:
         self._recent: deque[dict[str, Any]] = deque(maxlen=100)
         self._error: BaseException | None = None
         self._worker: Worker | None = None
+        self._stop_requested = False
         self._ready = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"streamcore-{job.name}",
@@ -52,6 +53,8 @@ class StreamingQuery:
             try:
                 self._worker = Worker(self._job, self._config, run_id=self.run_id,
                                       on_progress=self._recent.append)
+                if self._stop_requested:  # stop() came before the worker existed
+                    self._worker.stop()
             finally:
                 self._ready.set()
             await self._worker.run()
@@ -106,7 +109,9 @@ class StreamingQuery:
         return self._error
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop gracefully: finish fetched records, commit, leave the group."""
+        """Stop gracefully: finish the records in flight, commit, leave the group. Waits
+        for the end (at most timeout seconds; None: until it has stopped)."""
+        self._stop_requested = True
         if self._worker is not None:
             self._worker.stop()
         self._done.wait(timeout)

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 from connectors.base import Message, ProducerBackend
 from statestore.cache import StateCache
 from streamcore.engine.tracking import Batch
-from streamcore.errors import UserFunctionError
 
 __all__ = ["AsyncLane", "Emit", "GlobalTableView", "OpenState", "PartitionContext",
            "SinkCounter", "StepFailed"]
@@ -53,8 +52,8 @@ OpenState = Callable[[str, Callable[[Any], bytes], Callable[[bytes], Any]], Stat
 
 
 class PartitionContext:
-    __slots__ = ("batch", "blocked", "lanes", "msg", "open_state", "partition", "producer",
-                 "sinks", "tables", "topic")
+    __slots__ = ("batch", "blocked", "failed", "lanes", "msg", "open_state", "partition",
+                 "producer", "sinks", "tables", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
                  open_state: OpenState | None = None,
@@ -69,6 +68,10 @@ class PartitionContext:
         self.lanes: list[AsyncLane] = []
         self.sinks: list[SinkCounter] = []
         self.blocked = False  # a lane is full: the intake must wait before the next record
+        # Applies the failing step's error policy to the current record (ctx.msg): returns
+        # under skip/dead_letter, raises under fail. Set by the partition task. Fan-outs call
+        # it per child, so a failure in one branch never takes the record from the others.
+        self.failed: Callable[[StepFailed], None] = _reraise
 
     def position(self) -> tuple[str, int, int]:
         off = self.msg.offset() if self.msg is not None else -1
@@ -80,18 +83,32 @@ class PartitionContext:
         self.blocked = False
 
 
+def _reraise(failed: StepFailed) -> None:
+    raise failed
+
+
+async def _outcome(call: Coroutine[Any, Any, Any]) -> tuple[Any, Exception | None]:
+    """The call's result or exception. A call is a task of the partition's TaskGroup, which
+    would fail as a whole if the task raised; the lane applies the step's policy instead."""
+    try:
+        return await call, None
+    except Exception as exc:
+        return None, exc
+
+
 class AsyncLane:
     """Runs up to ``concurrency`` calls of an async function at once and emits the results
     in submission order. The calls are tasks of the partition's TaskGroup (their owner); the
     lane holds each record's batch open until its result has gone downstream."""
 
     def __init__(self, fn: Callable[[Any], Coroutine[Any, Any, Any]], concurrency: int,
-                 down: Emit, ctx: PartitionContext, step: str) -> None:
+                 down: Emit, ctx: PartitionContext, step: str, policy: str | None) -> None:
         self.fn = fn
         self.concurrency = concurrency
         self.down = down
         self.ctx = ctx
         self.step = step
+        self.policy = policy  # None: the job's policy
         self.tg: asyncio.TaskGroup | None = None
         # Lanes after this one in the chain: the drainer waits for them, never for itself or
         # for lanes before it (that would deadlock).
@@ -115,7 +132,8 @@ class AsyncLane:
         batch = ctx.batch
         assert batch is not None and self.tg is not None
         batch.pending += 1
-        self._queue.append((self.tg.create_task(self.fn(value)), key, ts, ctx.msg, batch))
+        self._queue.append((self.tg.create_task(_outcome(self.fn(value))), key, ts, ctx.msg,
+                            batch))
         self._changed.set()
         if len(self._queue) >= self.concurrency:
             ctx.blocked = True
@@ -135,7 +153,9 @@ class AsyncLane:
         self._changed.set()
 
     async def drain(self) -> None:
-        """Emit results in order until closed and empty. A raising call fails the partition."""
+        """Emit results in order until closed and empty. A raising call, or a step after this
+        one raising, gets the failing step's error policy (ctx.failed) for its record, as a
+        synchronous step would: fail stops the partition, skip and dead_letter go on."""
         ctx = self.ctx
         q = self._queue
         while True:
@@ -146,19 +166,19 @@ class AsyncLane:
                 await self._changed.wait()
                 continue
             task, key, ts, msg, batch = q[0]
-            try:
-                value = await task
-            except Exception as exc:
-                off = msg.offset() if msg is not None else -1
-                raise UserFunctionError(
-                    f"map_async step {self.step!r} raised {type(exc).__name__}: {exc}",
-                    topic=ctx.topic, partition=ctx.partition,
-                    offset=off if off is not None else -1) from exc
+            value, exc = await task
+            failed = None if exc is None else StepFailed(self.step, self.policy, exc)
             q.popleft()
             saved_msg, saved_batch = ctx.msg, ctx.batch
             ctx.msg, ctx.batch = msg, batch
             try:
-                self.down(key, value, ts)
+                if failed is None:
+                    try:
+                        self.down(key, value, ts)
+                    except StepFailed as down_failed:
+                        failed = down_failed
+                if failed is not None:
+                    ctx.failed(failed)  # raises under the fail policy
             finally:
                 ctx.msg, ctx.batch = saved_msg, saved_batch
             batch.pending -= 1

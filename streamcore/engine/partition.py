@@ -96,6 +96,7 @@ class PartitionTask:
         self._app_id = app_id  # names the internal topics (the consumer group)
         self.ctx = PartitionContext(tp[0], tp[1], producer, open_state=self._open_state,
                                     tables=tables)
+        self.ctx.failed = self._on_failed
         try:
             self._chain = compile_chain(job, source, self.ctx, app_id)
         except BaseException:
@@ -207,7 +208,13 @@ class PartitionTask:
         return self._queued
 
     def stop_intake(self) -> None:
-        """Process what is queued, then finish (graceful shutdown and revoke)."""
+        """Finish what is in flight, then stop (graceful shutdown and revoke).
+
+        In flight means the record being processed and the ``map_async`` calls already
+        started; records still queued in the inbox are dropped unprocessed, and the batch being
+        processed is sealed at the last record that entered the chain. So the commit that
+        follows covers exactly the records whose outputs were written: the next owner reads
+        the rest, and a graceful stop leaves no duplicates, however long the inbox."""
         if self.state in (TaskState.RESTORING, TaskState.RUNNING):
             self.transition(TaskState.SUSPENDED)
         self._closing = True
@@ -249,16 +256,17 @@ class PartitionTask:
         lanes = bool(ctx.lanes)
         perf = time.perf_counter
         while True:
+            if self._closing:
+                self._drop_inbox()
+                return
             if not inbox:
-                if self._closing:
-                    return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             handed_at, msgs = inbox.popleft()
             batch = self.tracker.open()
             ctx.batch = batch
-            for m in msgs:
+            for i, m in enumerate(msgs):
                 ctx.msg = m
                 # try costs nothing until something raises (Python 3.11).
                 try:
@@ -288,6 +296,11 @@ class PartitionTask:
                 if lanes and ctx.blocked:
                     await ctx.wait_unblocked()
                     ctx.batch = batch
+                    if self._closing and i + 1 < len(msgs):
+                        # Stopping: the rest of this batch is the next owner's.
+                        self._queued -= len(msgs) - i - 1
+                        msgs = msgs[:i + 1]
+                        break
             last = msgs[-1].offset()
             assert last is not None
             batch.seal(last)
@@ -304,6 +317,16 @@ class PartitionTask:
                 self._resume(self.tp)
             # Let the poll loop and other partitions run between batches.
             await asyncio.sleep(0)
+
+    def _drop_inbox(self) -> None:
+        """Forget queued records: they are not done, so their offsets are not committed."""
+        self._inbox.clear()
+        self._queued = 0
+
+    def _on_failed(self, failed: StepFailed) -> None:
+        """ctx.failed: the policy for the record in ctx.msg (a fan-out or a lane)."""
+        assert self.ctx.msg is not None
+        self._record_failed(self.ctx.msg, failed)
 
     def _record_failed(self, m: Message, failed: StepFailed) -> None:
         """Apply the step's error policy to a record whose processing raised."""

@@ -92,6 +92,7 @@ class Worker:
         self._tasks: dict[TopicPartition, PartitionTask] = {}
         self._running: dict[TopicPartition, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
+        self._stop_requested = False  # stop() before run() set the loop: run() stops at once
         # The group side of the consumer runs on the membership thread; fetches that must
         # wait run on the fetch thread (see connectors.base for why the two are apart).
         self._consumer_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-consumer")
@@ -129,7 +130,9 @@ class Worker:
 
     # -- public --------------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask for a graceful stop; safe from any thread and from signal handlers."""
+        """Ask for a graceful stop; safe from any thread and from signal handlers, and
+        before run() has started (it then stops as soon as it starts)."""
+        self._stop_requested = True  # first: run() reads it after setting the loop
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -145,6 +148,8 @@ class Worker:
     async def run(self) -> None:
         """Run until stop() or a fatal error; on return everything done has been committed."""
         self._loop = asyncio.get_running_loop()
+        if self._stop_requested:
+            self._stopping.set()
         log.info("worker config: %s", self.config.redacted())
         if self.job.uses_dead_letter:
             await self._loop.run_in_executor(None, self._create_dlq)
@@ -159,6 +164,7 @@ class Worker:
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("worker started: job=%s group=%s topics=%s", self.job.name, self.group, topics)
         failure: BaseException | None = None
+        cancelled = False
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -175,12 +181,16 @@ class Worker:
                 raise _Stopped
         except* _Stopped:
             pass
+        except* asyncio.CancelledError:
+            cancelled = True
         except* BaseException as eg:
             failure = _first_error(eg)
         finally:
             await self._shutdown(failure)
         if failure is not None:
             raise failure
+        if cancelled:  # the caller cancelled run(): it gets a plain CancelledError
+            raise asyncio.CancelledError
 
     # -- polling -------------------------------------------------------------------------
     async def _poll_loop(self) -> None:
@@ -636,15 +646,16 @@ class Worker:
 
     # -- shutdown ------------------------------------------------------------------------
     async def _commit_after_failure(self) -> None:
-        """Commit what is done (never the failing record): wait a little for the outputs
-        already handed to the producer, forget unfinished batches, commit."""
+        """Commit what is done (never the failing record): wait (a little) until the producer
+        has an answer for every output handed to it, forget unfinished batches, commit.
+        Batches that can never be done (the failing one) do not hold the wait."""
         tasks = list(self._tasks.values())
         for t in tasks:
             t.tracker.discard_open()
         deadline = time.monotonic() + min(10.0, self.config.shutdown_timeout_s)
         while time.monotonic() < deadline:
             self._producer.poll(0)
-            if all(t.tracker.failure is not None or t.tracker.all_done() for t in tasks):
+            if self._producer.in_flight() == 0:
                 break
             await asyncio.sleep(0.005)
         try:
@@ -663,6 +674,11 @@ class Worker:
                     await self._inflight_poll
             if failure is not None and self._tasks:
                 await self._commit_after_failure()
+            # Everything done is committed (or, after a cancel, left to the next owner):
+            # close the tasks now, so that the revoke inside close() has nothing left to
+            # drain or commit, and a stop never waits twice.
+            for tp in list(self._tasks):
+                await self._close_task(tp)
             self._report_progress()
             self._stopping.set()
             await self._loop.run_in_executor(self._consumer_thread, self._consumer.close)

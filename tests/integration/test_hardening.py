@@ -6,14 +6,28 @@ from the records the test produced.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
-from tests.helpers import latest_per_key, make_topics, produce, read_topic, unique
+from streamcore.engine.worker import Worker
+from streamcore.errors import UserFunctionError
+from tests.helpers import (
+    committed,
+    latest_per_key,
+    make_topics,
+    produce,
+    read_topic,
+    unique,
+    wait_until,
+)
 
 
 def _cfg(bootstrap: str, state_dir: Path, **kw: Any) -> WorkerConfig:
@@ -59,3 +73,146 @@ def test_two_groups_running_one_job_keep_their_own_internal_topics(
         log = read_topic(bootstrap, f"{g}-count-changelog", expect=users)
         assert len({m.key() for m in log}) == users
     assert (tmp_path / "a" / g1 / "count").is_dir(), "stores are per application id too"
+
+
+def test_a_failure_in_one_branch_leaves_the_sibling_branches_their_records(
+        bootstrap: str, tmp_path: Path) -> None:
+    """One input feeding three sinks, the middle branch raising on odd records under
+    skip: the first and last branches still get every record. Before: the raise ended the
+    fan-out, so the last branch lost every odd record."""
+    src, a, b, c = (unique(x) for x in ("fan-in", "fan-a", "fan-b", "fan-c"))
+    make_topics(bootstrap, src, a, b, c)
+    n = 400
+    produce(bootstrap, src, ((None, {"i": i}, None) for i in range(n)))
+
+    def odd_fails(v: dict[str, int]) -> dict[str, int]:
+        if v["i"] % 2:
+            raise ValueError("odd")
+        return v
+
+    job = Job(unique("fan"), on_error="skip")
+    s = job.stream(KafkaSource(src, value=JSON))
+    s.to(KafkaSink(a, value=JSON))
+    s.map(odd_fails).to(KafkaSink(b, value=JSON))
+    s.to(KafkaSink(c, value=JSON))
+    q = job.start(_cfg(bootstrap, tmp_path))
+    try:
+        got_a = read_topic(bootstrap, a, expect=n)
+        got_b = read_topic(bootstrap, b, expect=n // 2)
+        got_c = read_topic(bootstrap, c, expect=n)
+    finally:
+        q.stop(30)
+    assert q.exception() is None, q.exception()
+
+    def seqs(msgs: list[Any]) -> list[int]:
+        return sorted(orjson.loads(m.value())["i"] for m in msgs)
+    assert seqs(got_a) == list(range(n))
+    assert seqs(got_b) == list(range(0, n, 2))
+    assert seqs(got_c) == list(range(n)), "the branch after the failing one lost records"
+
+
+def test_map_async_and_the_steps_after_it_follow_the_error_policy(
+        bootstrap: str, tmp_path: Path) -> None:
+    """map_async with on_error=dead_letter, and a synchronous step after it under the job's
+    skip: bad records go to the DLQ or are skipped, good ones flow, the job keeps running.
+    Before: map_async refused on_error, and a failure after it escaped as a raw traceback."""
+    src, out = unique("async-in"), unique("async-out")
+    make_topics(bootstrap, src, out)
+    n = 300
+    produce(bootstrap, src, ((None, {"i": i}, None) for i in range(n)))
+
+    async def lookup(v: dict[str, int]) -> dict[str, int]:
+        if v["i"] % 10 == 3:
+            raise LookupError(f"no such {v['i']}")
+        return v
+
+    def later(v: dict[str, int]) -> dict[str, int]:
+        if v["i"] % 10 == 7:
+            raise ValueError("later step")
+        return v
+
+    job = Job(unique("async"), on_error="skip")
+    (job.stream(KafkaSource(src, value=JSON))
+        .map_async(lookup, concurrency=8, on_error="dead_letter")
+        .map(later)
+        .to(KafkaSink(out, value=JSON)))
+    q = job.start(_cfg(bootstrap, tmp_path))
+    try:
+        good = read_topic(bootstrap, out, expect=n - 2 * n // 10)
+        dlq = read_topic(bootstrap, job.dlq_topic, expect=n // 10)
+    finally:
+        q.stop(30)
+    assert q.exception() is None, q.exception()
+    assert sorted(orjson.loads(m.value())["i"] for m in good) == \
+        [i for i in range(n) if i % 10 not in (3, 7)]
+    assert sorted(orjson.loads(m.value())["i"] for m in dlq) == list(range(3, n, 10))
+    headers = dict(dlq[0].headers())
+    assert headers["streamcore.error.exception"] == b"LookupError"
+    assert headers["streamcore.error.step"].startswith(b"map_async(")
+
+
+def test_stop_right_after_start_is_not_lost(bootstrap: str, tmp_path: Path) -> None:
+    """Before: stop() before the worker's loop ran was ignored, and stop(None) hung."""
+    src, out = unique("early-in"), unique("early-out")
+    make_topics(bootstrap, src, out)
+    job = Job(unique("early"))
+    job.stream(KafkaSource(src)).to(KafkaSink(out))
+    q = job.start(_cfg(bootstrap, tmp_path))
+    stopper = threading.Thread(target=q.stop, args=(None,), daemon=True)
+    stopper.start()
+    stopper.join(60)
+    assert not stopper.is_alive(), "stop(None) right after start() did not return"
+    assert not q.is_active and q.exception() is None
+
+
+def test_a_map_async_failure_ends_the_query_promptly(bootstrap: str, tmp_path: Path) -> None:
+    """Before: the failing batch held the failure commit 10 s, then the revoke inside
+    close() drained again up to shutdown_timeout (40 s in all)."""
+    src, out = unique("afail-in"), unique("afail-out")
+    make_topics(bootstrap, src, out)
+    # Fewer records than the concurrency: the whole batch is sealed before the call fails,
+    # so the failing batch has an output that will never be acknowledged.
+    produce(bootstrap, src, ((None, {"i": i}, 0) for i in range(10)))
+
+    async def boom(v: dict[str, int]) -> dict[str, int]:
+        await asyncio.sleep(0.2)
+        if v["i"] == 5:
+            raise RuntimeError("boom")
+        return v
+
+    job = Job(unique("afail"))
+    job.stream(KafkaSource(src, value=JSON)).map_async(boom).to(KafkaSink(out, value=JSON))
+    q = job.start(_cfg(bootstrap, tmp_path, shutdown_timeout="30s"))
+    wait_until(lambda: q.worker is not None and bool(q.worker.assigned), 30, "assignment")
+    t0 = time.monotonic()
+    with pytest.raises(UserFunctionError, match="boom"):
+        q.await_termination(60)
+    assert time.monotonic() - t0 < 15, "the failure took the whole drain deadline"
+    assert committed(bootstrap, job.name, src, partitions=4)[0] <= 5, \
+        "the failing record was committed"
+
+
+async def test_worker_stopped_before_it_runs_stops_as_soon_as_it_starts(
+        bootstrap: str, tmp_path: Path) -> None:
+    """The deterministic form of the race above: stop() before run() set the loop."""
+    src, out = unique("early-in"), unique("early-out")
+    make_topics(bootstrap, src, out)
+    job = Job(unique("early"))
+    job.stream(KafkaSource(src)).to(KafkaSink(out))
+    worker = Worker(job, _cfg(bootstrap, tmp_path))
+    worker.stop()
+    await asyncio.wait_for(worker.run(), 60)
+
+
+async def test_cancelling_run_raises_cancelled_error(bootstrap: str, tmp_path: Path) -> None:
+    """Before: a BaseExceptionGroup came out of ``await job.run()``."""
+    src, out = unique("cancel-in"), unique("cancel-out")
+    make_topics(bootstrap, src, out)
+    job = Job(unique("cancel"))
+    job.stream(KafkaSource(src)).to(KafkaSink(out))
+    task = asyncio.create_task(job.run(_cfg(bootstrap, tmp_path)))
+    await asyncio.sleep(2)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
