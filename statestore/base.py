@@ -61,7 +61,9 @@ class Store(ABC):
 
     @abstractmethod
     def write(self, changes: Sequence[Change]) -> None:
-        """Apply changes atomically, in order (value None: delete)."""
+        """Apply changes atomically, in order (value None: delete). Durable on return: a
+        persistent backend has synced them to disk, so that a checkpoint or an input offset
+        written after this call never runs ahead of the store, even across a power loss."""
 
     @abstractmethod
     def range(self, start: bytes | None = None,

@@ -39,6 +39,12 @@ def write_checkpoint(store_dir: Path, topic: str, partition: int, offset: int) -
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
+    # The rename is durable only once the directory is synced.
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_checkpoint(store_dir: Path) -> None:
