@@ -76,12 +76,18 @@ class ConsumerBackend(ABC):
         on_assign: PartitionsCallback,
         on_revoke: PartitionsCallback,
         on_lost: PartitionsCallback,
+        start_at_end: Callable[[str], bool] = lambda topic: False,
     ) -> None:
         """Join the group for topics (a name starting with ``^`` is a regex).
 
         on_assign receives newly added partitions; on_revoke the partitions about to be taken
         away (their offsets may still be committed inside the callback); on_lost partitions
         already owned by someone else (nothing may be committed for them).
+
+        A partition is read from the group's committed offset; without one, from its start,
+        or from its end where ``start_at_end(topic)`` (a source with
+        ``starting_offsets="latest"``; never an internal topic, whose records written before
+        the group's first commit must all be read).
         """
 
     @abstractmethod

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as CTP
 
 from connectors.base import (
@@ -53,13 +53,16 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def consumer_settings(bootstrap: str, group: str, starting: str, common: Mapping[str, Any],
+def consumer_settings(bootstrap: str, group: str, common: Mapping[str, Any],
                       own: Mapping[str, Any]) -> dict[str, Any]:
     return {
         **_CONSUMER_DEFAULTS,
-        "auto.offset.reset": starting,
         **common,
         **own,
+        # Without a commit a partition starts at its beginning; "latest" sources are
+        # started at their end per partition (ConsumerBackend.subscribe), so that internal
+        # topics never skip records.
+        "auto.offset.reset": "earliest",
         "bootstrap.servers": bootstrap,
         "group.id": group,
         "enable.auto.commit": False,
@@ -144,7 +147,8 @@ class ConfluentConsumer(ConsumerBackend):
             log.warning("asynchronous commit failed: %s", err)
 
     def subscribe(self, topics: Sequence[str], *, on_assign: PartitionsCallback,
-                  on_revoke: PartitionsCallback, on_lost: PartitionsCallback) -> None:
+                  on_revoke: PartitionsCallback, on_lost: PartitionsCallback,
+                  start_at_end: Callable[[str], bool] = lambda topic: False) -> None:
         def assigned(c: Consumer, parts: list[CTP]) -> None:
             on_assign(_tps(parts))  # 1. the tasks exist before any of their records arrive
             try:  # 2. the member takes them (as librdkafka requires) but never fetches them
@@ -156,8 +160,9 @@ class ConfluentConsumer(ConsumerBackend):
             if parts:
                 c.pause(parts)
             # 3. the reader starts at the group's committed offsets (no offset given: the
-            # committed one, else auto.offset.reset), exactly where the member would have.
-            fresh = [CTP(p.topic, p.partition) for p in parts]
+            # committed one, else auto.offset.reset=earliest), exactly where the member
+            # would have; a "latest" source's partition without a commit starts at its end.
+            fresh = self._starts(parts, start_at_end)
             if eager:
                 self._d.assign(fresh)
             elif fresh:
@@ -174,6 +179,19 @@ class ConfluentConsumer(ConsumerBackend):
 
         self._c.subscribe(list(topics), on_assign=assigned, on_revoke=taken(on_revoke),
                           on_lost=taken(on_lost))
+
+    def _starts(self, parts: list[CTP], start_at_end: Callable[[str], bool]) -> list[CTP]:
+        fresh = [CTP(p.topic, p.partition) for p in parts]
+        at_end = [p for p in fresh if start_at_end(p.topic)]
+        if at_end:
+            try:
+                done = self._c.committed(at_end, timeout=30)
+            except KafkaException as exc:
+                raise RebalanceError(f"cannot read the committed offsets: {exc}") from exc
+            uncommitted = {(c.topic, c.partition) for c in done if c.offset < 0}
+            fresh = [CTP(p.topic, p.partition, OFFSET_END)
+                     if (p.topic, p.partition) in uncommitted else p for p in fresh]
+        return fresh
 
     def serve(self, timeout: float) -> list[Any]:
         try:

@@ -30,6 +30,8 @@ _RESERVED = {
     "enable.auto.offset.store": "the engine commits explicit offsets",
     "group.id": "use the group field (--group)",
     "bootstrap.servers": "use the bootstrap_servers field (--bootstrap)",
+    "auto.offset.reset": "use KafkaSource(starting_offsets=...): internal topics must always "
+                         "start at their beginning",
 }
 
 

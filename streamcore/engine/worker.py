@@ -53,6 +53,7 @@ from streamcore.engine.partition import PartitionTask, TaskState
 from streamcore.engine.state import PartitionStores
 from streamcore.engine.tables import GlobalTable
 from streamcore.errors import ConfigError, FatalError, StreamcoreError
+from streamcore.graph import OpKind
 from streamcore.internal import internal_topics
 from streamcore.logs import BurstLogger
 from streamcore.plan import source_for_topic
@@ -83,10 +84,8 @@ class Worker:
         self.config = config
         self.group = config.group or job.name
         self.run_id = run_id or str(uuid.uuid4())
-        starting = {n.source.starting_offsets for n in job.sources}
         self._consumer = consumer or ConfluentConsumer(consumer_settings(
-            config.bootstrap_servers, self.group, starting.pop() if len(starting) == 1
-            else "earliest", config.kafka, config.consumer))
+            config.bootstrap_servers, self.group, config.kafka, config.consumer))
         self._producer = producer or ConfluentProducer(producer_settings(
             config.bootstrap_servers, config.kafka, config.producer))
         self._tasks: dict[TopicPartition, PartitionTask] = {}
@@ -161,7 +160,8 @@ class Worker:
         topics = self.job.subscription(self.group)
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         self._consumer.subscribe(topics, on_assign=self._on_assign,
-                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
+                                 on_revoke=self._on_revoke, on_lost=self._on_lost,
+                                 start_at_end=self._starts_at_end)
         log.info("worker started: job=%s group=%s topics=%s", self.job.name, self.group, topics)
         failure: BaseException | None = None
         cancelled = False
@@ -291,6 +291,12 @@ class Worker:
             return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
         finally:
             self._rebalancing_since = None
+
+    def _starts_at_end(self, topic: str) -> bool:
+        """A topic of a source with starting_offsets="latest" (never an internal topic)."""
+        node = source_for_topic(self.job, topic, self.group)
+        return node.source is not None and node.kind == OpKind.SOURCE and \
+            node.source.starting_offsets == "latest"
 
     def _on_assign(self, parts: list[TopicPartition]) -> None:
         self._call_on_loop(self._assign(parts))

@@ -19,6 +19,7 @@ import pytest
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 from streamcore.engine.worker import Worker
 from streamcore.errors import UserFunctionError
+from streamcore.serde import INTERNAL_KEY, INTERNAL_VALUE
 from tests.helpers import (
     committed,
     latest_per_key,
@@ -216,3 +217,45 @@ async def test_cancelling_run_raises_cancelled_error(bootstrap: str, tmp_path: P
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_a_latest_source_reads_every_record_of_its_internal_topics(
+        bootstrap: str, tmp_path: Path) -> None:
+    """starting_offsets="latest" applies to that source's partitions without a commit,
+    never to internal topics. Before: the repartition topic started at its end too, so the
+    records an earlier run had written to it and not yet committed were lost."""
+    src, out = unique("late-in"), unique("late-out")
+    make_topics(bootstrap, src, out)
+    # Skipped by "latest". One record per batch: the local broker reports the end of a
+    # partition as the base offset of its last batch + 1 (DESIGN.md section 9).
+    for i in range(8):
+        produce(bootstrap, src, [(None, {"user": "old"}, i % 4)])
+    job = Job(unique("late"))
+    (job.stream(KafkaSource(src, value=JSON, starting_offsets="latest"))
+        .key_by(lambda r: r["user"])
+        .count(name="count")
+        .to(KafkaSink(out, key=STR, value=JSON)))
+    # Written to the repartition topic by an earlier run that died before committing them.
+    repart = job.internal_topic("count", "repartition")
+    make_topics(bootstrap, repart)
+    pending = [{"user": f"p{i % 3}"} for i in range(30)]
+    produce(bootstrap, repart, ((INTERNAL_KEY.serialize(r["user"]),
+                                 INTERNAL_VALUE.serialize(r), None) for r in pending),
+            partitioner="murmur2_random")
+    q = job.start(_cfg(bootstrap, tmp_path))
+    try:
+        # Markers until one comes out: from then on "latest" has been resolved to an offset
+        # (a record produced before that is skipped, as with Spark's latest).
+        def marker_out() -> bool:
+            produce(bootstrap, src, [(None, {"user": "marker"}, 0)])
+            return any(m.key() == b"marker" for m in read_topic(
+                bootstrap, out, expect=1, timeout=2, settle=0.2))
+        wait_until(marker_out, 60, "a marker through the job")
+        new = [{"user": f"n{i % 4}"} for i in range(40)]
+        produce(bootstrap, src, ((None, r, None) for r in new))
+        got = latest_per_key(read_topic(bootstrap, out, expect=len(pending) + len(new) + 1))
+    finally:
+        q.stop(30)
+    assert q.exception() is None, q.exception()
+    got.pop("marker")
+    assert got == dict(Counter(r["user"] for r in pending + new))

@@ -49,7 +49,7 @@ def test_five_sigterms_with_a_backlog_lose_and_repeat_nothing(bootstrap: str) ->
             before = done
             # Mid-stream: this run has committed progress of its own (a condition, not a
             # fixed sleep), and the backlog is far from used up.
-            wait_until(lambda: sum(max(0, o) for o in committed(
+            wait_until(lambda before=before: sum(max(0, o) for o in committed(
                 bootstrap, name, src).values()) > before + 2000, 60, "progress")
             w.signal(signal.SIGTERM)
             t0 = time.monotonic()

@@ -152,7 +152,7 @@ def test_rocksdb_batch_writes_are_synced_to_disk(tmp_path: Path) -> None:
     store = RocksDBStore(tmp_path / "s")
     try:
         store.write([(b"k", b"v"), (b"gone", None)])
-        stats = store.db.property_value("rocksdb.stats")
+        stats = store.db.property_value("rocksdb.stats") or ""
         wal = next(ln for ln in stats.splitlines() if ln.startswith("Cumulative WAL"))
         syncs = int(wal.split(" syncs")[0].rsplit(" ", 1)[1])
         assert syncs >= 1, wal
