@@ -162,23 +162,35 @@ class ConfluentConsumer(ConsumerBackend):
             # 3. the reader starts at the group's committed offsets (no offset given: the
             # committed one, else auto.offset.reset=earliest), exactly where the member
             # would have; a "latest" source's partition without a commit starts at its end.
-            fresh = self._starts(parts, start_at_end)
-            if eager:
-                self._d.assign(fresh)
-            elif fresh:
-                self._d.incremental_assign(fresh)
+            self._reader_add(self._starts(parts, start_at_end), eager=eager)
 
         def taken(callback: PartitionsCallback) -> Callable[[Consumer, list[CTP]], None]:
             def revoked(_c: Consumer, parts: list[CTP]) -> None:
                 # The reader stops first, so the draining tasks get no new records; what it
                 # had fetched and not handed over is read again by the next owner.
-                with contextlib.suppress(KafkaException):
-                    self._d.incremental_unassign([CTP(p.topic, p.partition) for p in parts])
+                self._reader_remove(parts)
                 callback(_tps(parts))
             return revoked
 
         self._c.subscribe(list(topics), on_assign=assigned, on_revoke=taken(on_revoke),
                           on_lost=taken(on_lost))
+
+    def _reader_add(self, parts: list[CTP], *, eager: bool = False) -> None:
+        """Let the reader fetch these partitions from the given (or committed) offsets.
+
+        librdkafka keeps an application pause across unassign and assign, so a partition
+        paused by backpressure when it was revoked would never be fetched again after coming
+        back: every assignment resumes."""
+        if eager:
+            self._d.assign(parts)
+        elif parts:
+            self._d.incremental_assign(parts)
+        if parts:
+            self._d.resume([CTP(p.topic, p.partition) for p in parts])
+
+    def _reader_remove(self, parts: list[CTP]) -> None:
+        with contextlib.suppress(KafkaException):
+            self._d.incremental_unassign([CTP(p.topic, p.partition) for p in parts])
 
     def _starts(self, parts: list[CTP], start_at_end: Callable[[str], bool]) -> list[CTP]:
         fresh = [CTP(p.topic, p.partition) for p in parts]
