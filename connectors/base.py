@@ -24,7 +24,9 @@ Threading contract (it is what makes rebalances safe and reading fast):
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -32,6 +34,7 @@ __all__ = [
     "ConsumerBackend",
     "DeliveryCallback",
     "Message",
+    "Outbox",
     "PartitionReader",
     "PartitionsCallback",
     "ProducerBackend",
@@ -148,26 +151,10 @@ class ProducerBackend(ABC):
 
         Positional only, in confluent-kafka's own argument order, so that a backend can bind
         its client's method directly: this is the hottest call of a pipeline, and keyword
-        arguments would cost a dict per record. Raises ``BufferError`` when the local queue
-        is full (call :meth:`poll` and retry); any other exception means the record can never
-        be sent (too large, unknown topic): :meth:`delivery_error` turns it into the error
-        to raise."""
-
-    def produce_waiting(self, topic: str, value: bytes | None, key: bytes | None,
-                        partition: int, on_delivery: DeliveryCallback, timestamp: int,
-                        headers: list[tuple[str, bytes]] | None) -> None:
-        """:meth:`produce`, serving delivery reports while the local queue is full (the wait
-        is the backpressure); a record that can never be sent raises
-        :meth:`delivery_error`. The sink inlines this loop: it is the hot path."""
-        while True:
-            try:
-                self.produce(topic, value, key, partition, on_delivery, None, timestamp,
-                             headers)
-                return
-            except BufferError:
-                self.poll(0.05)
-            except Exception as exc:
-                raise self.delivery_error(topic, exc) from exc
+        arguments would cost a dict per record. Raises ``BufferError`` at once when the local
+        queue is full (never blocks: hold the record in an :class:`Outbox`); any other
+        exception means the record can never be sent (too large, unknown topic):
+        :meth:`delivery_error` turns it into the error to raise."""
 
     @abstractmethod
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
@@ -185,6 +172,67 @@ class ProducerBackend(ABC):
     def close(self) -> None:
         """Release the client. Records still queued are dropped: flush (poll until
         ``in_flight() == 0``) first where they matter."""
+
+
+_Held = tuple[str, bytes | None, bytes | None, int, DeliveryCallback, int,
+              list[tuple[str, bytes]] | None]
+
+
+class Outbox:
+    """Records the producer's local queue had no room for, held in order and handed over
+    later, without ever blocking the caller.
+
+    A full queue means the broker is slow or away. Waiting for room inside
+    :meth:`ProducerBackend.poll` would stall the event loop for the whole outage (and with
+    it /healthz, so every worker would be restarted); instead the caller holds records here
+    and awaits :meth:`drained`, which is the backpressure. Once a record is held, every later
+    one of the same owner is held behind it, so per-partition order is kept. Event loop
+    thread only.
+    """
+
+    __slots__ = ("held", "producer")
+
+    def __init__(self, producer: ProducerBackend) -> None:
+        self.producer = producer
+        self.held: deque[_Held] = deque()
+
+    def send(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
+             on_delivery: DeliveryCallback, timestamp: int,
+             headers: list[tuple[str, bytes]] | None) -> None:
+        """Produce now, or hold behind what is already held. A record that can never be
+        sent raises :meth:`ProducerBackend.delivery_error`."""
+        if not self.held:
+            try:
+                self.producer.produce(topic, value, key, partition, on_delivery, None,
+                                      timestamp, headers)
+                return
+            except BufferError:
+                pass
+            except Exception as exc:
+                raise self.producer.delivery_error(topic, exc) from exc
+        self.held.append((topic, value, key, partition, on_delivery, timestamp, headers))
+
+    def retry(self) -> bool:
+        """Hand held records over while the producer takes them; True when none is left."""
+        held, producer = self.held, self.producer
+        while held:
+            topic, value, key, partition, on_delivery, timestamp, headers = held[0]
+            try:
+                producer.produce(topic, value, key, partition, on_delivery, None, timestamp,
+                                 headers)
+            except BufferError:
+                producer.poll(0)  # serve delivery reports: they make room
+                return False
+            except Exception as exc:
+                raise producer.delivery_error(topic, exc) from exc
+            held.popleft()
+        return True
+
+    async def drained(self, interval: float = 0.005) -> None:
+        """Until every held record is with the producer."""
+        # Polling, not an event: room in librdkafka's queue is only learned by trying.
+        while not self.retry():  # noqa: ASYNC110
+            await asyncio.sleep(interval)
 
 
 class PartitionReader(ABC):

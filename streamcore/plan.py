@@ -247,6 +247,8 @@ def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
     with_headers = sink.headers
     producer = ctx.producer
     produce = producer.produce
+    outbox = ctx.outbox
+    held = outbox.held  # non-empty: the producer's queue was full; keep the order
     counter = SinkCounter(topic)
     ctx.sinks.append(counter)
     step = sink.describe()
@@ -263,17 +265,18 @@ def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
         if with_headers and ctx.msg is not None:
             h = ctx.msg.headers()
         batch.pending += 1
-        while True:
+        if not held:  # Outbox.send, inlined: one call less per output record
             try:
                 produce(topic, v, k, -1, batch.ack, None, ts, h)  # positional: no kwargs dict
                 return
             except BufferError:
-                # ProducerBackend.produce_waiting, inlined: one call less per output record.
-                # The local queue is full: serve delivery reports to make room; blocking
-                # here is the backpressure, the producer cannot take more anyway.
-                producer.poll(0.05)
+                pass
             except Exception as exc:
                 raise producer.delivery_error(topic, exc) from exc
+        # The local queue is full (the broker is slow or away): hold the record and let the
+        # partition task wait for room without blocking the event loop.
+        held.append((topic, v, k, -1, batch.ack, ts, h))
+        ctx.blocked = True
     return to
 
 

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
-from connectors.base import Message, ProducerBackend
+from connectors.base import Message, Outbox, ProducerBackend
 from statestore.cache import StateCache
 from streamcore.engine.tracking import Batch
 
@@ -52,8 +52,8 @@ OpenState = Callable[[str, Callable[[Any], bytes], Callable[[bytes], Any]], Stat
 
 
 class PartitionContext:
-    __slots__ = ("batch", "blocked", "failed", "lanes", "msg", "open_state", "partition",
-                 "producer", "sinks", "tables", "topic")
+    __slots__ = ("batch", "blocked", "failed", "lanes", "msg", "open_state", "outbox",
+                 "partition", "producer", "sinks", "tables", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
                  open_state: OpenState | None = None,
@@ -67,7 +67,10 @@ class PartitionContext:
         self.batch: Batch | None = None
         self.lanes: list[AsyncLane] = []
         self.sinks: list[SinkCounter] = []
-        self.blocked = False  # a lane is full: the intake must wait before the next record
+        # Outputs the producer had no room for (a broker outage), in order; see Outbox.
+        self.outbox = Outbox(producer)
+        # A lane is full or the outbox holds records: the intake waits before the next record.
+        self.blocked = False
         # Applies the failing step's error policy to the current record (ctx.msg): returns
         # under skip/dead_letter, raises under fail. Set by the partition task. Fan-outs call
         # it per child, so a failure in one branch never takes the record from the others.
@@ -78,8 +81,14 @@ class PartitionContext:
         return self.topic, self.partition, off if off is not None else -1
 
     async def wait_unblocked(self) -> None:
-        for lane in self.lanes:
-            await lane.wait_space()
+        """Until the outbox is empty and every lane has room (a lane emitting meanwhile may
+        fill the outbox again)."""
+        while True:
+            await self.outbox.drained()
+            for lane in self.lanes:
+                await lane.wait_space()
+            if not self.outbox.held:
+                break
         self.blocked = False
 
 

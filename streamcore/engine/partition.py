@@ -237,6 +237,7 @@ class PartitionTask:
                     await self._process_inbox()
                     for lane in self.ctx.lanes:
                         await lane.wait_empty()
+                    await self.ctx.wait_unblocked()  # held outputs go to the producer
                 finally:
                     for lane in self.ctx.lanes:
                         lane.close()
@@ -253,7 +254,6 @@ class PartitionTask:
         vde = self._spec.value.deserialize
         kde = None if self._spec.key is BYTES else self._spec.key.deserialize
         ts_of = self._spec.timestamp
-        lanes = bool(ctx.lanes)
         perf = time.perf_counter
         while True:
             if self._closing:
@@ -293,7 +293,7 @@ class PartitionTask:
                     # done; everything before it is, once its outputs are acknowledged.
                     batch.seal((m.offset() or 0) - 1)
                     raise
-                if lanes and ctx.blocked:
+                if ctx.blocked:
                     await ctx.wait_unblocked()
                     ctx.batch = batch
                     if self._closing and i + 1 < len(msgs):
@@ -361,6 +361,8 @@ class PartitionTask:
                    ("streamcore.source.offset", str(m.offset()).encode()),
                    ("streamcore.job", self._job.name.encode())]
         batch.pending += 1
-        self.ctx.producer.produce_waiting(self._dlq, m.value(), m.key(), -1, batch.ack,
-                                          m.timestamp()[1], headers)
+        self.ctx.outbox.send(self._dlq, m.value(), m.key(), -1, batch.ack, m.timestamp()[1],
+                             headers)
+        if self.ctx.outbox.held:
+            self.ctx.blocked = True
         self.dlq_records += 1

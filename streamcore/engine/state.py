@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connectors.base import Message, PartitionReader, ProducerBackend, read_to_end
+from connectors.base import Message, Outbox, PartitionReader, ProducerBackend, read_to_end
 from statestore.base import Store, StoreCorrupt
 from statestore.cache import StateCache
 from statestore.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
@@ -80,10 +80,11 @@ class StoreSlot:
 class Flush:
     """The changelog records of one flush and their acknowledgements."""
 
-    __slots__ = ("covers", "ends", "failure", "pending")
+    __slots__ = ("covers", "ends", "failure", "outbox", "pending")
 
-    def __init__(self, covers: int) -> None:
+    def __init__(self, covers: int, producer: ProducerBackend) -> None:
         self.covers = covers  # every input offset <= covers has its state in this flush
+        self.outbox = Outbox(producer)  # records the producer had no room for yet
         self.pending = 0
         self.failure: DeliveryFailed | None = None
         self.ends: dict[str, int] = {}  # changelog topic -> highest acknowledged offset + 1
@@ -161,14 +162,14 @@ class PartitionStores:
         still waiting for acknowledgements is completed first (then this returns)."""
         if self.inflight is not None and not self.settle():
             return
-        f = Flush(covers)
+        f = Flush(covers, producer)
         part = self.partition
         for slot in self.slots:
             topic = slot.changelog
 
             def send(key: bytes, value: bytes | None, topic: str = topic) -> None:
                 f.pending += 1
-                producer.produce_waiting(topic, value, key, part, f.ack, 0, None)
+                f.outbox.send(topic, value, key, part, f.ack, 0, None)
             slot.cache.flush(send)
         self.inflight = f
         self.settle()
@@ -181,7 +182,7 @@ class PartitionStores:
             return True
         if f.failure is not None:
             raise f.failure
-        if f.pending:
+        if not f.outbox.retry() or f.pending:
             return False
         self.inflight = None
         self.durable = max(self.durable, f.covers)
