@@ -45,6 +45,9 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                                                   "Duration of the last store restore."),
     "streamcore_store_keys": ("gauge", ("job", "step"),
                               "Keys in the state stores of this worker (RocksDB estimate)."),
+    "streamcore_global_table_failures_total": (
+        "counter", ("job", "table"), "Global tables whose follower stopped (the table is stale "
+        "and /healthz fails until the worker restarts)."),
     # Reported once event time and epoch mode land; the families exist now so that
     # dashboards and alerts can be written against them.
     "streamcore_watermark_ms": ("gauge", ("job", "topic", "partition"),

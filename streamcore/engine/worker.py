@@ -530,6 +530,10 @@ class Worker:
                            "(a blocking call in a job function?)"}
         if poll_lag > poll_limit:
             return False, {**detail, "reason": f"poll loop stalled for {poll_lag:.1f}s"}
+        for table in list(self._tables.values()):
+            if table.failure is not None:  # its lookups would answer from stale data
+                return False, {**detail, "reason": f"global table {table.name!r} stopped "
+                               f"following {table.topic}: {table.failure}"}
         return True, detail
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -600,6 +604,8 @@ class Worker:
             "streamcore_state_restore_records_total": restored,
             "streamcore_state_restore_duration_seconds": restore_s,
             "streamcore_store_keys": keys,
+            "streamcore_global_table_failures_total": {
+                (t.name,): float(t.failure is not None) for t in list(self._tables.values())},
         }
         return Snapshot(samples=samples, histograms={
             "streamcore_processing_latency_seconds": self.latency.export(),

@@ -18,7 +18,7 @@ import pytest
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 from streamcore.engine.worker import Worker
-from streamcore.errors import UserFunctionError
+from streamcore.errors import BrokerUnavailable, UserFunctionError
 from streamcore.serde import INTERNAL_KEY, INTERNAL_VALUE
 from tests.helpers import (
     committed,
@@ -259,3 +259,59 @@ def test_a_latest_source_reads_every_record_of_its_internal_topics(
     assert q.exception() is None, q.exception()
     got.pop("marker")
     assert got == dict(Counter(r["user"] for r in pending + new))
+
+
+async def test_a_global_table_whose_follower_failed_fails_healthz(
+        bootstrap: str, tmp_path: Path) -> None:
+    """Before: the follower thread logged one error and the table stayed stale for ever,
+    with /healthz 200. The follower's reader is made to fail (the restore's is real)."""
+    users, clicks, out = unique("gt-users"), unique("gt-clicks"), unique("gt-out")
+    make_topics(bootstrap, users, clicks, out)
+    produce(bootstrap, users, [("u1", {"name": "Ann"}, None)])
+    job = Job(unique("gt"))
+    table = job.table(users, key=STR, value=JSON)
+    job.stream(KafkaSource(clicks, key=STR, value=JSON)).join(table).to(
+        KafkaSink(out, key=STR, value=JSON))
+    worker = Worker(job, _cfg(bootstrap, tmp_path))
+    real = worker._new_reader
+    made: list[object] = []
+
+    def new_reader() -> Any:
+        reader = real()
+        made.append(reader)
+        if len(made) == 2:  # the follower's: it fails on its first read
+            def broken(max_records: int, timeout: float) -> list[Any]:
+                raise BrokerUnavailable("injected: the table topic cannot be read")
+            reader.read = broken  # type: ignore[method-assign]
+        return reader
+
+    worker._new_reader = new_reader  # type: ignore[method-assign]
+    task = asyncio.create_task(worker.run())
+    try:
+        for _ in range(300):
+            if worker.http_port is not None and made and len(made) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        ok, detail = worker.health()
+        assert not ok and "global table" in detail["reason"], detail
+        body = await asyncio.to_thread(_get, f"http://127.0.0.1:{worker.http_port}/healthz")
+        assert body[0] == 503 and "stopped following" in body[1]
+        metrics = (await asyncio.to_thread(
+            _get, f"http://127.0.0.1:{worker.http_port}/metrics"))[1]
+        assert f'streamcore_global_table_failures_total{{job="{job.name}",table="{users}"}} 1.0' \
+            in metrics
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
