@@ -80,6 +80,7 @@ class ConsumerBackend(ABC):
         on_revoke: PartitionsCallback,
         on_lost: PartitionsCallback,
         start_at_end: Callable[[str], bool] = lambda topic: False,
+        on_fenced: PartitionsCallback | None = None,
     ) -> None:
         """Join the group for topics (a name starting with ``^`` is a regex).
 
@@ -91,6 +92,11 @@ class ConsumerBackend(ABC):
         or from its end where ``start_at_end(topic)`` (a source with
         ``starting_offsets="latest"``; never an internal topic, whose records written before
         the group's first commit must all be read).
+
+        on_fenced (membership thread) receives partitions whose commit the group refused
+        because this member is no longer in its generation (ILLEGAL_GENERATION,
+        UNKNOWN_MEMBER_ID): they may be another member's already; on_lost follows when the
+        client rejoins.
         """
 
     @abstractmethod

@@ -53,6 +53,10 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
+# A commit refused with these means the member is no longer in the group's generation.
+_FENCED = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID})
+
+
 def consumer_settings(bootstrap: str, group: str, common: Mapping[str, Any],
                       own: Mapping[str, Any]) -> dict[str, Any]:
     return {
@@ -126,6 +130,7 @@ class ConfluentConsumer(ConsumerBackend):
         self._settings = dict(settings)
         self._settings.setdefault("error_cb", self._on_error)
         self._settings.setdefault("on_commit", self._on_commit)
+        self._on_fenced: PartitionsCallback | None = None
         try:
             self._c = Consumer(self._settings)
             self._d = Consumer(self._settings)
@@ -141,14 +146,18 @@ class ConfluentConsumer(ConsumerBackend):
         else:
             _burst_log.warning(f"consumer:{err.code()}", "consumer: %s", err)
 
-    @staticmethod
-    def _on_commit(err: KafkaError | None, parts: list[CTP]) -> None:
-        if err is not None and err.code() != KafkaError._NO_OFFSET:
-            log.warning("asynchronous commit failed: %s", err)
+    def _on_commit(self, err: KafkaError | None, parts: list[CTP]) -> None:
+        if err is None or err.code() == KafkaError._NO_OFFSET:
+            return
+        log.warning("asynchronous commit failed: %s", err)
+        if err.code() in _FENCED and self._on_fenced is not None:
+            self._on_fenced(_tps(parts))
 
     def subscribe(self, topics: Sequence[str], *, on_assign: PartitionsCallback,
                   on_revoke: PartitionsCallback, on_lost: PartitionsCallback,
-                  start_at_end: Callable[[str], bool] = lambda topic: False) -> None:
+                  start_at_end: Callable[[str], bool] = lambda topic: False,
+                  on_fenced: PartitionsCallback | None = None) -> None:
+        self._on_fenced = on_fenced
         def assigned(c: Consumer, parts: list[CTP]) -> None:
             on_assign(_tps(parts))  # 1. the tasks exist before any of their records arrive
             try:  # 2. the member takes them (as librdkafka requires) but never fetches them
@@ -241,6 +250,8 @@ class ConfluentConsumer(ConsumerBackend):
                 return
             result = self._c.commit(offsets=parts, asynchronous=False)
         except KafkaException as exc:
+            if exc.args and exc.args[0].code() in _FENCED and self._on_fenced is not None:
+                self._on_fenced(list(offsets))
             raise BrokerUnavailable(f"commit failed: {exc}") from exc
         for tp in result:
             if tp.error is not None:

@@ -121,6 +121,8 @@ class PartitionTask:
         self.records_in = 0
         self.first_offset: int | None = None
         self.last_offset: int | None = None
+        self._offered = -1  # last offset taken into the inbox
+        self.fenced = False  # the group may have given the partition to another member
 
     # -- lifecycle -----------------------------------------------------------------------
     def _open_state(self, step: str, dumps: Callable[[Any], bytes],
@@ -164,7 +166,7 @@ class PartitionTask:
 
     def flush_state(self) -> None:
         """Start flushing the stores' dirty keys to RocksDB and the changelog (commit time)."""
-        if self.stores is not None:
+        if self.stores is not None and not self.fenced:
             self.stores.flush(self.processed_offset(), self.ctx.producer)
 
     def state_settled(self) -> bool:
@@ -196,6 +198,15 @@ class PartitionTask:
     def offer(self, handed_at: float, msgs: list[Message]) -> None:
         if self.state not in (TaskState.RESTORING, TaskState.RUNNING):
             return  # revoked or closing: the next owner reads these again
+        first = msgs[0].offset()
+        if first is not None and first <= self._offered:
+            # A stale fetch (from before a revoke) or a client fault: taking it would process
+            # records twice or out of order, and move the done offset over a gap.
+            _burst_log.warning(f"order:{self.tp}", "partition %s[%d]: dropped a batch at "
+                               "offset %d, not after %d", *self.tp, first, self._offered)
+            return
+        last = msgs[-1].offset()
+        self._offered = last if last is not None else self._offered
         self._inbox.append((handed_at, msgs))
         self._queued += len(msgs)
         self._wakeup.set()
@@ -317,6 +328,16 @@ class PartitionTask:
                 self._resume(self.tp)
             # Let the poll loop and other partitions run between batches.
             await asyncio.sleep(0)
+
+    def fence(self) -> None:
+        """This member may no longer own the partition (a lost membership or a fenced
+        commit): stop at once, write nothing more (no output, no changelog), commit nothing.
+        The caller cancels the running task; the next owner starts at the last commit."""
+        self.fenced = True
+        self.stop_intake()
+        self._drop_inbox()
+        if self.stores is not None:
+            self.stores.abandon()
 
     def _drop_inbox(self) -> None:
         """Forget queued records: they are not done, so their offsets are not committed."""

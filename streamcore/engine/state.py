@@ -201,6 +201,13 @@ class PartitionStores:
     def dirty(self) -> int:
         return sum(s.cache.dirty for s in self.slots)
 
+    def abandon(self) -> None:
+        """Forget unflushed changes (a fenced task must not write its changelog); the
+        store keeps what was flushed, and its checkpoint says where to resume."""
+        for slot in self.slots:
+            slot.cache.clear()
+        self.inflight = None
+
     # -- 4. close ------------------------------------------------------------------------
     def close(self) -> None:
         for slot in self.slots:

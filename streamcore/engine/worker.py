@@ -84,8 +84,13 @@ class Worker:
         self.config = config
         self.group = config.group or job.name
         self.run_id = run_id or str(uuid.uuid4())
-        self._consumer = consumer or ConfluentConsumer(consumer_settings(
-            config.bootstrap_servers, self.group, config.kafka, config.consumer))
+        settings = consumer_settings(config.bootstrap_servers, self.group, config.kafka,
+                                     config.consumer)
+        self._consumer = consumer or ConfluentConsumer(settings)
+        # Past this long without serving the group, librdkafka has left it (the event loop
+        # was blocked): every partition may already be another member's.
+        self._max_poll_s = int(settings["max.poll.interval.ms"]) / 1000
+        self._last_serve = time.monotonic()
         self._producer = producer or ConfluentProducer(producer_settings(
             config.bootstrap_servers, config.kafka, config.producer))
         self._tasks: dict[TopicPartition, PartitionTask] = {}
@@ -161,7 +166,8 @@ class Worker:
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         self._consumer.subscribe(topics, on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost,
-                                 start_at_end=self._starts_at_end)
+                                 start_at_end=self._starts_at_end, on_fenced=self._on_fenced)
+        self._last_serve = time.monotonic()
         log.info("worker started: job=%s group=%s topics=%s", self.job.name, self.group, topics)
         failure: BaseException | None = None
         cancelled = False
@@ -175,9 +181,10 @@ class Worker:
                 tg.create_task(self._heartbeat_loop(), name="heartbeat")
                 await self._stopping.wait()
                 await poll  # 1. stop intake at the source
-                await self._drain(list(self._tasks))  # 2. finish what was fetched; wait acks
+                live = [tp for tp, t in self._tasks.items() if not t.fenced]
+                await self._drain(live)  # 2. finish what is in flight; wait for the acks
                 await self._commit_sync(  # 3. commit everything done, queued or not
-                    self._done_offsets(list(self._tasks), only_moved=False))
+                    self._done_offsets(live, only_moved=False))
                 raise _Stopped
         except* _Stopped:
             pass
@@ -220,7 +227,7 @@ class Worker:
             msgs = await self._inflight_poll
             self._inflight_poll = None
             self.last_poll = time.monotonic()
-            if msgs:
+            if msgs and self._check_membership():
                 self._dispatch(msgs, tasks, perf())
             if self._stopping.is_set():
                 return  # what was just dispatched is drained by the caller
@@ -245,10 +252,45 @@ class Worker:
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             commit, self._pending_commit = self._pending_commit, {}
+            self._check_membership()  # before the serve that will report the loss
             errors = await loop.run_in_executor(self._consumer_thread, self._commit_then_serve,
                                                 commit, _SERVE_TIMEOUT_S)
+            self._last_serve = time.monotonic()
             for err in errors:
                 self._consumer_error(err)
+
+    def _check_membership(self) -> bool:
+        """False (and every task fenced) if the group has not been served for longer than
+        max.poll.interval.ms: the member has left the group, and the partitions may be
+        another member's already. Checked before records are handed on and before a commit;
+        the lost callback follows at the next serve, then the worker rejoins."""
+        idle = time.monotonic() - self._last_serve
+        if idle <= self._max_poll_s:
+            return True
+        self._fence(list(self._tasks), f"the group was not served for {idle:.1f}s "
+                    f"(max.poll.interval.ms {self._max_poll_s * 1000:.0f}): was the event "
+                    "loop blocked?")
+        return False
+
+    def _on_fenced(self, parts: list[TopicPartition]) -> None:
+        """Membership thread: a commit showed that this member was fenced out of the group."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._fence, parts, "a commit was refused: this "
+                                        "member is no longer in the group's generation")
+
+    def _fence(self, parts: list[TopicPartition], reason: str) -> None:
+        """Suspend these partitions at once: no more output, changelog or commit (a zombie
+        must not write). They are closed when the lost callback comes."""
+        hit = [tp for tp in parts if tp in self._tasks and not self._tasks[tp].fenced]
+        if not hit:
+            return
+        log.warning("fenced %s: %s", _fmt(hit), reason)
+        for tp in hit:
+            self._pending_commit.pop(tp, None)
+            self._tasks[tp].fence()
+            running = self._running.get(tp)
+            if running is not None:
+                running.cancel()
 
     def _dispatch(self, msgs: list[Message], tasks: dict[TopicPartition, PartitionTask],
                   handed_at: float) -> None:
@@ -346,9 +388,17 @@ class Worker:
         for tp in mine:  # a queued periodic commit must not land after the partition moved
             self._pending_commit.pop(tp, None)
         try:
-            if commit:
-                await self._drain(mine)
-                offsets = self._done_offsets(mine, only_moved=False)
+            for tp in mine:
+                self._tasks[tp].stop_intake()
+            # A fetch in flight may hold records of these partitions from before the revoke:
+            # let it land now, on the suspended tasks that drop them, so that it can never
+            # reach a task created for a later assignment of the same partition.
+            if self._inflight_poll is not None:
+                await asyncio.wait([self._inflight_poll])
+            live = [tp for tp in mine if not self._tasks[tp].fenced]
+            if commit and live:
+                await self._drain(live)
+                offsets = self._done_offsets(live, only_moved=False)
         finally:
             for tp in mine:
                 await self._close_task(tp)
@@ -421,6 +471,8 @@ class Worker:
         interval = self.config.commit_interval_s
         while True:
             await asyncio.sleep(interval)
+            if not self._check_membership():
+                continue
             running = [tp for tp, t in self._tasks.items() if t.state is TaskState.RUNNING]
             for tp in running:  # step 0: flush state stores to RocksDB and the changelog
                 self._tasks[tp].flush_state()
@@ -661,8 +713,7 @@ class Worker:
         """Commit what is done (never the failing record): wait (a little) until the producer
         has an answer for every output handed to it, forget unfinished batches, commit.
         Batches that can never be done (the failing one) do not hold the wait."""
-        tasks = list(self._tasks.values())
-        for t in tasks:
+        for t in self._tasks.values():
             t.tracker.discard_open()
         deadline = time.monotonic() + min(10.0, self.config.shutdown_timeout_s)
         while time.monotonic() < deadline:
@@ -671,7 +722,8 @@ class Worker:
                 break
             await asyncio.sleep(0.005)
         try:
-            await self._commit_sync(self._done_offsets(list(self._tasks), raise_failure=False,
+            live = [tp for tp, t in self._tasks.items() if not t.fenced]
+            await self._commit_sync(self._done_offsets(live, raise_failure=False,
                                                        only_moved=False))
         except StreamcoreError as exc:
             log.warning("commit after failure failed: %s", exc)
@@ -684,7 +736,7 @@ class Worker:
             if self._inflight_poll is not None:  # let a fetch in flight end before closing
                 with contextlib.suppress(BaseException):
                     await self._inflight_poll
-            if failure is not None and self._tasks:
+            if failure is not None and any(not t.fenced for t in self._tasks.values()):
                 await self._commit_after_failure()
             # Everything done is committed (or, after a cancel, left to the next owner):
             # close the tasks now, so that the revoke inside close() has nothing left to
