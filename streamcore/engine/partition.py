@@ -277,7 +277,7 @@ class PartitionTask:
             handed_at, msgs = inbox.popleft()
             batch = self.tracker.open()
             ctx.batch = batch
-            for i, m in enumerate(msgs):
+            for m in msgs:
                 ctx.msg = m
                 # try costs nothing until something raises (Python 3.11).
                 try:
@@ -307,10 +307,12 @@ class PartitionTask:
                 if ctx.blocked:
                     await ctx.wait_unblocked()
                     ctx.batch = batch
-                    if self._closing and i + 1 < len(msgs):
-                        # Stopping: the rest of this batch is the next owner's.
-                        self._queued -= len(msgs) - i - 1
-                        msgs = msgs[:i + 1]
+                    if self._closing and m is not msgs[-1]:
+                        # Stopping: the rest of this batch is the next owner's (found by
+                        # identity here, off the hot path, rather than enumerate per record).
+                        kept = next(i for i, x in enumerate(msgs) if x is m) + 1
+                        self._queued -= len(msgs) - kept
+                        msgs = msgs[:kept]
                         break
             last = msgs[-1].offset()
             assert last is not None

@@ -1,6 +1,8 @@
 """A stateful job for the process-level state tests, configured through environment variables.
 
 IN, OUT, JOB: topics and job name (the state directory comes from STREAMCORE_STATE_DIR).
+WORKER_ID, if set, is stamped on each aggregate (provenance checks of the fault tests).
+FETCH_WAIT_MS: the consumer's fetch.wait.max.ms (default 20).
 Per key (seq % 20) it keeps the count and the sum of seq, after a repartition by that key,
 and writes each new aggregate to OUT. BREAK_STATE_ORDER=1 deliberately commits input offsets
 without waiting for the state: the stores are flushed on their own schedule (every 3 s) and
@@ -30,10 +32,21 @@ if os.environ.get("BREAK_STATE_ORDER") == "1":
     partition.PartitionTask.done_offset = _done_ignoring_state  # type: ignore[method-assign]
     partition.PartitionTask.flush_state = _flush_now_and_then  # type: ignore[method-assign]
 
-job = Job(os.environ["JOB"], config=WorkerConfig(consumer={"fetch.wait.max.ms": 20},
+worker = os.environ.get("WORKER_ID")  # set: each aggregate also names who computed it
+
+
+def add(a: dict[str, object], v: dict[str, int]) -> dict[str, object]:
+    new: dict[str, object] = {"n": int(a["n"]) + 1,  # type: ignore[call-overload]
+                              "sum": int(a["sum"]) + v["seq"]}  # type: ignore[call-overload]
+    if worker:
+        new["w"] = worker
+    return new
+
+
+fetch_wait = int(os.environ.get("FETCH_WAIT_MS", "20"))
+job = Job(os.environ["JOB"], config=WorkerConfig(consumer={"fetch.wait.max.ms": fetch_wait},
                                                  commit_interval="300ms"))
 (job.stream(KafkaSource(os.environ["IN"], value=JSON))
     .key_by(lambda v: f"k{v['seq'] % 20}")
-    .aggregate(lambda: {"n": 0, "sum": 0},
-               lambda a, v: {"n": a["n"] + 1, "sum": a["sum"] + v["seq"]}, name="totals")
+    .aggregate(lambda: {"n": 0, "sum": 0}, add, name="totals")
     .to(KafkaSink(os.environ["OUT"], key=STR, value=JSON)))
