@@ -7,18 +7,22 @@ only what was given at creation, so nothing may depend on broker defaults.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from streamcore.errors import BrokerUnavailable
+from streamcore.logs import librdkafka_logger
 
-__all__ = ["broker_answers", "create_topics", "partition_count"]
+__all__ = ["broker_answers", "create_topics", "partition_count", "topic_names"]
 
 
 def _admin(bootstrap: str, extra: Mapping[str, str] | None = None) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap, **(extra or {})})
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": librdkafka_logger(),
+                            **(extra or {})}
+    return AdminClient(conf)
 
 
 def broker_answers(bootstrap: str, timeout: float) -> bool:
@@ -56,9 +60,20 @@ def create_topics(
 
 def partition_count(bootstrap: str, topic: str, *, timeout: float = 10.0,
                     kafka: Mapping[str, str] | None = None) -> int:
-    """Number of partitions of topic (0 if it does not exist)."""
-    md = _admin(bootstrap, kafka).list_topics(topic, timeout=timeout)
+    """Number of partitions of topic (0 if it does not exist). Asks for every topic's
+    metadata: a request naming the topic would create it on a broker that auto-creates."""
+    md = _admin(bootstrap, kafka).list_topics(timeout=timeout)
     t = md.topics.get(topic)
     if t is None or t.error is not None:
         return 0
     return len(t.partitions)
+
+
+def topic_names(bootstrap: str, *, timeout: float,
+                kafka: Mapping[str, str] | None = None) -> set[str] | None:
+    """The cluster's topics, or None if it does not answer within timeout seconds."""
+    try:
+        md = _admin(bootstrap, kafka).list_topics(timeout=timeout)
+    except KafkaException:
+        return None
+    return {name for name, t in md.topics.items() if t.error is None}

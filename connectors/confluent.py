@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -19,8 +20,8 @@ from connectors.base import (
     ProducerBackend,
     TopicPartition,
 )
-from streamcore.errors import BrokerUnavailable, DeliveryFailed, RebalanceError
-from streamcore.logs import BurstLogger
+from streamcore.errors import BrokerUnavailable, ConfigError, DeliveryFailed, RebalanceError
+from streamcore.logs import BurstLogger, librdkafka_logger
 
 __all__ = [
     "ConfluentConsumer",
@@ -42,6 +43,7 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
     "fetch.queue.backoff.ms": 1,  # the default (1 s) caps consumption at a quarter
     "fetch.wait.max.ms": 100,
     "max.poll.interval.ms": 300000,
+    "allow.auto.create.topics": False,  # a misspelled topic is an error, never a new topic
     "queued.max.messages.kbytes": 16384,  # prefetch bound: memory set by config, not backlog
 }
 _PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -60,6 +62,7 @@ _FENCED = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID
 def consumer_settings(bootstrap: str, group: str, common: Mapping[str, Any],
                       own: Mapping[str, Any]) -> dict[str, Any]:
     return {
+        "logger": librdkafka_logger(),
         **_CONSUMER_DEFAULTS,
         **common,
         **own,
@@ -77,6 +80,7 @@ def consumer_settings(bootstrap: str, group: str, common: Mapping[str, Any],
 def reader_settings(bootstrap: str, common: Mapping[str, Any]) -> dict[str, Any]:
     """A consumer that only assigns (no group membership, no commits)."""
     return {
+        "logger": librdkafka_logger(),
         "fetch.queue.backoff.ms": 1,
         "fetch.wait.max.ms": 100,
         "queued.max.messages.kbytes": 65536,
@@ -91,7 +95,8 @@ def reader_settings(bootstrap: str, common: Mapping[str, Any]) -> dict[str, Any]
 
 def producer_settings(bootstrap: str, common: Mapping[str, Any],
                       own: Mapping[str, Any]) -> dict[str, Any]:
-    return {**_PRODUCER_DEFAULTS, **common, **own, "bootstrap.servers": bootstrap}
+    return {"logger": librdkafka_logger(), **_PRODUCER_DEFAULTS, **common, **own,
+            "bootstrap.servers": bootstrap}
 
 
 def _poll_then_drain(c: Consumer, max_records: int, timeout: float) -> list[Message]:
@@ -115,6 +120,16 @@ def _poll_then_drain(c: Consumer, max_records: int, timeout: float) -> list[Mess
     return msgs
 
 
+def _creation_error(exc: KafkaException, what: str) -> Exception:
+    """A client that cannot be created: a bad setting is a configuration error naming it
+    (exit 2), anything else a broker problem."""
+    err = exc.args[0] if exc.args else None
+    if isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG:
+        m = re.search(r'"([^"]+)"', err.str())
+        return ConfigError(f"kafka[{m.group(1)!r}]" if m else "kafka", err.str())
+    return BrokerUnavailable(f"cannot create {what}: {exc}")
+
+
 def _tps(parts: Sequence[CTP]) -> list[TopicPartition]:
     return [(p.topic, p.partition) for p in parts]
 
@@ -135,7 +150,7 @@ class ConfluentConsumer(ConsumerBackend):
             self._c = Consumer(self._settings)
             self._d = Consumer(self._settings)
         except KafkaException as exc:
-            raise BrokerUnavailable(f"cannot create the consumer: {exc}") from exc
+            raise _creation_error(exc, "the consumer") from exc
 
     @staticmethod
     def _on_error(err: KafkaError) -> None:
@@ -277,7 +292,7 @@ class ConfluentReader(PartitionReader):
         try:
             self._c = Consumer(dict(settings))
         except KafkaException as exc:
-            raise BrokerUnavailable(f"cannot create a reader: {exc}") from exc
+            raise _creation_error(exc, "a reader") from exc
 
     def assign(self, starts: dict[TopicPartition, int]) -> None:
         self._c.assign([CTP(t, p, o) for (t, p), o in starts.items()])
@@ -309,7 +324,7 @@ class ConfluentProducer(ProducerBackend):
         try:
             self._p = Producer(dict(settings))
         except KafkaException as exc:
-            raise BrokerUnavailable(f"cannot create the producer: {exc}") from exc
+            raise _creation_error(exc, "the producer") from exc
         # The client's own methods have the interface's signatures: bind them directly, so
         # that the hot path has no Python frame of ours in between.
         self.produce = cast(Any, self._p.produce)  # type: ignore[method-assign]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamcore.errors import JobDefinitionError
-from streamcore.serde import BYTES, Serde
+from streamcore.serde import BYTES, KEY, Serde
 
 __all__ = ["KafkaSink", "KafkaSource"]
 
@@ -39,7 +39,7 @@ class KafkaSource:
         topics: str | Sequence[str] = (),
         *,
         pattern: str | None = None,
-        key: Serde = BYTES,
+        key: Serde = KEY,
         value: Serde = BYTES,
         timestamp: Callable[[Any], int] | None = None,
         starting_offsets: str = "earliest",
@@ -75,15 +75,16 @@ class KafkaSource:
 @dataclass(frozen=True, kw_only=True, init=False)
 class KafkaSink:
     """Records to one topic. The record's key (from the source or ``key_by``) is the Kafka key,
-    so one key always lands on one partition, in order. Input headers pass through unless
-    ``headers=False``; the input timestamp is kept, as Kafka Streams does."""
+    so one key always lands on one partition, in order. The default key serde (``KEY``)
+    writes bytes as they are, a str as UTF-8 and anything else as JSON. Input headers pass
+    through unless ``headers=False``; the input timestamp is kept, as Kafka Streams does."""
 
     topic: str
     key: Serde
     value: Serde
     headers: bool
 
-    def __init__(self, topic: str, *, key: Serde = BYTES, value: Serde = BYTES,
+    def __init__(self, topic: str, *, key: Serde = KEY, value: Serde = BYTES,
                  headers: bool = True) -> None:
         if not topic or not isinstance(topic, str):
             raise JobDefinitionError(f"KafkaSink needs a topic name, got {topic!r}")

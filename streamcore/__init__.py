@@ -17,13 +17,14 @@ from streamcore.errors import (
     JobDefinitionError,
     RebalanceError,
     RetriableError,
+    SerializationError,
     StateError,
     StreamcoreError,
     UserFunctionError,
 )
 from streamcore.job import Job, Stream
 from streamcore.query import StreamingQuery
-from streamcore.serde import BYTES, JSON, STR, Serde
+from streamcore.serde import BYTES, JSON, KEY, STR, Serde
 from streamcore.table import Table
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BYTES",
     "JSON",
+    "KEY",
     "STR",
     "BrokerUnavailable",
     "ConfigError",
@@ -44,6 +46,7 @@ __all__ = [
     "RebalanceError",
     "RetriableError",
     "RocksDBSettings",
+    "SerializationError",
     "Serde",
     "StateError",
     "Stream",

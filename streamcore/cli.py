@@ -20,7 +20,12 @@ from typing import Any
 
 from streamcore import broker as local_broker
 from streamcore.config import WorkerConfig
-from streamcore.errors import ConfigError, StreamcoreError
+from streamcore.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    JobDefinitionError,
+    StreamcoreError,
+)
 
 __all__ = ["load_job", "main"]
 
@@ -58,16 +63,38 @@ def load_job(ref: str) -> Any:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        _import(ref, lambda: spec.loader.exec_module(module))  # type: ignore[union-attr]
     else:
         if os.getcwd() not in sys.path:
             sys.path.append(os.getcwd())
-        module = importlib.import_module(target)
+        module = _import(ref, lambda: importlib.import_module(target))
     _check_own_packages()
-    job = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        jobs = sorted(n for n, v in vars(module).items() if isinstance(v, Job))
+        raise ConfigError("job", f"{ref}: the module has no attribute {attr!r}"
+                          + (f" (its jobs: {', '.join(jobs)})" if jobs else ""))
+    job = getattr(module, attr)
     if not isinstance(job, Job):
-        raise ConfigError("job", f"{ref}: {attr!r} is not a streamcore Job (got {type(job)})")
+        raise ConfigError("job", f"{ref}: {attr!r} is a {type(job).__name__}, not a "
+                          "streamcore Job")
     return job
+
+
+def _import(ref: str, load: Callable[[], Any]) -> Any:
+    """Run the job module; any error in it is a configuration error in one line (exit 2)."""
+    try:
+        return load()
+    except StreamcoreError:
+        raise
+    except Exception as exc:
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
+        raise ConfigError("job", f"cannot import {ref}: {type(exc).__name__}: {exc}{where}"
+                          ) from exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     run.add_argument("--commit-interval", help="e.g. 100ms")
     run.add_argument("--progress-interval", help="e.g. 10s")
+    run.add_argument("--startup-timeout",
+                     help="give up (exit 3) if Kafka cannot be reached within this (default 30s)")
     run.add_argument("--http-port", type=int,
                      help="port for /metrics /healthz /readyz /progress (default 9108, 0: any)")
     run.add_argument("--http-host", help="address to bind the HTTP endpoints (default 0.0.0.0)")
@@ -112,6 +141,8 @@ def _config(args: argparse.Namespace, job: Any) -> WorkerConfig:
         cli["commit_interval"] = args.commit_interval
     if args.progress_interval:
         cli["progress_interval"] = args.progress_interval
+    if args.startup_timeout:
+        cli["startup_timeout"] = args.startup_timeout
     if args.http_port is not None:
         cli["http_port"] = args.http_port
     if args.http_host:
@@ -160,8 +191,30 @@ async def _run_worker(job: Any, config: WorkerConfig) -> None:
     await worker.run()
 
 
+# Exit codes of `streamcore run` (documented in the README).
+EXIT_STOPPED, EXIT_FAILED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+# Options that take a value which may start with "-" (a negative duration must reach the
+# validation, which names the field, rather than be taken for an option).
+_VALUE_OPTIONS = ("--commit-interval", "--progress-interval", "--startup-timeout")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1][:1] == "-":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_join_negative_values(
+        sys.argv[1:] if argv is None else list(argv)))
     if args.command == "broker":
         return _broker(args)
     from streamcore import logs
@@ -172,14 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args, job)
         logs.configure(config.log_level)
         asyncio.run(_run_worker(job, config))
-    except ConfigError as exc:
+    except (ConfigError, JobDefinitionError) as exc:
         print(f"streamcore: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except BrokerUnavailable as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        print(f"streamcore: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except StreamcoreError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         print(f"streamcore: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_STOPPED
 
 
 def _broker(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from streamcore.errors import ConfigError
 
 __all__ = ["WorkerConfig", "parse_duration"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 # librdkafka settings that the engine must own: changing them would void at-least-once.
@@ -68,6 +68,7 @@ class WorkerConfig:
     http_host: str = "0.0.0.0"
     http_port: int | None = 9108  # /metrics /healthz /readyz /progress; 0: any free port
     health_timeout: float | str = 10.0  # /healthz fails when the event loop stalls this long
+    startup_timeout: float | str = 30.0  # give up if Kafka cannot be reached within this
     state_dir: str = "./state"  # stores live under {state_dir}/{job}/{step}/{partition}/
     state_backend: str = "rocksdb"  # or "memory": nothing on disk, replayed on every assign
     state_cache_entries: int = 100_000  # decoded values cached per store between commits
@@ -78,7 +79,7 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         for name in ("commit_interval", "shutdown_timeout", "progress_interval", "poll_timeout",
-                     "health_timeout"):
+                     "health_timeout", "startup_timeout"):
             object.__setattr__(self, name, parse_duration(getattr(self, name), name))
         if not self.bootstrap_servers or not isinstance(self.bootstrap_servers, str):
             raise ConfigError("bootstrap_servers", "must be a non-empty host:port list")
@@ -133,6 +134,10 @@ class WorkerConfig:
     @property
     def health_timeout_s(self) -> float:
         return float(self.health_timeout)
+
+    @property
+    def startup_timeout_s(self) -> float:
+        return float(self.startup_timeout)
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as a dict for logs and /progress, secrets masked."""

@@ -8,6 +8,7 @@
      └── FatalError                the worker stops without committing the failing offset
           ├── DeliveryFailed       the broker rejected an output or changelog record
           ├── DeserializationError an input record could not be decoded
+          ├── SerializationError   a sink's serde refused an output (a configuration mistake)
           ├── UserFunctionError    a user function raised
           ├── StateError           a state store could not be opened, restored or written
           └── RebalanceError       a partition could not be handed over cleanly
@@ -28,6 +29,7 @@ __all__ = [
     "JobDefinitionError",
     "RebalanceError",
     "RetriableError",
+    "SerializationError",
     "StateError",
     "StreamcoreError",
     "UserFunctionError",
@@ -84,6 +86,12 @@ class DeliveryFailed(FatalError):
 
 class DeserializationError(_RecordError):
     """An input key or value could not be decoded by its serde."""
+
+
+class SerializationError(_RecordError):
+    """A sink's key or value serde refused an output. Fatal under every error policy: a serde
+    that does not fit the records is a configuration mistake that would otherwise drop every
+    record while the job looks healthy."""
 
 
 class UserFunctionError(_RecordError):

@@ -56,6 +56,9 @@ class Node:
             return self.sink.describe()
         if self.kind == OpKind.AGGREGATE:
             return f"{self.params['op']}(name={self.params['name']})"
+        label = self.params.get("label")
+        if label is not None:  # the user's name for the step: errors, explain, DLQ headers
+            return f"{self.kind}({label})"
         name = getattr(self.fn, "__name__", "") if self.fn is not None else ""
         extra = ", ".join(f"{k}={v}" for k, v in self.params.items()
                           if k in _SHOWN and v is not None)

@@ -16,7 +16,6 @@ runs until :meth:`Job.start` (a thread-backed :class:`~streamcore.query.Streamin
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -207,49 +206,69 @@ class Stream:
         self._job = job
         self._node = node
 
-    def _then(self, kind: str, fn: Callable[..., Any] | None = None, **params: Any) -> Stream:
+    def _then(self, kind: str, fn: Callable[..., Any] | None = None, *,
+              label: str | None = None, **params: Any) -> Stream:
         if fn is not None:
             _check_fn(fn, kind)
+            if kind != OpKind.MAP_ASYNC and _is_async(fn):
+                raise JobDefinitionError(
+                    f"{kind}() got the async function {_fn_name(fn)}: its result would be an "
+                    "un-awaited coroutine; use map_async(fn) to await it")
         _check_policy(params.get("on_error"))
+        if label is not None:
+            if not isinstance(label, str) or not _STEP_NAME.match(label):
+                raise JobDefinitionError(
+                    f"step name {label!r} must be 1-100 letters, digits, '.', '_' or '-'")
+            params["label"] = label  # names the step in errors, explain() and DLQ headers
         return Stream(self._job, self._job._add(Node(kind, (self._node,), fn, params)))
 
     # Every step that calls a user function takes on_error= (None: the job's policy).
-    def map(self, fn: Callable[[Any], Any], *, on_error: str | None = None) -> Stream:
+    def map(self, fn: Callable[[Any], Any], *, on_error: str | None = None,
+            name: str | None = None) -> Stream:
         """Replace each value by fn(value)."""
-        return self._then(OpKind.MAP, fn, on_error=on_error)
+        return self._then(OpKind.MAP, fn, on_error=on_error, label=name)
 
     def map_async(self, fn: Callable[[Any], Awaitable[Any]], *, concurrency: int = 16,
-                  on_error: str | None = None) -> Stream:
+                  on_error: str | None = None, name: str | None = None) -> Stream:
         """Replace each value by ``await fn(value)``, running up to concurrency calls at once
         per partition; results are emitted in input order. A raising call gets ``on_error``
         (default: the job's policy) when its turn comes, as a synchronous step would."""
-        if not inspect.iscoroutinefunction(fn) and not callable(fn):
-            raise JobDefinitionError(f"map_async() needs an async function, got {fn!r}")
+        _check_fn(fn, "map_async")
+        if inspect.isfunction(fn) and fn.__name__ != "<lambda>" and not _is_async(fn):
+            # A lambda may return an awaitable (lambda v: client.get(v)); a plain def cannot
+            # be awaited unless it does, which map_async checks per call.
+            raise JobDefinitionError(
+                f"map_async() needs an async function (async def), got the plain function "
+                f"{_fn_name(fn)}; use map(fn) for it")
         if not isinstance(concurrency, int) or concurrency < 1:
             raise JobDefinitionError(f"map_async concurrency must be >= 1, got {concurrency!r}")
-        return self._then(OpKind.MAP_ASYNC, fn, concurrency=concurrency, on_error=on_error)
+        return self._then(OpKind.MAP_ASYNC, fn, concurrency=concurrency, on_error=on_error,
+                          label=name)
 
     def flat_map(self, fn: Callable[[Any], Iterable[Any]], *,
-                 on_error: str | None = None) -> Stream:
+                 on_error: str | None = None, name: str | None = None) -> Stream:
         """Replace each value by zero or more values."""
-        return self._then(OpKind.FLAT_MAP, fn, on_error=on_error)
+        return self._then(OpKind.FLAT_MAP, fn, on_error=on_error, label=name)
 
-    def filter(self, fn: Callable[[Any], bool], *, on_error: str | None = None) -> Stream:
+    def filter(self, fn: Callable[[Any], bool], *, on_error: str | None = None,
+               name: str | None = None) -> Stream:
         """Keep the records whose value satisfies fn."""
-        return self._then(OpKind.FILTER, fn, on_error=on_error)
+        return self._then(OpKind.FILTER, fn, on_error=on_error, label=name)
 
-    def peek(self, fn: Callable[[Any], None], *, on_error: str | None = None) -> Stream:
+    def peek(self, fn: Callable[[Any], None], *, on_error: str | None = None,
+             name: str | None = None) -> Stream:
         """Call fn(value) for its side effect and pass the record on unchanged."""
-        return self._then(OpKind.PEEK, fn, on_error=on_error)
+        return self._then(OpKind.PEEK, fn, on_error=on_error, label=name)
 
-    def key_by(self, fn: Callable[[Any], Any], *, on_error: str | None = None) -> Stream:
+    def key_by(self, fn: Callable[[Any], Any], *, on_error: str | None = None,
+               name: str | None = None) -> Stream:
         """Set each record's key to fn(value)."""
-        return self._then(OpKind.KEY_BY, fn, on_error=on_error)
+        return self._then(OpKind.KEY_BY, fn, on_error=on_error, label=name)
 
     def with_timestamps(self, fn: Callable[[Any], int], *,
-                        on_error: str | None = None) -> Stream:
+                        on_error: str | None = None, name: str | None = None) -> Stream:
         """Set each record's event time (epoch milliseconds) to fn(value)."""
-        return self._then(OpKind.WITH_TIMESTAMPS, fn, on_error=on_error)
+        return self._then(OpKind.WITH_TIMESTAMPS, fn, on_error=on_error, label=name)
 
     def union(self, *others: Stream) -> Stream:
         """The records of this stream and of others, interleaved as they arrive."""
@@ -390,13 +409,25 @@ class Stream:
             raise JobDefinitionError(f"to() takes a KafkaSink, got {sink!r}")
         self._job._add(Node(OpKind.TO, (self._node,), sink=sink))
 
-    def foreach(self, fn: Callable[[Any], None], *, on_error: str | None = None) -> None:
+    def foreach(self, fn: Callable[[Any], None], *, on_error: str | None = None,
+                name: str | None = None) -> None:
         """Call fn(value) for every record (at least once). An async fn is awaited in order."""
         _check_fn(fn, "foreach")
-        if asyncio.iscoroutinefunction(fn):
-            self.map_async(fn, concurrency=1, on_error=on_error)._then(OpKind.FOREACH, _discard)
+        if _is_async(fn):
+            self.map_async(fn, concurrency=1, on_error=on_error, name=name)._then(  # type: ignore[arg-type]
+                OpKind.FOREACH, _discard)
         else:
-            self._then(OpKind.FOREACH, fn, on_error=on_error)
+            self._then(OpKind.FOREACH, fn, on_error=on_error, label=name)
+
+
+def _is_async(fn: Any) -> bool:
+    """An ``async def`` function (also behind functools.partial, or as ``__call__``)."""
+    call = type(fn).__call__ if not inspect.isroutine(fn) else None
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
+
+
+def _fn_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _discard(_value: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["BurstLogger", "configure", "redact"]
+__all__ = ["BurstFilter", "BurstLogger", "configure", "librdkafka_logger", "redact"]
 
 _SECRET_WORDS = ("password", "secret", "token", "sasl.jaas", "key.pem", "keystore",
                  "private", "credential")
@@ -42,6 +42,40 @@ class BurstLogger:
             msg += f" ({suppressed} more like it in the last {self._window:.0f}s)"
         self._seen[kind] = (now, 0)
         self._log.warning(msg, *args)
+
+
+class BurstFilter(logging.Filter):
+    """BurstLogger's rule for records logged by others (librdkafka): per kind (its facility,
+    e.g. FAIL), the first record, then at most one per window carrying the count suppressed."""
+
+    def __init__(self, window: float = 30.0) -> None:
+        super().__init__()
+        self._window = window
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        kind = f"{record.levelno}:{args[0] if args else str(record.msg)[:40]}"
+        now = time.monotonic()
+        since, suppressed = self._seen.get(kind, (0.0, 0))
+        if now - since < self._window:
+            self._seen[kind] = (since, suppressed + 1)
+            return False
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} more like it in the last " \
+                         f"{self._window:.0f}s)"
+        self._seen[kind] = (now, 0)
+        return True
+
+
+def librdkafka_logger() -> logging.Logger:
+    """The logger every Kafka client of ours gets as its ``logger`` setting: librdkafka's own
+    lines go through our handlers (JSON in production), rate-limited, instead of raw
+    ``%3|...|FAIL|`` lines on stderr."""
+    lg = logging.getLogger("streamcore.librdkafka")
+    if not any(isinstance(f, BurstFilter) for f in lg.filters):
+        lg.addFilter(BurstFilter())
+    return lg
 
 
 class _JsonFormatter(logging.Formatter):

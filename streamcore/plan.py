@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from streamcore.engine.context import AsyncLane, Emit, PartitionContext, SinkCounter, StepFailed
 from streamcore.engine.tracking import Batch
-from streamcore.errors import JobDefinitionError
+from streamcore.errors import JobDefinitionError, SerializationError
 from streamcore.graph import Node, OpKind
-from streamcore.serde import BYTES, INTERNAL_KEY
+from streamcore.serde import BYTES, INTERNAL_KEY, KEY
 
 if TYPE_CHECKING:
     from streamcore.job import Job
@@ -243,7 +243,7 @@ def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
     topic = topic or sink.topic
     vser = sink.value.serialize
     kser = sink.key.serialize
-    raw_keys = sink.key is BYTES  # keys that are already bytes need no call
+    raw_keys = sink.key in (BYTES, KEY)  # keys that are already bytes need no call
     with_headers = sink.headers
     producer = ctx.producer
     produce = producer.produce
@@ -251,7 +251,6 @@ def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
     held = outbox.held  # non-empty: the producer's queue was full; keep the order
     counter = SinkCounter(topic)
     ctx.sinks.append(counter)
-    step = sink.describe()
 
     def to(key: Any, value: Any, ts: int) -> None:
         batch: Batch = ctx.batch  # type: ignore[assignment]  # set while records flow
@@ -259,7 +258,7 @@ def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
             v = None if value is None else vser(value)
             k = key if key is None or (raw_keys and type(key) is bytes) else kser(key)
         except Exception as exc:
-            raise StepFailed(step, None, exc) from exc
+            raise _serialization_error(sink, ctx, key, value, exc) from exc
         counter.n += 1
         h = None
         if with_headers and ctx.msg is not None:
@@ -278,6 +277,21 @@ def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
         held.append((topic, v, k, -1, batch.ack, ts, h))
         ctx.blocked = True
     return to
+
+
+def _serialization_error(sink: Any, ctx: PartitionContext, key: Any, value: Any,
+                         exc: Exception) -> SerializationError:
+    """Name the sink, which of key and value, its serde and the type it refused."""
+    try:
+        sink.value.serialize(value)
+        what, serde, obj = "key", sink.key, key
+    except Exception:
+        what, serde, obj = "value", sink.value, value
+    topic, partition, offset = ctx.position()
+    return SerializationError(
+        f"{sink.describe()}: its {what} serde {serde.name!r} refused a "
+        f"{type(obj).__name__} ({type(exc).__name__}: {exc}); give the sink a {what}= serde "
+        "that fits what the job writes", topic=topic, partition=partition, offset=offset)
 
 
 def explain(job: Job) -> str:

@@ -83,12 +83,17 @@ class StreamingQuery:
     def status(self) -> dict[str, Any]:
         w = self._worker
         states = {f"{t}[{p}]": s.value for (t, p), s in (w.assigned.items() if w else [])}
-        return {
+        err = self._error
+        out: dict[str, Any] = {
             "isActive": self.is_active,
             "partitions": states,
-            "message": ("Stopped" if not self.is_active else
+            "message": (f"Failed: {type(err).__name__}: {err}" if err is not None else
+                        "Stopped" if not self.is_active else
                         "Waiting for assignment" if not states else "Processing"),
         }
+        if err is not None:
+            out["exception"] = f"{type(err).__name__}: {err}"
+        return out
 
     @property
     def last_progress(self) -> dict[str, Any] | None:

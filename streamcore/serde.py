@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["BYTES", "INTERNAL_KEY", "INTERNAL_VALUE", "JSON", "STR", "Serde"]
+__all__ = ["BYTES", "INTERNAL_KEY", "INTERNAL_VALUE", "JSON", "KEY", "STR", "Serde"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,20 @@ def _str_de(b: bytes) -> str:
 JSON = Serde("json", orjson.dumps, orjson.loads)
 STR = Serde("str", _str_ser, _str_de)
 BYTES = Serde("bytes", _to_bytes, _identity)
+
+
+def _key_ser(k: Any) -> bytes:
+    if isinstance(k, bytes | bytearray | memoryview):
+        return bytes(k)
+    if isinstance(k, str):
+        return k.encode()
+    return orjson.dumps(k)
+
+
+# The default key serde of sources and sinks: keys are usually strings (key_by(lambda v:
+# v["user"])), sometimes bytes, ints or tuples. Out: bytes as they are, str as UTF-8,
+# anything else as JSON (None is no key, as always). In: the bytes as they are.
+KEY = Serde("key", _key_ser, _identity)
 
 
 # The serdes of internal topics (repartition) and of state keys. Bytes travel as themselves

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -18,8 +20,10 @@ import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from connectors.admin import create_topics
+from streamcore.logs import librdkafka_logger
 
 ROOT = Path(__file__).resolve().parent.parent
+_LOG = librdkafka_logger()  # the test clients' librdkafka lines go through logging too
 
 
 def unique(prefix: str) -> str:
@@ -35,7 +39,7 @@ def produce(bootstrap: str, topic: str, records: Iterable[tuple[Any, Any, int | 
             **conf: Any) -> dict[int, int]:
     """Produce (key, value, partition) records; JSON-encodes dict values. Returns the number
     of records per partition."""
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10, **conf})
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10, "logger": _LOG, **conf})
     counts: dict[int, int] = {}
     errors: list[str] = []
 
@@ -67,7 +71,7 @@ def read_topic(bootstrap: str, topic: str, *, expect: int, partitions: int = 4,
                timeout: float = 60.0, settle: float = 1.0) -> list[Any]:
     """Every message of topic from the start, by manual assignment (no group join), until
     expect messages have arrived and nothing more comes for settle seconds."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("verify"),
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("verify"), "logger": _LOG,
                   "enable.auto.commit": False, "fetch.wait.max.ms": 100,
                   "isolation.level": "read_uncommitted"})
     c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
@@ -113,7 +117,7 @@ def totals(pairs: Iterable[tuple[str, int]]) -> dict[str, dict[str, int]]:
 
 
 def committed(bootstrap: str, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "logger": _LOG})
     try:
         res = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
     finally:
@@ -135,7 +139,8 @@ class PacedProducer:
         self.offsets: dict[int, tuple[int, int]] = {}  # seq -> (partition, offset)
         self.errors: list[str] = []
         self._stop = threading.Event()
-        self._p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, **conf})
+        self._p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "logger": _LOG,
+                            **conf})
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _ack(self, err: Any, msg: Any) -> None:
@@ -231,6 +236,15 @@ def worker_process(job_file: str, bootstrap: str, env: dict[str, str],
         yield w
     finally:
         w.kill()
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Status and body of a worker's HTTP endpoint (a 503 is an answer, not an error)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.1) -> None:

@@ -9,8 +9,9 @@ each record. Only the event loop thread touches it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from connectors.base import Message, Outbox, ProducerBackend
@@ -96,7 +97,7 @@ def _reraise(failed: StepFailed) -> None:
     raise failed
 
 
-async def _outcome(call: Coroutine[Any, Any, Any]) -> tuple[Any, Exception | None]:
+async def _outcome(call: Awaitable[Any]) -> tuple[Any, Exception | None]:
     """The call's result or exception. A call is a task of the partition's TaskGroup, which
     would fail as a whole if the task raised; the lane applies the step's policy instead."""
     try:
@@ -140,9 +141,15 @@ class AsyncLane:
         ctx = self.ctx
         batch = ctx.batch
         assert batch is not None and self.tg is not None
+        try:
+            call = self.fn(value)
+            if not inspect.isawaitable(call):
+                raise TypeError(f"the function returned {type(call).__name__}, not an "
+                                "awaitable; use map() for a plain function")
+        except Exception as exc:  # the step's failure, as if the call had raised
+            raise StepFailed(self.step, self.policy, exc) from exc
         batch.pending += 1
-        self._queue.append((self.tg.create_task(_outcome(self.fn(value))), key, ts, ctx.msg,
-                            batch))
+        self._queue.append((self.tg.create_task(_outcome(call)), key, ts, ctx.msg, batch))
         self._changed.set()
         if len(self._queue) >= self.concurrency:
             ctx.blocked = True

@@ -19,6 +19,7 @@ import enum
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,7 +41,7 @@ from streamcore.graph import Node
 from streamcore.logs import BurstLogger
 from streamcore.plan import compile_chain
 from streamcore.progress import LatencyHistogram
-from streamcore.serde import BYTES
+from streamcore.serde import BYTES, KEY
 
 __all__ = ["PartitionTask", "TaskState"]
 
@@ -218,6 +219,11 @@ class PartitionTask:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def processed(self) -> int:
+        """Records through the whole chain: taken, less those still in flight in a lane."""
+        return self.records_in - sum(len(lane) for lane in self.ctx.lanes)
+
     def stop_intake(self) -> None:
         """Finish what is in flight, then stop (graceful shutdown and revoke).
 
@@ -263,7 +269,8 @@ class PartitionTask:
         ctx = self.ctx
         chain = self._chain
         vde = self._spec.value.deserialize
-        kde = None if self._spec.key is BYTES else self._spec.key.deserialize
+        # Keys that stay bytes need no call per record.
+        kde = None if self._spec.key in (BYTES, KEY) else self._spec.key.deserialize
         ts_of = self._spec.timestamp
         perf = time.perf_counter
         while True:
@@ -379,6 +386,7 @@ class PartitionTask:
                    ("streamcore.error.step", failed.step.encode()),
                    ("streamcore.error.exception", type(failed.exc).__name__.encode()),
                    ("streamcore.error.message", str(failed.exc)[:2000].encode()),
+                   ("streamcore.error.traceback", _last_frames(failed.exc).encode()),
                    ("streamcore.source.topic", self.tp[0].encode()),
                    ("streamcore.source.partition", str(self.tp[1]).encode()),
                    ("streamcore.source.offset", str(m.offset()).encode()),
@@ -389,3 +397,9 @@ class PartitionTask:
         if self.ctx.outbox.held:
             self.ctx.blocked = True
         self.dlq_records += 1
+
+
+def _last_frames(exc: BaseException, n: int = 3) -> str:
+    """The last n frames of exc's traceback (where in the user's code it raised)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-n:]
+    return "".join(traceback.format_list(frames))[:4000]

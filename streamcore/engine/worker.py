@@ -36,7 +36,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from connectors.admin import create_topics, partition_count
+from connectors.admin import create_topics, partition_count, topic_names
 from connectors.base import ConsumerBackend, Message, ProducerBackend, TopicPartition
 from connectors.confluent import (
     ConfluentConsumer,
@@ -52,7 +52,7 @@ from streamcore.config import WorkerConfig
 from streamcore.engine.partition import PartitionTask, TaskState
 from streamcore.engine.state import PartitionStores
 from streamcore.engine.tables import GlobalTable
-from streamcore.errors import ConfigError, FatalError, StreamcoreError
+from streamcore.errors import BrokerUnavailable, ConfigError, FatalError, StreamcoreError
 from streamcore.graph import OpKind
 from streamcore.internal import internal_topics
 from streamcore.logs import BurstLogger
@@ -116,6 +116,7 @@ class Worker:
         self._retired_consumed: dict[TopicPartition, int] = {}
         self._retired_produced: dict[str, int] = {}
         self._retired_dlq = 0
+        self._retired_processed = 0
         self._retired_restored: dict[str, int] = {}  # step -> changelog records replayed
         self.metrics = WorkerMetrics(job.name)
         self._http: StatusServer | None = None
@@ -155,6 +156,7 @@ class Worker:
         if self._stop_requested:
             self._stopping.set()
         log.info("worker config: %s", self.config.redacted())
+        await self._loop.run_in_executor(None, self._check_startup)
         if self.job.uses_dead_letter:
             await self._loop.run_in_executor(None, self._create_dlq)
         self._start_http()
@@ -495,6 +497,22 @@ class Worker:
             if task.state is not TaskState.CLOSED:
                 task.transition(TaskState.CLOSED)
 
+    def _check_startup(self) -> None:
+        """Fail fast, in one message, when Kafka cannot be reached or an input topic does not
+        exist (a misspelled topic must not be created by the request that looks for it)."""
+        c = self.config
+        existing = topic_names(c.bootstrap_servers, timeout=c.startup_timeout_s, kafka=c.kafka)
+        if existing is None:
+            raise BrokerUnavailable(
+                f"cannot reach Kafka at {c.bootstrap_servers} within {c.startup_timeout_s:g}s "
+                "(startup_timeout): check --bootstrap / STREAMCORE_BOOTSTRAP_SERVERS and that "
+                "the brokers are up")
+        missing = [t for n in self.job.sources for t in n.source.topics if t not in existing]
+        if missing:
+            raise ConfigError("KafkaSource", f"input topic(s) {', '.join(sorted(missing))} "
+                              f"do not exist on {c.bootstrap_servers}; create them first "
+                              "(streamcore never creates an input topic)")
+
     # -- state: internal topics, stores, global tables ------------------------------------
     def _create_internal_topics(self) -> dict[str, int]:
         """Create repartition and changelog topics; return the partition count of each
@@ -605,6 +623,7 @@ class Worker:
         for c in task.ctx.sinks:
             produced[c.topic] = produced.get(c.topic, 0) + c.n
         self._retired_dlq += task.dlq_records
+        self._retired_processed += task.processed
         for slot in task.stores.slots if task.stores is not None else ():
             self._retired_restored[slot.step] = (
                 self._retired_restored.get(slot.step, 0) + slot.restored)
@@ -675,12 +694,18 @@ class Worker:
             await asyncio.sleep(self.config.progress_interval_s)
             self._report_progress()
 
+    def _processed(self) -> int:
+        """Records that went through the whole chain (fetched ones still queued, or dropped
+        at a failure or a stop, are not counted)."""
+        return self._retired_processed + sum(t.processed for t in list(self._tasks.values()))
+
     def _report_progress(self) -> dict[str, Any]:
         now = time.monotonic()
         since, before = self._progress_mark
-        self._progress_mark = (now, self.records_in)
+        processed = self._processed()
+        self._progress_mark = (now, processed)
         elapsed = max(now - since, 1e-9)
-        rows = self.records_in - before
+        rows = processed - before
         report: dict[str, Any] = {
             "id": self.job.name,
             "runId": self.run_id,

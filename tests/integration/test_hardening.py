@@ -22,6 +22,7 @@ from streamcore.errors import BrokerUnavailable, UserFunctionError
 from streamcore.serde import INTERNAL_KEY, INTERNAL_VALUE
 from tests.helpers import (
     committed,
+    http_get,
     latest_per_key,
     make_topics,
     produce,
@@ -150,6 +151,8 @@ def test_map_async_and_the_steps_after_it_follow_the_error_policy(
     headers = dict(dlq[0].headers())
     assert headers["streamcore.error.exception"] == b"LookupError"
     assert headers["streamcore.error.step"].startswith(b"map_async(")
+    # The last frames of the traceback: where in the user's code it raised.
+    assert b'raise LookupError(f"no such' in headers["streamcore.error.traceback"]
 
 
 def test_stop_right_after_start_is_not_lost(bootstrap: str, tmp_path: Path) -> None:
@@ -189,6 +192,11 @@ def test_a_map_async_failure_ends_the_query_promptly(bootstrap: str, tmp_path: P
     with pytest.raises(UserFunctionError, match="boom"):
         q.await_termination(60)
     assert time.monotonic() - t0 < 15, "the failure took the whole drain deadline"
+    status = q.status
+    assert status["message"].startswith("Failed: UserFunctionError") and "boom" in \
+        status["exception"], status
+    # Records fetched but never through the chain are not counted as processed.
+    assert sum(p["numInputRows"] for p in q.recent_progress) < 10
     assert committed(bootstrap, job.name, src, partitions=4)[0] <= 5, \
         "the failing record was committed"
 
@@ -295,26 +303,17 @@ async def test_a_global_table_whose_follower_failed_fails_healthz(
         await asyncio.sleep(0.5)
         ok, detail = worker.health()
         assert not ok and "global table" in detail["reason"], detail
-        body = await asyncio.to_thread(_get, f"http://127.0.0.1:{worker.http_port}/healthz")
-        assert body[0] == 503 and "stopped following" in body[1]
-        metrics = (await asyncio.to_thread(
-            _get, f"http://127.0.0.1:{worker.http_port}/metrics"))[1]
+        port = worker.http_port
+        assert port is not None
+        status, body = await asyncio.to_thread(http_get, port, "/healthz")
+        assert status == 503 and b"stopped following" in body
+        metrics = (await asyncio.to_thread(http_get, port, "/metrics"))[1].decode()
         assert f'streamcore_global_table_failures_total{{job="{job.name}",table="{users}"}} 1.0' \
             in metrics
     finally:
         worker.stop()
         await asyncio.wait_for(task, 60)
 
-
-def _get(url: str) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_a_worker_whose_loop_blocked_past_max_poll_writes_no_more_as_a_zombie(

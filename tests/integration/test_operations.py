@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import orjson
 import pytest
 
 from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
-from tests.helpers import committed, make_topics, produce, read_topic, unique, wait_until
-
-
-def _get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+from tests.helpers import (
+    committed,
+    http_get,
+    make_topics,
+    produce,
+    read_topic,
+    unique,
+    wait_until,
+)
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -56,15 +54,15 @@ def test_endpoints_report_readiness_traffic_and_a_blocked_loop(bootstrap: str) -
         port = q.worker.http_port
         assert port
         # Before the group has assigned partitions the worker is alive but not ready.
-        status, body = _get(port, "/readyz")
+        status, body = http_get(port, "/readyz")
         assert status == 503, body
-        assert _get(port, "/healthz")[0] == 200
-        wait_until(lambda: _get(port, "/readyz")[0] == 200, 60, "readiness after assignment")
-        assert b"RUNNING" in _get(port, "/readyz")[1]
+        assert http_get(port, "/healthz")[0] == 200
+        wait_until(lambda: http_get(port, "/readyz")[0] == 200, 60, "readiness after assignment")
+        assert b"RUNNING" in http_get(port, "/readyz")[1]
 
         produce(bootstrap, src, ((None, {"i": i}, None) for i in range(2000)))
         read_topic(bootstrap, out, expect=2000)
-        text = _get(port, "/metrics")[1].decode()
+        text = http_get(port, "/metrics")[1].decode()
         assert _metric(text, "streamcore_records_consumed_total", job=name) == 2000
         assert _metric(text, "streamcore_records_produced_total", topic=out) == 2000
         assert _metric(text, "streamcore_processing_latency_seconds_count") == 2000
@@ -74,19 +72,19 @@ def test_endpoints_report_readiness_traffic_and_a_blocked_loop(bootstrap: str) -
 
         produce(bootstrap, src, ((None, {"i": i}, None) for i in range(2000, 2500)))
         read_topic(bootstrap, out, expect=2500)
-        text = _get(port, "/metrics")[1].decode()
+        text = http_get(port, "/metrics")[1].decode()
         assert _metric(text, "streamcore_records_consumed_total", job=name) == 2500
 
         wait_until(lambda: q.last_progress is not None, 10, "a progress report")
-        progress = orjson.loads(_get(port, "/progress")[1])
+        progress = orjson.loads(http_get(port, "/progress")[1])
         assert progress["name"] == name and "inWorkerLatencyMs" in progress
 
         # A job function that blocks the loop: /healthz says so while it lasts.
         produce(bootstrap, src, [(None, {"i": -1, "block": True}, 0)])
-        wait_until(lambda: _get(port, "/healthz")[0] == 503, 20, "healthz failing")
-        status, body = _get(port, "/healthz")
+        wait_until(lambda: http_get(port, "/healthz")[0] == 503, 20, "healthz failing")
+        status, body = http_get(port, "/healthz")
         assert status == 503 and b"event loop stalled" in body, body
-        wait_until(lambda: _get(port, "/healthz")[0] == 200, 20, "healthz recovering")
+        wait_until(lambda: http_get(port, "/healthz")[0] == 200, 20, "healthz recovering")
     finally:
         q.stop(30)
     assert q.exception() is None
@@ -123,7 +121,7 @@ def test_error_policies_keep_going_and_lose_nothing(bootstrap: str, policy: str)
         assert q.worker is not None
         port = q.worker.http_port
         assert port
-        text = _get(port, "/metrics")[1].decode()
+        text = http_get(port, "/metrics")[1].decode()
         assert _metric(text, "streamcore_errors_total", kind="deserialization",
                        policy=policy) == 6
         assert _metric(text, "streamcore_errors_total", kind="user_function",

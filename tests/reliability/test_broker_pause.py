@@ -12,8 +12,6 @@ import json
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import orjson
 import pytest
 
 from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
-from tests.helpers import make_topics, produce, read_topic, unique, wait_until
+from tests.helpers import http_get, make_topics, produce, read_topic, unique, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +35,6 @@ def _busy(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
-def _health(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 def test_broker_paused_with_the_producer_queue_full(bootstrap: str, broker_pid: int,
                                                    tmp_path: Path) -> None:
     src, out = unique("pause-in"), unique("pause-out")
@@ -57,7 +47,7 @@ def test_broker_paused_with_the_producer_queue_full(bootstrap: str, broker_pid: 
                        producer={"queue.buffering.max.messages": 1000})
     q = job.start(cfg)
     held_seen = False
-    answers: list[tuple[int, str]] = []
+    answers: list[tuple[int, bytes]] = []
     try:
         w = q.worker
         assert w is not None
@@ -68,7 +58,7 @@ def test_broker_paused_with_the_producer_queue_full(bootstrap: str, broker_pid: 
         try:
             end = time.monotonic() + PAUSE_S
             while time.monotonic() < end:
-                answers.append(_health(port))
+                answers.append(http_get(port, "/healthz", timeout=2))
                 held_seen = held_seen or any(
                     t.ctx.outbox.held for t in list(w._tasks.values()))
                 time.sleep(0.25)

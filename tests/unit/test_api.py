@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -12,14 +13,16 @@ from connectors.base import ProducerBackend
 from streamcore import (
     BYTES,
     JSON,
+    KEY,
     STR,
     Job,
     JobDefinitionError,
     KafkaSink,
     KafkaSource,
     Serde,
+    SerializationError,
 )
-from streamcore.engine.context import PartitionContext
+from streamcore.engine.context import PartitionContext, StepFailed
 from streamcore.engine.tracking import OffsetTracker
 from streamcore.plan import compile_chain, source_for_topic
 from streamcore.progress import LatencyHistogram
@@ -146,3 +149,68 @@ def test_latency_histogram_quantiles_within_bucket_error() -> None:
     assert h.quantile(0.5) == pytest.approx(500e-6, rel=0.1)
     assert h.quantile(0.99) == pytest.approx(990e-6, rel=0.1)
     assert h.summary_ms()["p99"] == pytest.approx(0.99, rel=0.1)
+
+
+def test_the_default_key_serde_writes_what_key_by_usually_returns() -> None:
+    assert KEY.serialize(b"\x00raw") == b"\x00raw"
+    assert KEY.serialize("user-1") == b"user-1"
+    assert KEY.serialize(42) == b"42"
+    assert KEY.serialize(("a", 1)) == b'["a",1]'
+    assert KEY.deserialize(b"user-1") == b"user-1"  # keys come in as bytes
+    assert KafkaSink("out").key is KEY and KafkaSource("in").key is KEY
+
+
+def test_a_natural_job_with_str_keys_and_the_default_sink_key_serde() -> None:
+    """Before: the BYTES key serde refused the str key on the first record."""
+    job = Job("j")
+    (job.stream(KafkaSource("in", value=JSON)).key_by(lambda v: v["user"])
+        .to(KafkaSink("out", value=JSON)))
+    assert _run_chain(job, "in", [(None, {"user": "ann"}, 5)]) == \
+        [("out", b"ann", b'{"user":"ann"}', 5)]
+
+
+async def _fetch(v: Any) -> Any:
+    return v
+
+
+def test_an_async_function_in_a_synchronous_step_is_refused_at_build_time() -> None:
+    s = Job("j").stream(KafkaSource("in"))
+    steps: list[Any] = [s.map, s.filter, s.flat_map, s.key_by, s.peek]
+    for step in steps:
+        with pytest.raises(JobDefinitionError, match="use map_async"):
+            step(_fetch)
+    with pytest.raises(JobDefinitionError, match="use map_async"):
+        s.map(functools.partial(_fetch))
+    s.map_async(_fetch)  # accepted
+    s.map_async(lambda v: _fetch(v))  # a lambda may return an awaitable: checked per call
+
+
+def test_a_plain_function_in_map_async_is_refused_at_build_time() -> None:
+    def plain(v: Any) -> Any:
+        return v
+
+    with pytest.raises(JobDefinitionError, match=r"plain function .*plain; use map"):
+        Job("j").stream(KafkaSource("in")).map_async(plain)
+
+
+def test_a_named_step_is_named_in_failures_and_explain() -> None:
+    job = Job("j")
+    (job.stream(KafkaSource("in", value=JSON)).map(lambda v: 1 / v, name="invert")
+        .to(KafkaSink("out", value=JSON)))
+    assert "map(invert)" in job.explain()
+    with pytest.raises(StepFailed) as info:
+        _run_chain(job, "in", [(None, 0, 0)])
+    assert info.value.step == "map(invert)"
+    with pytest.raises(JobDefinitionError, match="step name"):
+        job.stream(KafkaSource("other")).map(str, name="no spaces")
+
+
+def test_a_sink_serde_that_refuses_an_output_fails_fast_under_every_policy() -> None:
+    """A serde that does not fit is a configuration mistake: under skip it would drop every
+    record while the job looks healthy."""
+    for policy in ("fail", "skip", "dead_letter"):
+        job = Job("j", on_error=policy)
+        job.stream(KafkaSource("in", value=JSON)).to(KafkaSink("out", value=BYTES))
+        with pytest.raises(SerializationError, match=r"KafkaSink\[out\]: its value serde "
+                           r"'bytes' refused a dict"):
+            _run_chain(job, "in", [(None, {"a": 1}, 0)])

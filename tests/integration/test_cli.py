@@ -1,0 +1,75 @@
+"""`streamcore run` start-up errors, as a user meets them: one clear line and a documented
+exit code (0 stopped, 1 job failed, 2 bad configuration, 3 cannot reach Kafka)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from connectors.admin import topic_names
+from tests.helpers import ROOT, make_topics, unique
+
+
+def _run(args: list[str], env: dict[str, str] | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "streamcore.cli", "run", *args, "--no-http"],
+        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT)
+
+
+def _job_env(bootstrap: str) -> dict[str, str]:
+    src, out = unique("cli-in"), unique("cli-out")
+    make_topics(bootstrap, src, out)
+    return {"IN": src, "OUT": out, "JOB": unique("cli")}
+
+
+PASSTHROUGH = str(ROOT / "tests" / "jobs" / "passthrough.py")
+
+
+def test_unreachable_kafka_exits_3_within_the_startup_timeout() -> None:
+    r = _run([PASSTHROUGH, "--bootstrap", "127.0.0.1:1", "--startup-timeout", "2s"],
+             {"IN": "a", "OUT": "b", "JOB": "j"})
+    assert r.returncode == 3, r.stderr
+    assert "cannot reach Kafka at 127.0.0.1:1 within 2s" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_misspelled_input_topic_exits_2_and_is_not_created(bootstrap: str) -> None:
+    env = {**_job_env(bootstrap), "IN": unique("no-such-topic")}
+    r = _run([PASSTHROUGH, "--bootstrap", bootstrap], env)
+    assert r.returncode == 2, r.stderr
+    assert env["IN"] in r.stderr and "do not exist" in r.stderr
+    names = topic_names(bootstrap, timeout=10)
+    assert names is not None and env["IN"] not in names, "the missing topic was created"
+
+
+def test_an_unknown_kafka_setting_exits_2_naming_it(bootstrap: str) -> None:
+    r = _run([PASSTHROUGH, "--bootstrap", bootstrap, "-X", "no.such.setting=1"],
+             _job_env(bootstrap))
+    assert r.returncode == 2, r.stderr
+    assert "no.such.setting" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_job_module_that_fails_to_import_exits_2_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken_job.py"
+    bad.write_text("import no_such_module_here\n")
+    r = _run([f"{bad}:job"])
+    assert r.returncode == 2, r.stderr
+    assert "cannot import" in r.stderr and "no_such_module_here" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_missing_job_attribute_names_the_jobs_the_module_has(tmp_path: Path) -> None:
+    r = _run([f"{PASSTHROUGH}:nosuch"], {"IN": "a", "OUT": "b", "JOB": "j"})
+    assert r.returncode == 2, r.stderr
+    assert "no attribute 'nosuch'" in r.stderr and "its jobs: job" in r.stderr
+
+
+def test_a_negative_duration_is_a_configuration_error_not_an_option() -> None:
+    r = _run([PASSTHROUGH, "--commit-interval", "-5s"], {"IN": "a", "OUT": "b", "JOB": "j"})
+    assert r.returncode == 2, r.stderr
+    assert "commit_interval: must not be negative" in r.stderr
