@@ -127,6 +127,10 @@ class ConsumerBackend(ABC):
         """Commit the given next-offsets-to-read for the group. Synchronous commits raise on
         failure; asynchronous ones report failures in the log."""
 
+    def observe_commits(self, seconds: Callable[[float], None]) -> None:  # noqa: B027
+        """Have every asynchronous commit's latency (request to answer) reported to seconds,
+        on the membership thread. Optional: a backend that cannot measure it ignores this."""
+
     @abstractmethod
     def close(self) -> None:
         """Leave the group (runs on_revoke for what is still assigned). Blocking."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -146,6 +148,9 @@ class ConfluentConsumer(ConsumerBackend):
         self._settings.setdefault("error_cb", self._on_error)
         self._settings.setdefault("on_commit", self._on_commit)
         self._on_fenced: PartitionsCallback | None = None
+        # Send times of asynchronous commits not answered yet (answered in order).
+        self._commits_sent: deque[float] = deque()
+        self._commit_seconds: Callable[[float], None] | None = None
         try:
             self._c = Consumer(self._settings)
             self._d = Consumer(self._settings)
@@ -161,7 +166,14 @@ class ConfluentConsumer(ConsumerBackend):
         else:
             _burst_log.warning(f"consumer:{err.code()}", "consumer: %s", err)
 
+    def observe_commits(self, seconds: Callable[[float], None]) -> None:
+        self._commit_seconds = seconds
+
     def _on_commit(self, err: KafkaError | None, parts: list[CTP]) -> None:
+        if self._commits_sent:
+            sent = self._commits_sent.popleft()
+            if self._commit_seconds is not None:
+                self._commit_seconds(time.perf_counter() - sent)
         if err is None or err.code() == KafkaError._NO_OFFSET:
             return
         log.warning("asynchronous commit failed: %s", err)
@@ -261,6 +273,7 @@ class ConfluentConsumer(ConsumerBackend):
         parts = [CTP(t, p, o) for (t, p), o in offsets.items()]
         try:
             if asynchronous:
+                self._commits_sent.append(time.perf_counter())
                 self._c.commit(offsets=parts, asynchronous=True)
                 return
             result = self._c.commit(offsets=parts, asynchronous=False)

@@ -25,16 +25,23 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "gauge", ("job", "topic", "partition"), "High watermark minus next offset to process "
         "(clamped at 0; the local broker under-reports the watermark)."),
     "streamcore_commit_latency_seconds": (
-        "histogram", ("job",), "Duration of synchronous offset commits (revoke, shutdown)."),
+        "histogram", ("job",), "Offset commits, request to answer: periodic (asynchronous) "
+        "ones and the synchronous ones of revokes and shutdown."),
     "streamcore_commits_total": ("counter", ("job",), "Offset commits issued."),
     "streamcore_rebalances_total": ("counter", ("job",), "Partition assignments and revokes."),
     "streamcore_assigned_partitions": ("gauge", ("job",), "Input partitions assigned."),
     "streamcore_paused_partitions": ("gauge", ("job",), "Partitions paused by backpressure."),
     "streamcore_partitions": ("gauge", ("job", "state"),
                               "Partition tasks by lifecycle state (RESTORING, RUNNING, ...)."),
-    "streamcore_errors_total": ("counter", ("job", "kind", "policy"),
-                                "Record errors by kind (deserialization, user_function) and "
-                                "the policy applied (fail, skip, dead_letter)."),
+    "streamcore_errors_total": ("counter", ("job", "kind", "policy", "step"),
+                                "Record errors by kind (deserialization, user_function), "
+                                "the policy applied (fail, skip, dead_letter) and the step "
+                                "that raised (its name= if given)."),
+    "streamcore_committed_offset": ("gauge", ("job", "topic", "partition"),
+                                    "Next offset to read, as last committed by this worker."),
+    "streamcore_oldest_uncommitted_age_seconds": (
+        "gauge", ("job", "topic", "partition"), "How long the oldest record not yet "
+        "committable has been in the worker (0: everything taken is committable)."),
     "streamcore_dlq_records_total": ("counter", ("job",),
                                      "Records sent to the dead-letter topic."),
     "streamcore_event_loop_lag_seconds": ("gauge", ("job",),
@@ -48,12 +55,4 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "streamcore_global_table_failures_total": (
         "counter", ("job", "table"), "Global tables whose follower stopped (the table is stale "
         "and /healthz fails until the worker restarts)."),
-    # Reported once event time and epoch mode land; the families exist now so that
-    # dashboards and alerts can be written against them.
-    "streamcore_watermark_ms": ("gauge", ("job", "topic", "partition"),
-                                "Event-time watermark (epoch ms)."),
-    "streamcore_late_records_dropped_total": ("counter", ("job", "step"),
-                                              "Records older than the watermark, dropped."),
-    "streamcore_epoch_duration_seconds": ("histogram", ("job",),
-                                          "Epoch (micro-batch) duration in epoch mode."),
 }

@@ -3,7 +3,7 @@
 ``streamcore broker start|stop|status`` and the test suite use this module. It is
 for development, tests, CI and the demo only; production runs Apache Kafka.
 
-State lives in a run directory (default ``./.streamcore/broker``): ``broker.pid``
+State lives in a run directory (default :func:`default_run_dir`, per user): ``broker.pid``
 and ``broker.port``. Starting is idempotent: a live broker recorded there is reused.
 """
 
@@ -20,9 +20,15 @@ from pathlib import Path
 
 from streamcore.errors import ConfigError, StreamcoreError
 
-__all__ = ["BrokerInfo", "LocalBrokerError", "find_tansu", "start", "status", "stop"]
+__all__ = ["BrokerInfo", "LocalBrokerError", "default_run_dir", "find_tansu", "start", "status",
+           "stop"]
 
-DEFAULT_RUN_DIR = Path(".streamcore") / "broker"
+def default_run_dir() -> Path:
+    """Where `streamcore broker start` keeps its pid, port and log: per user, not per working
+    directory, so that `broker status` and `run` (without --bootstrap) find the broker from
+    anywhere. ``$XDG_STATE_HOME/streamcore/broker``, by default ``~/.local/state/...``."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "streamcore" / "broker"
 
 
 class LocalBrokerError(StreamcoreError):
@@ -88,8 +94,9 @@ def _metadata_ok(bootstrap: str, timeout: float) -> bool:
     return broker_answers(bootstrap, timeout)
 
 
-def status(run_dir: Path = DEFAULT_RUN_DIR) -> BrokerInfo | None:
-    """The live broker recorded in run_dir, or None."""
+def status(run_dir: Path | None = None) -> BrokerInfo | None:
+    """The live broker recorded in run_dir (default: default_run_dir()), or None."""
+    run_dir = run_dir or default_run_dir()
     try:
         pid = int((run_dir / "broker.pid").read_text())
         port = int((run_dir / "broker.port").read_text())
@@ -99,7 +106,7 @@ def status(run_dir: Path = DEFAULT_RUN_DIR) -> BrokerInfo | None:
 
 
 def start(
-    run_dir: Path = DEFAULT_RUN_DIR,
+    run_dir: Path | None = None,
     *,
     port: int | None = None,
     storage: str = "memory://tansu/",
@@ -107,6 +114,7 @@ def start(
     env: dict[str, str] | None = None,
 ) -> BrokerInfo:
     """Start Tansu (or reuse the live one in run_dir) and wait until it answers metadata."""
+    run_dir = run_dir or default_run_dir()
     current = status(run_dir)
     if current is not None:
         return current
@@ -140,8 +148,9 @@ def start(
     raise LocalBrokerError(f"the broker did not answer on {info.bootstrap} within {ready_timeout}s")
 
 
-def stop(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = 10.0) -> bool:
+def stop(run_dir: Path | None = None, *, timeout: float = 10.0) -> bool:
     """Stop the broker recorded in run_dir. True if one was running."""
+    run_dir = run_dir or default_run_dir()
     info = status(run_dir)
     for name in ("broker.pid", "broker.port"):
         (run_dir / name).unlink(missing_ok=True)

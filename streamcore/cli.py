@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from streamcore import broker as local_broker
-from streamcore.config import WorkerConfig
+from streamcore.config import PRESETS, WorkerConfig, unknown_env
 from streamcore.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -117,15 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-http", action="store_true", help="serve no HTTP endpoints")
     run.add_argument("--state-dir", help="directory of the state stores (default ./state)")
     run.add_argument("--state-backend", help="rocksdb (default) or memory")
-    run.add_argument("--preset", choices=("default", "low_latency", "high_throughput"),
-                     default="default")
+    run.add_argument("--preset", choices=sorted(PRESETS),
+                     help="a named preset over the job's config (env STREAMCORE_PRESET)")
     run.add_argument("-X", dest="kafka", action="append", default=[], metavar="KEY=VALUE",
                      help="a librdkafka setting for both clients (repeatable)")
     br = sub.add_parser("broker", help="the local development broker (Tansu)")
     br.add_argument("action", choices=("start", "stop", "status"))
     br.add_argument("--port", type=int)
-    br.add_argument("--dir", default=str(local_broker.DEFAULT_RUN_DIR),
-                    help="run directory for pid, port and log")
+    br.add_argument("--dir", help="run directory for pid, port and log "
+                    "(default: $XDG_STATE_HOME/streamcore/broker, per user)")
     return p
 
 
@@ -159,16 +159,27 @@ def _config(args: argparse.Namespace, job: Any) -> WorkerConfig:
         if not sep:
             raise ConfigError("-X", f"{kv!r} is not KEY=VALUE")
         kafka[k] = v
-    presets: dict[str, Callable[[], WorkerConfig]] = {
-        "default": WorkerConfig, "low_latency": WorkerConfig.low_latency,
-        "high_throughput": WorkerConfig.high_throughput}
-    base: WorkerConfig = job.config or presets[args.preset]()
-    # Precedence: code < environment < flags.
+    if not args.bootstrap and not _bootstrap_in_env() and (
+            job.config is None or job.config.bootstrap_servers == WorkerConfig().bootstrap_servers):
+        local = local_broker.status()
+        if local is not None:  # nothing named a cluster: the local broker, if one runs
+            cli["bootstrap_servers"] = local.bootstrap
+            log.info("no --bootstrap given: using the local broker at %s (started by "
+                     "`streamcore broker start`)", local.bootstrap)
+    # One rule, later wins: the job's config < the preset < the environment < the flags.
+    base: WorkerConfig = job.config or WorkerConfig()
+    preset = args.preset or os.environ.get("STREAMCORE_PRESET") or "default"
+    base = base.with_preset(preset)
     env_cfg = WorkerConfig.from_env(**{
         f: getattr(base, f) for f in base.__dataclass_fields__})
     if kafka:
         cli["kafka"] = {**env_cfg.kafka, **kafka}
     return env_cfg.replace(**cli)
+
+
+def _bootstrap_in_env() -> bool:
+    return bool(os.environ.get("STREAMCORE_BOOTSTRAP_SERVERS")
+                or os.environ.get("STREAMCORE_BOOTSTRAP"))
 
 
 async def _run_worker(job: Any, config: WorkerConfig) -> None:
@@ -224,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.job)
         config = _config(args, job)
         logs.configure(config.log_level)
+        for name in unknown_env():
+            log.warning("ignored environment variable %s: no such setting", name)
         asyncio.run(_run_worker(job, config))
     except (ConfigError, JobDefinitionError) as exc:
         print(f"streamcore: {exc}", file=sys.stderr)
@@ -240,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _broker(args: argparse.Namespace) -> int:
-    run_dir = Path(args.dir)
+    run_dir = Path(args.dir) if args.dir else local_broker.default_run_dir()
     try:
         if args.action == "start":
             info = local_broker.start(run_dir, port=args.port)

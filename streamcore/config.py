@@ -19,7 +19,7 @@ from typing import Any
 from statestore.rocksdb import RocksDBSettings
 from streamcore.errors import ConfigError
 
-__all__ = ["WorkerConfig", "parse_duration"]
+__all__ = ["OTHER_ENV", "PRESETS", "WorkerConfig", "parse_duration", "unknown_env"]
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -32,6 +32,24 @@ _RESERVED = {
     "bootstrap.servers": "use the bootstrap_servers field (--bootstrap)",
     "auto.offset.reset": "use KafkaSource(starting_offsets=...): internal topics must always "
                          "start at their beginning",
+}
+
+
+# Named presets: the fields each one sets (everything else keeps its value).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "low_latency": {"consumer": {"fetch.wait.max.ms": 5}, "producer": {"linger.ms": 0},
+                    "poll_timeout": "20ms"},
+    "high_throughput": {"producer": {"linger.ms": 20}, "poll_batch": 2000},
+}
+
+# STREAMCORE_* variables that are not WorkerConfig fields but are read all the same.
+OTHER_ENV = {
+    "STREAMCORE_PRESET": "a named preset (as --preset)",
+    "STREAMCORE_BOOTSTRAP": "alias of STREAMCORE_BOOTSTRAP_SERVERS",
+    "STREAMCORE_TANSU_BIN": "the local broker's binary",
+    "STREAMCORE_TEST_BOOTSTRAP": "the tests' Kafka (instead of a local broker)",
+    "STREAMCORE_TEST_BROKER_RESTART": "run the opt-in broker-restart test",
 }
 
 
@@ -152,18 +170,23 @@ class WorkerConfig:
     @classmethod
     def low_latency(cls, **overrides: Any) -> WorkerConfig:
         """Small fetch waits and no producer linger: lowest end-to-end latency."""
-        base: dict[str, Any] = {
-            "consumer": {"fetch.wait.max.ms": 5},
-            "producer": {"linger.ms": 0},
-            "poll_timeout": "20ms",
-        }
-        return cls(**{**base, **overrides})
+        return cls(**{**PRESETS["low_latency"], **overrides})
 
     @classmethod
     def high_throughput(cls, **overrides: Any) -> WorkerConfig:
         """Larger batches and producer linger: best throughput, some latency."""
-        base: dict[str, Any] = {"producer": {"linger.ms": 20}, "poll_batch": 2000}
-        return cls(**{**base, **overrides})
+        return cls(**{**PRESETS["high_throughput"], **overrides})
+
+    def with_preset(self, name: str) -> WorkerConfig:
+        """This configuration with a named preset's fields laid over it (its Kafka settings
+        merged into this one's): how --preset and STREAMCORE_PRESET apply."""
+        if name not in PRESETS:
+            raise ConfigError("preset", f"{name!r} is not one of {sorted(PRESETS)}")
+        changes = dict(PRESETS[name])
+        for section in ("kafka", "consumer", "producer"):
+            if section in changes:
+                changes[section] = {**getattr(self, section), **changes[section]}
+        return self.replace(**changes)
 
     # -- environment ---------------------------------------------------------------------
     @classmethod
@@ -175,12 +198,16 @@ class WorkerConfig:
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = dict(overrides)
+        if "STREAMCORE_BOOTSTRAP" in env and "STREAMCORE_BOOTSTRAP_SERVERS" not in env:
+            values["bootstrap_servers"] = env["STREAMCORE_BOOTSTRAP"]
         for f in dataclasses.fields(cls):
             raw = env.get(f"STREAMCORE_{f.name.upper()}")
             if raw is None or f.name in ("kafka", "consumer", "producer", "rocksdb"):
                 continue
-            if f.name in ("poll_batch", "inbox_high", "inbox_low", "http_port",
-                          "state_cache_entries"):
+            if f.name == "http_port" and raw.strip().lower() in ("", "none", "off"):
+                values[f.name] = None
+            elif f.name in ("poll_batch", "inbox_high", "inbox_low", "http_port",
+                            "state_cache_entries"):
                 try:
                     values[f.name] = int(raw)
                 except ValueError:
@@ -189,3 +216,11 @@ class WorkerConfig:
             else:
                 values[f.name] = raw
         return cls(**values)
+
+
+def unknown_env(env: Mapping[str, str] | None = None) -> list[str]:
+    """STREAMCORE_* variables that nothing reads (a typo would otherwise pass silently)."""
+    env = os.environ if env is None else env
+    known = {f"STREAMCORE_{f.name.upper()}" for f in dataclasses.fields(WorkerConfig)}
+    known |= set(OTHER_ENV)
+    return sorted(k for k in env if k.startswith("STREAMCORE_") and k not in known)

@@ -80,7 +80,7 @@ class PartitionTask:
         resume: Callable[[TopicPartition], None],
         latency: LatencyHistogram,
         e2e: LatencyHistogram,
-        errors: dict[tuple[str, str], int],
+        errors: dict[tuple[str, str, str], int],
         make_stores: Callable[[int], PartitionStores] | None = None,
         new_reader: Callable[[], PartitionReader] | None = None,
         tables: Mapping[int, GlobalTableView] | None = None,
@@ -115,7 +115,7 @@ class PartitionTask:
         self.paused = False
         self._latency = latency
         self._e2e = e2e
-        self._errors = errors  # (kind, policy) -> count, shared by the worker's tasks
+        self._errors = errors  # (kind, policy, step) -> count, shared by the worker's tasks
         self._default_policy: str = job.on_error
         self._dlq = job.dlq_topic
         self.dlq_records = 0
@@ -282,7 +282,7 @@ class PartitionTask:
                 await self._wakeup.wait()
                 continue
             handed_at, msgs = inbox.popleft()
-            batch = self.tracker.open()
+            batch = self.tracker.open(handed_at)
             ctx.batch = batch
             for m in msgs:
                 ctx.msg = m
@@ -362,7 +362,8 @@ class PartitionTask:
         """Apply the step's error policy to a record whose processing raised."""
         kind = "deserialization" if failed.step == "deserialize" else "user_function"
         policy = failed.policy or self._default_policy
-        self._errors[(kind, policy)] = self._errors.get((kind, policy), 0) + 1
+        key = (kind, policy, failed.step)
+        self._errors[key] = self._errors.get(key, 0) + 1
         topic, partition, offset = self.tp[0], self.tp[1], m.offset() or 0
         if policy == "fail":
             assert self.ctx.batch is not None

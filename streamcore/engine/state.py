@@ -72,6 +72,7 @@ class StoreSlot:
     store: Store
     cache: StateCache
     restore_from: int  # changelog offset to replay from
+    rebuilt: str | None = None  # why the store is rebuilt from nothing (a WARNING at restore)
     restored: int = 0
     restore_seconds: float = 0.0
     end: int = -1  # next changelog offset known to be in the store
@@ -117,21 +118,24 @@ class PartitionStores:
              loads: Callable[[bytes], Any]) -> StateCache:
         path = self._dir / self.job / step / str(self.partition)
         start: int | None = None
+        rebuilt: str | None = None
         if self._backend == "memory":  # nothing survives the process: always replay
             store: Store = MemoryStore()
         else:
+            had_checkpoint = read_checkpoint(path, changelog, self.partition) is not None
             store, usable = open_store(path, self._settings)
             start = read_checkpoint(path, changelog, self.partition) if usable else None
+            if not usable and had_checkpoint:
+                rebuilt = "its directory was missing or unreadable"
             if start is None:
                 remove_checkpoint(path)
                 if usable and any(True for _ in store.range()):
                     # Contents without a checkpoint: replaying onto them could keep keys
                     # that the changelog has since deleted. Start clean.
-                    log.warning("store %s has no valid checkpoint; rebuilding it from %s",
-                                path, changelog)
+                    rebuilt = "it had no valid checkpoint"
                     store = reopen_empty(store, path, self._settings)
         cache = StateCache(store, dumps, loads, max_entries=self._cache_entries)
-        self.slots.append(StoreSlot(step, changelog, path, store, cache, start or 0))
+        self.slots.append(StoreSlot(step, changelog, path, store, cache, start or 0, rebuilt))
         return cache
 
     # -- 2. restore (on a worker thread) -------------------------------------------------
@@ -153,8 +157,14 @@ class PartitionStores:
             slot.end = ends[tp]
             slot.restore_seconds = time.perf_counter() - t0
             self._checkpoint(slot)
-            log.info("restored %s[%d] from offset %d: %d records in %.2fs", slot.changelog,
-                     self.partition, slot.restore_from, slot.restored, slot.restore_seconds)
+            if slot.rebuilt is not None:
+                log.warning("store %s was rebuilt from %s[%d] because %s: %d records "
+                            "restored in %.2fs", slot.path, slot.changelog, self.partition,
+                            slot.rebuilt, slot.restored, slot.restore_seconds)
+            else:
+                log.info("restored %s[%d] from offset %d: %d records in %.2fs",
+                         slot.changelog, self.partition, slot.restore_from, slot.restored,
+                         slot.restore_seconds)
 
     # -- 3. flush (event loop thread) ----------------------------------------------------
     def flush(self, covers: int, producer: ProducerBackend) -> None:

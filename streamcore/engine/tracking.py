@@ -23,10 +23,11 @@ __all__ = ["Batch", "OffsetTracker"]
 
 
 class Batch:
-    __slots__ = ("ack", "last_offset", "pending", "sealed", "tracker")
+    __slots__ = ("ack", "handed_at", "last_offset", "pending", "sealed", "tracker")
 
-    def __init__(self, tracker: OffsetTracker) -> None:
+    def __init__(self, tracker: OffsetTracker, handed_at: float = 0.0) -> None:
         self.tracker = tracker
+        self.handed_at = handed_at  # perf_counter() when its records reached the worker
         self.pending = 0
         self.sealed = False
         self.last_offset = -1
@@ -53,10 +54,16 @@ class OffsetTracker:
         self.failure: DeliveryFailed | None = None
         self.done_offset = -1  # highest offset known done
 
-    def open(self) -> Batch:
-        b = Batch(self)
+    def open(self, handed_at: float = 0.0) -> Batch:
+        b = Batch(self, handed_at)
         self._batches.append(b)
         return b
+
+    def oldest_pending(self) -> float | None:
+        """When the oldest batch not yet done reached the worker (None: all done): how long
+        its records have waited to be committable is the age of the oldest uncommitted one."""
+        q = self._batches
+        return q[0].handed_at if q else None
 
     def advance(self) -> int:
         """Pop done batches from the front; return the (possibly new) done offset."""

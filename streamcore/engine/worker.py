@@ -97,6 +97,7 @@ class Worker:
         self._running: dict[TopicPartition, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._stop_requested = False  # stop() before run() set the loop: run() stops at once
+        self._joined = False  # a rebalance completed: the member is in the group
         # The group side of the consumer runs on the membership thread; fetches that must
         # wait run on the fetch thread (see connectors.base for why the two are apart).
         self._consumer_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-consumer")
@@ -111,7 +112,7 @@ class Worker:
         self.latency = LatencyHistogram()  # in-worker: handed over -> output handed on
         self.e2e_latency = LatencyHistogram()  # record timestamp -> output handed on
         self.commit_latency = LatencyHistogram()
-        self.errors: dict[tuple[str, str], int] = {}  # (kind, policy) -> count
+        self.errors: dict[tuple[str, str, str], int] = {}  # (kind, policy, step) -> count
         # Totals of partition tasks already closed, so that counters stay monotonic.
         self._retired_consumed: dict[TopicPartition, int] = {}
         self._retired_produced: dict[str, int] = {}
@@ -166,6 +167,7 @@ class Worker:
         await self._open_tables(table_sizes)
         topics = self.job.subscription(self.group)
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
+        self._consumer.observe_commits(self.commit_latency.record)
         self._consumer.subscribe(topics, on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost,
                                  start_at_end=self._starts_at_end, on_fenced=self._on_fenced)
@@ -185,8 +187,13 @@ class Worker:
                 await poll  # 1. stop intake at the source
                 live = [tp for tp, t in self._tasks.items() if not t.fenced]
                 await self._drain(live)  # 2. finish what is in flight; wait for the acks
-                await self._commit_sync(  # 3. commit everything done, queued or not
-                    self._done_offsets(live, only_moved=False))
+                try:  # 3. commit everything done, queued or not
+                    await self._commit_sync(self._done_offsets(live, only_moved=False))
+                except StreamcoreError as exc:
+                    # Refused (the group moved the partitions meanwhile: a rebalance raced
+                    # the stop) or unreachable: the next owner reads these records again.
+                    # Duplicates, never loss; the stop itself still succeeds.
+                    log.warning("final commit failed: %s", exc)
                 raise _Stopped
         except* _Stopped:
             pass
@@ -343,6 +350,7 @@ class Worker:
             node.source.starting_offsets == "latest"
 
     def _on_assign(self, parts: list[TopicPartition]) -> None:
+        self._joined = True  # every completed rebalance calls this, with nothing new or not
         self._call_on_loop(self._assign(parts))
 
     def _on_revoke(self, parts: list[TopicPartition]) -> None:
@@ -607,12 +615,18 @@ class Worker:
         return True, detail
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Ready: partitions assigned, all RUNNING, no rebalance in progress."""
+        """Ready: in the group, no rebalance in progress, every assigned partition RUNNING.
+        A member with no partition (more replicas than partitions, or a surge pod in a
+        rolling update) is ready: it is doing all it can, and an orchestrator waiting for it
+        would block the update."""
         states = {f"{t}[{p}]": task.state.value for (t, p), task in list(self._tasks.items())}
         if self._rebalancing_since is not None:
             return False, {"reason": "rebalancing", "partitions": states}
         if not states:
-            return False, {"reason": "no partitions assigned yet", "partitions": states}
+            if self._joined:
+                return True, {"reason": "in the group with no partition assigned (idle)",
+                              "partitions": states}
+            return False, {"reason": "not in the group yet", "partitions": states}
         if any(s != TaskState.RUNNING.value for s in states.values()):
             return False, {"reason": "partitions not running yet", "partitions": states}
         return True, {"partitions": states}
@@ -640,6 +654,9 @@ class Worker:
             (k,): v for k, v in self._retired_restored.items()}
         restore_s: dict[tuple[str, ...], float] = {}
         keys: dict[tuple[str, ...], float] = {}
+        committed: dict[tuple[str, ...], float] = {}
+        oldest: dict[tuple[str, ...], float] = {}
+        now = time.perf_counter()
         for table in self._tables.values():
             restored[(table.name,)] = restored.get((table.name,), 0) + table.restored
             restore_s[(table.name,)] = table.restore_seconds
@@ -655,6 +672,11 @@ class Worker:
                 produced[c.topic] = produced.get(c.topic, 0) + c.n
             dlq += t.dlq_records
             states[t.state.value] += 1
+            label = (t.tp[0], str(t.tp[1]))
+            if t.committed >= 0:
+                committed[label] = t.committed
+            since = t.tracker.oldest_pending()
+            oldest[label] = 0.0 if since is None else max(0.0, now - since)
             high = self._consumer.high_watermark(t.tp)
             nxt = (t.last_offset + 1) if t.last_offset is not None else max(t.committed, 0)
             if high is not None:
@@ -669,7 +691,9 @@ class Worker:
             "streamcore_assigned_partitions": {(): len(tasks)},
             "streamcore_paused_partitions": {(): sum(1 for t in tasks if t.paused)},
             "streamcore_partitions": {(s,): n for s, n in states.items()},
-            "streamcore_errors_total": {(k, p): n for (k, p), n in dict(self.errors).items()},
+            "streamcore_errors_total": {k: float(n) for k, n in list(self.errors.items())},
+            "streamcore_committed_offset": committed,
+            "streamcore_oldest_uncommitted_age_seconds": oldest,
             "streamcore_dlq_records_total": {(): dlq},
             "streamcore_event_loop_lag_seconds": {(): time.monotonic() - self.heartbeat},
             "streamcore_state_restore_records_total": restored,

@@ -73,3 +73,47 @@ def test_a_negative_duration_is_a_configuration_error_not_an_option() -> None:
     r = _run([PASSTHROUGH, "--commit-interval", "-5s"], {"IN": "a", "OUT": "b", "JOB": "j"})
     assert r.returncode == 2, r.stderr
     assert "commit_interval: must not be negative" in r.stderr
+
+
+def test_run_without_bootstrap_uses_the_local_broker_from_any_directory(
+        tmp_path: Path) -> None:
+    """Before: `broker start` picked a free port while `run` defaulted to 127.0.0.1:9092, and
+    `broker status` only worked in the directory the broker was started from."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("STREAMCORE_BOOTSTRAP_SERVERS", None)
+    cli = [sys.executable, "-m", "streamcore.cli"]
+    started = subprocess.run([*cli, "broker", "start"], env=env, capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    bootstrap = started.stdout.strip()
+    try:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        status = subprocess.run([*cli, "broker", "status"], env=env, capture_output=True,
+                                text=True, timeout=30, cwd=elsewhere)
+        assert status.returncode == 0 and bootstrap in status.stdout, status.stdout
+        job_env = {**env, **_job_env(bootstrap), "STREAMCORE_HTTP_PORT": "0"}
+        log = tmp_path / "worker.log"
+        with open(log, "wb") as out:
+            w = subprocess.Popen([*cli, "run", PASSTHROUGH], env=job_env, stdout=out,
+                                 stderr=subprocess.STDOUT, cwd=elsewhere)
+            try:
+                deadline = time.monotonic() + 60
+                while "assigned" not in log.read_text() and time.monotonic() < deadline:
+                    assert w.poll() is None, log.read_text()
+                    time.sleep(0.2)
+                w.send_signal(signal.SIGTERM)
+                assert w.wait(60) == 0, log.read_text()
+            finally:
+                if w.poll() is None:
+                    w.kill()
+        text = log.read_text()
+        first = text.splitlines()[0]
+        assert f"using the local broker at {bootstrap}" in first, first
+        assert "assigned" in text
+    finally:
+        subprocess.run([*cli, "broker", "stop"], env=env, timeout=60, cwd=tmp_path)

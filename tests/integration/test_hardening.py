@@ -356,3 +356,33 @@ def test_a_worker_whose_loop_blocked_past_max_poll_writes_no_more_as_a_zombie(
     # records before the stall) and the rest of the stalled batch; never beyond it.
     assert not dups or dups[-1] < stall_at + batch, \
         f"{len(dups)} records written twice, up to seq {dups[-1]}: the zombie kept writing"
+
+
+async def test_a_graceful_stop_whose_final_commit_is_refused_still_stops_cleanly(
+        bootstrap: str, tmp_path: Path) -> None:
+    """Seen in the rebalance storm: SIGTERM while the group rebalanced, the final commit was
+    refused with ILLEGAL_GENERATION, and the stop failed (exit 3) instead of stopping. The
+    refusal means the partitions moved: the next owner reads them again (duplicates, never
+    loss), so the stop succeeds with a warning. The refusal is injected here."""
+    src, out = unique("fin-in"), unique("fin-out")
+    make_topics(bootstrap, src, out)
+    produce(bootstrap, src, ((None, {"i": i}, None) for i in range(100)))
+    job = Job(unique("fin"))
+    job.stream(KafkaSource(src, value=JSON)).to(KafkaSink(out, value=JSON))
+    worker = Worker(job, _cfg(bootstrap, tmp_path))
+    real_commit = worker._consumer.commit
+
+    def refused(offsets: dict[Any, int], *, asynchronous: bool) -> None:
+        if not asynchronous:
+            raise BrokerUnavailable("commit failed: ILLEGAL_GENERATION (injected)")
+        real_commit(offsets, asynchronous=asynchronous)
+
+    worker._consumer.commit = refused  # type: ignore[method-assign]
+    task = asyncio.create_task(worker.run())
+    for _ in range(300):
+        if worker.records_in >= 100:
+            break
+        await asyncio.sleep(0.1)
+    assert worker.records_in >= 100
+    worker.stop()
+    await asyncio.wait_for(task, 60)  # before: BrokerUnavailable escaped the stop

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from confluent_kafka import Producer
 
 from connectors.confluent import ConfluentReader, reader_settings
@@ -153,17 +154,23 @@ def _batch(start: int, n: int) -> list[dict[str, Any]]:
     return [{"k": f"k{i % 11}", "x": i} for i in range(start, start + n)]
 
 
-def test_restart_keeps_state_and_a_lost_disk_is_rebuilt(bootstrap: str, tmp_path: Path) -> None:
+def test_restart_keeps_state_and_a_lost_disk_is_rebuilt(
+        bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src, out, name = unique("rs-in"), unique("rs-out"), unique("rs")
     make_topics(bootstrap, src, out)
     state = tmp_path / "state"
     sent: list[dict[str, Any]] = []
-    for round_ in range(3):
+    for round_ in range(4):
         batch = _batch(len(sent), 800)
         produce(bootstrap, src, ((None, r, None) for r in batch))
         sent += batch
         if round_ == 2:  # the disk is lost while the worker is stopped
             shutil.rmtree(state)
+        if round_ == 3:  # one store's directory is deleted; its checkpoint file stays
+            lost = state / name / "totals" / "0"
+            assert lost.is_dir() and lost.with_name("0.checkpoint").is_file()
+            shutil.rmtree(lost)
+            caplog.clear()
         job = _sum_job(name, src, out)
         q = job.start(_cfg(bootstrap, state))
         try:
@@ -181,6 +188,11 @@ def test_restart_keeps_state_and_a_lost_disk_is_rebuilt(bootstrap: str, tmp_path
             assert replayed == 0, "an intact store restores from its checkpoint: nothing"
         if round_ == 2:
             assert replayed >= 11, "a lost store must be rebuilt from its changelog"
+        if round_ == 3:
+            warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                      and "was rebuilt" in r.getMessage()]
+            assert len(warned) == 1 and "directory was missing" in warned[0] and \
+                " records restored" in warned[0], warned
 
 
 def test_restore_reaches_the_true_end_of_a_batched_changelog(bootstrap: str,

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from streamcore import ConfigError, WorkerConfig
-from streamcore.config import parse_duration
+from streamcore.config import parse_duration, unknown_env
 
 
 def test_durations_accept_seconds_and_units() -> None:
@@ -95,3 +96,45 @@ def test_burst_logger_logs_once_per_window(caplog: pytest.LogCaptureFixture) -> 
             burst.warning("broker-down", "broker down")
         burst.warning("other", "other thing")
     assert [r.getMessage() for r in caplog.records] == ["broker down", "other thing"]
+
+
+def _cfg_for(argv: list[str], job_config: WorkerConfig | None,
+             monkeypatch: pytest.MonkeyPatch, **env: str) -> WorkerConfig:
+    from streamcore import Job
+    from streamcore.cli import _config, _parser
+
+    for k in [k for k in os.environ if k.startswith("STREAMCORE_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("XDG_STATE_HOME", "/nonexistent-state")  # no local broker found
+    job = Job("j", config=job_config)
+    return _config(_parser().parse_args(["run", "x.py", *argv]), job)
+
+
+def test_precedence_is_one_rule_job_then_preset_then_env_then_flags(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    job_cfg = WorkerConfig(commit_interval="1s", consumer={"fetch.wait.max.ms": 50,
+                                                           "client.id": "mine"})
+    assert _cfg_for([], job_cfg, monkeypatch).commit_interval == 1.0
+    assert _cfg_for([], job_cfg, monkeypatch,
+                    STREAMCORE_COMMIT_INTERVAL="2s").commit_interval == 2.0
+    assert _cfg_for(["--commit-interval", "3s"], job_cfg, monkeypatch,
+                    STREAMCORE_COMMIT_INTERVAL="2s").commit_interval == 3.0
+    # A preset applies over the job's config (before: ignored when the job set config=),
+    # merging its Kafka settings into the job's.
+    for argv, env in ((["--preset", "low_latency"], {}),
+                      ([], {"STREAMCORE_PRESET": "low_latency"})):
+        cfg = _cfg_for(argv, job_cfg, monkeypatch, **env)
+        assert cfg.poll_timeout == 0.02 and cfg.commit_interval == 1.0
+        assert cfg.consumer == {"fetch.wait.max.ms": 5, "client.id": "mine"}
+    assert _cfg_for([], None, monkeypatch,
+                    STREAMCORE_BOOTSTRAP="k:9").bootstrap_servers == "k:9"
+    with pytest.raises(ConfigError, match="preset"):
+        _cfg_for([], None, monkeypatch, STREAMCORE_PRESET="fastest")
+
+
+def test_unknown_streamcore_variables_are_reported() -> None:
+    assert unknown_env({"STREAMCORE_BOOTSTRAP": "x", "STREAMCORE_COMIT_INTERVAL": "1s",
+                        "STREAMCORE_PRESET": "default", "OTHER": "1"}) == \
+        ["STREAMCORE_COMIT_INTERVAL"]

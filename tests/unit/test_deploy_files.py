@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -47,7 +48,7 @@ def test_dashboard_uses_only_exported_metric_names() -> None:
     assert used <= set(METRICS), f"unknown metrics in the dashboard: {used - set(METRICS)}"
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for topic in ("throughput", "end-to-end latency", "lag", "commit", "rebalance", "restore",
-                  "state size", "error", "epoch"):
+                  "state size", "error", "global table"):
         assert topic in titles, f"no dashboard panel about {topic}"
 
 
@@ -97,6 +98,24 @@ def test_dockerfile_is_multistage_slim_non_root_with_tini_and_healthcheck() -> N
         assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
     cmd = json.loads(re.search(r"^CMD (.+)$", text, re.M).group(1))  # type: ignore[union-attr]
     assert _parser().parse_args(cmd).command == "run"
+
+
+def test_dockerfile_builds_every_package_and_gives_the_worker_a_writable_state_dir() -> None:
+    """Before: statestore/ was not copied into the build stage (import streamcore failed in
+    the image) and /app belonged to root (the worker could not create ./state)."""
+    text = (DOCKER / "Dockerfile").read_text()
+    build = text.split("\nFROM ")[1]  # the build stage, up to the runtime stage
+    copied = set(re.findall(r"^COPY (?:--\S+ )?(\S+) ", build, re.M))
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shipped = {pat.rstrip("*") for pat in
+               pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert shipped <= copied, f"packages not copied into the build stage: {shipped - copied}"
+    runtime = text.split("\nFROM ")[2]
+    user = re.search(r"^USER (\S+)", runtime, re.M).group(1)  # type: ignore[union-attr]
+    workdir = re.search(r"^WORKDIR (\S+)", runtime, re.M).group(1)  # type: ignore[union-attr]
+    assert re.search(rf"chown -R {user}:{user} {workdir}", runtime), "workdir not the user's"
+    assert re.search(r'^VOLUME \["?/app/state', runtime, re.M)
+    assert f"STREAMCORE_STATE_DIR={workdir}/state" in runtime
 
 
 def test_k8s_manifests_probe_the_worker_endpoints() -> None:
