@@ -27,12 +27,8 @@ def _admin(bootstrap: str, extra: Mapping[str, str] | None = None) -> AdminClien
 
 def broker_answers(bootstrap: str, timeout: float) -> bool:
     """True if a metadata request to bootstrap succeeds within timeout seconds."""
-    try:
-        _admin(bootstrap, {"socket.connection.setup.timeout.ms": "1000"}).list_topics(
-            timeout=timeout)
-    except KafkaException:
-        return False
-    return True
+    return topic_names(bootstrap, timeout=timeout,
+                       kafka={"socket.connection.setup.timeout.ms": "1000"}) is not None
 
 
 def create_topics(
