@@ -122,10 +122,10 @@ class PartitionStores:
         if self._backend == "memory":  # nothing survives the process: always replay
             store: Store = MemoryStore()
         else:
-            had_checkpoint = read_checkpoint(path, changelog, self.partition) is not None
+            saved = read_checkpoint(path, changelog, self.partition)
             store, usable = open_store(path, self._settings)
-            start = read_checkpoint(path, changelog, self.partition) if usable else None
-            if not usable and had_checkpoint:
+            start = saved if usable else None
+            if not usable and saved is not None:
                 rebuilt = "its directory was missing or unreadable"
             if start is None:
                 remove_checkpoint(path)

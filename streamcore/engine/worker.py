@@ -31,7 +31,7 @@ import logging
 import operator
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -185,7 +185,7 @@ class Worker:
                 tg.create_task(self._heartbeat_loop(), name="heartbeat")
                 await self._stopping.wait()
                 await poll  # 1. stop intake at the source
-                live = [tp for tp, t in self._tasks.items() if not t.fenced]
+                live = self._live(self._tasks)
                 await self._drain(live)  # 2. finish what is in flight; wait for the acks
                 try:  # 3. commit everything done, queued or not
                     await self._commit_sync(self._done_offsets(live, only_moved=False))
@@ -281,6 +281,11 @@ class Worker:
                     "loop blocked?")
         return False
 
+    def _live(self, parts: Iterable[TopicPartition]) -> list[TopicPartition]:
+        """The partitions of parts with a task that is not fenced: the ones whose work may
+        still be drained and committed."""
+        return [tp for tp in parts if tp in self._tasks and not self._tasks[tp].fenced]
+
     def _on_fenced(self, parts: list[TopicPartition]) -> None:
         """Membership thread: a commit showed that this member was fenced out of the group."""
         assert self._loop is not None
@@ -290,7 +295,7 @@ class Worker:
     def _fence(self, parts: list[TopicPartition], reason: str) -> None:
         """Suspend these partitions at once: no more output, changelog or commit (a zombie
         must not write). They are closed when the lost callback comes."""
-        hit = [tp for tp in parts if tp in self._tasks and not self._tasks[tp].fenced]
+        hit = self._live(parts)
         if not hit:
             return
         log.warning("fenced %s: %s", _fmt(hit), reason)
@@ -405,7 +410,7 @@ class Worker:
             # reach a task created for a later assignment of the same partition.
             if self._inflight_poll is not None:
                 await asyncio.wait([self._inflight_poll])
-            live = [tp for tp in mine if not self._tasks[tp].fenced]
+            live = self._live(mine)
             if commit and live:
                 await self._drain(live)
                 offsets = self._done_offsets(live, only_moved=False)
@@ -771,8 +776,8 @@ class Worker:
                 break
             await asyncio.sleep(0.005)
         try:
-            live = [tp for tp, t in self._tasks.items() if not t.fenced]
-            await self._commit_sync(self._done_offsets(live, raise_failure=False,
+            await self._commit_sync(self._done_offsets(self._live(self._tasks),
+                                                       raise_failure=False,
                                                        only_moved=False))
         except StreamcoreError as exc:
             log.warning("commit after failure failed: %s", exc)
@@ -785,7 +790,7 @@ class Worker:
             if self._inflight_poll is not None:  # let a fetch in flight end before closing
                 with contextlib.suppress(BaseException):
                     await self._inflight_poll
-            if failure is not None and any(not t.fenced for t in self._tasks.values()):
+            if failure is not None and self._live(self._tasks):
                 await self._commit_after_failure()
             # Everything done is committed (or, after a cancel, left to the next owner):
             # close the tasks now, so that the revoke inside close() has nothing left to
