@@ -131,6 +131,11 @@ class ConsumerBackend(ABC):
         """Have every asynchronous commit's latency (request to answer) reported to seconds,
         on the membership thread. Optional: a backend that cannot measure it ignores this."""
 
+    def observe_connectivity(self, connected: Callable[[bool], None]) -> None:  # noqa: B027
+        """Have the client's view of the cluster reported to connected every few seconds (True
+        while it holds a working connection to a broker), on the membership thread. Optional:
+        a backend that cannot tell ignores this."""
+
     @abstractmethod
     def close(self) -> None:
         """Leave the group (runs on_revoke for what is still assigned). Blocking."""

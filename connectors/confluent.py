@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import time
@@ -151,8 +152,12 @@ class ConfluentConsumer(ConsumerBackend):
         # Send times of asynchronous commits not answered yet (answered in order).
         self._commits_sent: deque[float] = deque()
         self._commit_seconds: Callable[[float], None] | None = None
+        self._connected: Callable[[bool], None] | None = None
+        # The member reports its brokers' states every few seconds (the connectivity gauge);
+        # its statistics are small: it fetches nothing.
+        member = {"statistics.interval.ms": 5000, "stats_cb": self._on_stats, **self._settings}
         try:
-            self._c = Consumer(self._settings)
+            self._c = Consumer(member)
             self._d = Consumer(self._settings)
         except KafkaException as exc:
             raise _creation_error(exc, "the consumer") from exc
@@ -168,6 +173,14 @@ class ConfluentConsumer(ConsumerBackend):
 
     def observe_commits(self, seconds: Callable[[float], None]) -> None:
         self._commit_seconds = seconds
+
+    def observe_connectivity(self, connected: Callable[[bool], None]) -> None:
+        self._connected = connected
+
+    def _on_stats(self, stats: str) -> None:
+        if self._connected is not None:
+            brokers = json.loads(stats).get("brokers", {}).values()
+            self._connected(any(b.get("state") == "UP" for b in brokers))
 
     def _on_commit(self, err: KafkaError | None, parts: list[CTP]) -> None:
         if self._commits_sent:

@@ -42,6 +42,9 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "streamcore_oldest_uncommitted_age_seconds": (
         "gauge", ("job", "topic", "partition"), "How long the oldest record not yet "
         "committable has been in the worker (0: everything taken is committable)."),
+    "streamcore_broker_connected": ("gauge", ("job",),
+        "1 while the worker's group member holds a connection to a broker, 0 when it has "
+        "none (from the client's statistics, every 5 s)."),
     "streamcore_dlq_records_total": ("counter", ("job",),
                                      "Records sent to the dead-letter topic."),
     "streamcore_event_loop_lag_seconds": ("gauge", ("job",),

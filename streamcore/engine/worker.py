@@ -130,6 +130,7 @@ class Worker:
         self._progress_mark = (time.monotonic(), 0)
         self.records_in = 0
         self.commits = 0
+        self.broker_connected = True  # the start-up check reached it; then the client says
         self.rebalances = 0
         self.last_poll = time.monotonic()
         self._one_topic: str | None = None  # the only topic subscribed (not a pattern)
@@ -168,6 +169,7 @@ class Worker:
         topics = self.job.subscription(self.group)
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         self._consumer.observe_commits(self.commit_latency.record)
+        self._consumer.observe_connectivity(self._set_connected)
         self._consumer.subscribe(topics, on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost,
                                  start_at_end=self._starts_at_end, on_fenced=self._on_fenced)
@@ -647,6 +649,9 @@ class Worker:
             self._retired_restored[slot.step] = (
                 self._retired_restored.get(slot.step, 0) + slot.restored)
 
+    def _set_connected(self, connected: bool) -> None:
+        self.broker_connected = connected
+
     def snapshot(self) -> Snapshot:
         """Everything the exporter shows; safe from the HTTP thread (copies are atomic)."""
         tasks = list(self._tasks.values())
@@ -700,6 +705,7 @@ class Worker:
             "streamcore_committed_offset": committed,
             "streamcore_oldest_uncommitted_age_seconds": oldest,
             "streamcore_dlq_records_total": {(): dlq},
+            "streamcore_broker_connected": {(): float(self.broker_connected)},
             "streamcore_event_loop_lag_seconds": {(): time.monotonic() - self.heartbeat},
             "streamcore_state_restore_records_total": restored,
             "streamcore_state_restore_duration_seconds": restore_s,

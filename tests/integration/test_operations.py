@@ -195,3 +195,40 @@ def test_step_policy_overrides_the_job_policy(bootstrap: str) -> None:
     assert q.exception() is None
     assert sorted(orjson.loads(m.value())["i"] for m in outs) == [
         i for i in range(20) if i % 5]
+
+
+def test_broker_connected_gauge_follows_the_broker(local_broker: object, tmp_path: Any) -> None:
+    """streamcore_broker_connected drops to 0 while the broker is gone and comes back to 1
+    when it is reachable again (a broker of its own, stopped and started on the same port)."""
+    if local_broker is None:
+        pytest.skip("stops a local broker; STREAMCORE_TEST_BOOTSTRAP is set")
+    from streamcore import broker
+
+    run_dir = tmp_path / "broker"
+    info = broker.start(run_dir)
+    try:
+        src, out = unique("conn-in"), unique("conn-out")
+        make_topics(info.bootstrap, src, out)
+        job = Job(unique("conn"))
+        job.stream(KafkaSource(src, value=JSON)).to(KafkaSink(out, value=JSON))
+        q = job.start(WorkerConfig(bootstrap_servers=info.bootstrap, http_port=0,
+                                   state_dir=str(tmp_path / "s")))
+        try:
+            w = q.worker
+            assert w is not None
+            wait_until(lambda: w.http_port is not None and w.rebalances > 0, 60, "assigned")
+
+            def connected() -> float:
+                assert w.http_port is not None
+                return _metric(http_get(w.http_port, "/metrics")[1].decode(),
+                               "streamcore_broker_connected")
+
+            assert connected() == 1
+            broker.stop(run_dir)
+            wait_until(lambda: connected() == 0, 30, "the gauge to show the broker gone")
+            broker.start(run_dir, port=info.port)
+            wait_until(lambda: connected() == 1, 60, "the gauge to show the broker back")
+        finally:
+            q.stop(30)
+    finally:
+        broker.stop(run_dir)
