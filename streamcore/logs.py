@@ -85,7 +85,7 @@ class _JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage() if not hasattr(record, "progress") else "progress",
+            "msg": record.getMessage(),
         }
         if hasattr(record, "progress"):
             out["progress"] = record.progress

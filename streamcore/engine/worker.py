@@ -765,7 +765,7 @@ class Worker:
         self.last_progress = report
         if self.on_progress is not None:
             self.on_progress(report)
-        log.info("progress %s", report, extra={"progress": report})
+        log.info("%s", _progress_line(report), extra={"progress": _progress_fields(report)})
         return report
 
     # -- shutdown ------------------------------------------------------------------------
@@ -864,3 +864,26 @@ def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
+
+
+def _progress_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers of a progress report worth a log line (the whole report is on
+    /progress and the query handle)."""
+    sources = report["sources"]
+    return {
+        "rows": report["numInputRows"],
+        "rowsPerSecond": report["processedRowsPerSecond"],
+        "partitions": len(sources),
+        "running": sum(1 for s in sources if s["state"] == TaskState.RUNNING.value),
+        "paused": sum(1 for s in sources if s["paused"]),
+        "queued": sum(s["queued"] for s in sources),
+        "commits": report["commits"],
+        "p99Ms": report["inWorkerLatencyMs"]["p99"],
+    }
+
+
+def _progress_line(report: dict[str, Any]) -> str:
+    f = _progress_fields(report)
+    return (f"progress: {f['rows']} rows ({f['rowsPerSecond']}/s), {f['partitions']} partitions "
+            f"({f['running']} running, {f['paused']} paused), {f['queued']} queued, "
+            f"{f['commits']} commits, in-worker p99 {f['p99Ms']} ms")

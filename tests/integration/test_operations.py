@@ -33,7 +33,8 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_endpoints_report_readiness_traffic_and_a_blocked_loop(bootstrap: str) -> None:
+def test_endpoints_report_readiness_traffic_and_a_blocked_loop(
+        bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
     src, out, name = unique("ops-in"), unique("ops-out"), unique("ops")
     make_topics(bootstrap, src, out)
     block_once = {"armed": True}
@@ -46,6 +47,7 @@ def test_endpoints_report_readiness_traffic_and_a_blocked_loop(bootstrap: str) -
 
     job = Job(name)
     job.stream(KafkaSource(src, value=JSON)).map(maybe_block).to(KafkaSink(out, value=JSON))
+    caplog.set_level("INFO", logger="streamcore")
     q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, health_timeout="1s",
                                progress_interval="1s"))
     try:
@@ -91,6 +93,11 @@ def test_endpoints_report_readiness_traffic_and_a_blocked_loop(bootstrap: str) -
         wait_until(lambda: q.last_progress is not None, 10, "a progress report")
         progress = orjson.loads(http_get(port, "/progress")[1])
         assert progress["name"] == name and "inWorkerLatencyMs" in progress
+        # The log gets one compact line per report; the full JSON stays on /progress.
+        lines = [r.getMessage() for r in caplog.records if hasattr(r, "progress")]
+        assert lines and all(ln.startswith("progress: ") and "\n" not in ln and len(ln) < 200
+                             for ln in lines), lines[-1:]
+        assert "4 partitions" in lines[-1], lines[-1]
 
         # A job function that blocks the loop: /healthz says so while it lasts.
         produce(bootstrap, src, [(None, {"i": -1, "block": True}, 0)])
