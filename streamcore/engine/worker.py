@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import logging
 import operator
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -158,6 +159,8 @@ class Worker:
         if self._stop_requested:
             self._stopping.set()
         log.info("worker config: %s", self.config.redacted())
+        if self.job.stateful or self.job.tables:
+            self._check_state_dir()
         await self._loop.run_in_executor(None, self._check_startup)
         if self.job.uses_dead_letter:
             await self._loop.run_in_executor(None, self._create_dlq)
@@ -511,6 +514,18 @@ class Worker:
             task.close_stores()
             if task.state is not TaskState.CLOSED:
                 task.transition(TaskState.CLOSED)
+
+    def _check_state_dir(self) -> None:
+        """A state directory this user cannot write is a configuration error found at start,
+        not a partition that fails on its first assignment while the worker looks healthy."""
+        probe = self._state_dir / f".write-check-{os.getpid()}"
+        try:
+            self._state_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError("state_dir", f"{str(self._state_dir)!r} is not writable by this "
+                              f"process (uid {os.getuid()}): {exc.strerror}") from exc
 
     def _check_startup(self) -> None:
         """Fail fast, in one message, when Kafka cannot be reached or an input topic does not

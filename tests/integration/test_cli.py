@@ -47,6 +47,19 @@ def test_a_misspelled_input_topic_exits_2_and_is_not_created(bootstrap: str) -> 
     assert names is not None and env["IN"] not in names, "the missing topic was created"
 
 
+def test_a_state_dir_that_cannot_be_written_exits_2_naming_it(bootstrap: str,
+                                                              tmp_path: Path) -> None:
+    """Before: the worker started, looked healthy, and every partition failed to open its
+    store (found by running the image without its chown)."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    r = _run([str(ROOT / "tests" / "jobs" / "stateful.py"), "--bootstrap", bootstrap,
+              "--state-dir", str(blocked / "state")], _job_env(bootstrap))
+    assert r.returncode == 2, r.stderr
+    assert "state_dir" in r.stderr and "not writable" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_an_unknown_kafka_setting_exits_2_naming_it(bootstrap: str) -> None:
     r = _run([PASSTHROUGH, "--bootstrap", bootstrap, "-X", "no.such.setting=1"],
              _job_env(bootstrap))
