@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from bench.workload import PRODUCER_W1, record
 from connectors.admin import create_topics
 from streamcore import broker
+from streamcore.logs import librdkafka_logger
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -115,6 +116,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def _reader(bootstrap: str, topic: str, fetch_wait_ms: int) -> Consumer:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+                  "logger": librdkafka_logger(),
                   "fetch.wait.max.ms": fetch_wait_ms, "fetch.queue.backoff.ms": 1,
                   "enable.auto.commit": False})
     c.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
@@ -123,7 +125,7 @@ def _reader(bootstrap: str, topic: str, fetch_wait_ms: int) -> Consumer:
 
 def _produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) -> None:
     """Produce (key, value) records with the W1 producer settings and wait for them all."""
-    p = Producer({"bootstrap.servers": bootstrap, **PRODUCER_W1})
+    p = Producer({"bootstrap.servers": bootstrap, "logger": librdkafka_logger(), **PRODUCER_W1})
     for key, value in records:
         while True:
             try:
@@ -247,7 +249,8 @@ def run_w3(system: str, rate: int, seconds: int) -> Result:
         t = threading.Thread(target=read)
         t.start()
         time.sleep(1)  # let the reader's fetches settle
-        p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+        p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0,
+                      "logger": librdkafka_logger()})
         start = time.monotonic()
         sent = 0
         while (now := time.monotonic()) - start < seconds:

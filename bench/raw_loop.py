@@ -13,17 +13,21 @@ import orjson
 from confluent_kafka import Consumer, Producer
 
 from bench.workload import CONSUMER_W1, CONSUMER_W3, PRODUCER_W1, PRODUCER_W3, enrich, keep
+from streamcore.logs import librdkafka_logger
+
+# librdkafka's lines go through a rate-limited logger, not raw to stderr, as in streamcore.
+LOG = librdkafka_logger()
 
 
 def main() -> None:
     src, out, group, mode = sys.argv[1:5]
     running = [True]
     signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
-    c = Consumer({"bootstrap.servers": sys.argv[5], "group.id": group,
+    c = Consumer({"bootstrap.servers": sys.argv[5], "group.id": group, "logger": LOG,
                   "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
                   "heartbeat.interval.ms": 500,
                   **(CONSUMER_W1 if mode == "w1" else CONSUMER_W3)})
-    p = Producer({"bootstrap.servers": sys.argv[5],
+    p = Producer({"bootstrap.servers": sys.argv[5], "logger": LOG,
                   **(PRODUCER_W1 if mode == "w1" else PRODUCER_W3)})
 
     def on_assign(_c: Any, parts: Any) -> None:

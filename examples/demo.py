@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from connectors.admin import create_topics  # noqa: E402
 from streamcore import broker  # noqa: E402
+from streamcore.logs import librdkafka_logger  # noqa: E402
 from streamcore.progress import LatencyHistogram  # noqa: E402
 
 RATE = 250  # page views per second: the local broker slows under faster short-wait fetches
@@ -75,9 +76,11 @@ def main() -> int:
 def _feed_and_watch(bootstrap: str, views: str, clicks: str,
                     worker: subprocess.Popen[bytes]) -> tuple[int, int]:
     """Feed page views, read clicks; return (exit code, clicks expected)."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2,
+                         "logger": librdkafka_logger()})
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-reader",
-                         "fetch.wait.max.ms": 5, "fetch.queue.backoff.ms": 1})
+                         "fetch.wait.max.ms": 5, "fetch.queue.backoff.ms": 1,
+                         "logger": librdkafka_logger()})
     consumer.assign([TopicPartition(clicks, p, 0) for p in range(PARTITIONS)])
     latency = LatencyHistogram()
     sent = expected = received = 0
@@ -131,7 +134,7 @@ def _show_section_counts(bootstrap: str, topic: str, expected: int) -> int:
     """The stateful step's output: the latest count per section, which must add up to the
     number of clicks."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-reader",
-                         "fetch.wait.max.ms": 100})
+                         "fetch.wait.max.ms": 100, "logger": librdkafka_logger()})
     consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
     latest: dict[str, int] = {}
     quiet_since = time.monotonic()

@@ -10,6 +10,8 @@ import time
 import orjson
 from confluent_kafka import Producer
 
+from streamcore.logs import librdkafka_logger
+
 URLS = ["https://shop.example/cart", "https://shop.example/item/42", "https://shop.example/",
         "https://news.example/sport/today", "https://news.example/tech/ai"]
 
@@ -22,7 +24,8 @@ def main() -> None:
     args = ap.parse_args()
     running = [True]
     signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
-    p = Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 5})
+    p = Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 5,
+                  "logger": librdkafka_logger()})
     start, sent = time.monotonic(), 0
     while running[0]:
         due = int((time.monotonic() - start) * args.rate)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
+from streamcore.logs import librdkafka_logger
 from tests.helpers import make_topics, produce, read_topic, unique
 
 
@@ -119,7 +120,7 @@ def test_headers_and_timestamps_pass_through(bootstrap: str) -> None:
 
     src, out = unique("hdr-in"), unique("hdr-out")
     make_topics(bootstrap, src, out, partitions=1)
-    p = Producer({"bootstrap.servers": bootstrap})
+    p = Producer({"bootstrap.servers": bootstrap, "logger": librdkafka_logger()})
     for i in range(10):
         p.produce(src, orjson.dumps({"i": i}), headers=[("trace", f"t{i}".encode())],
                   timestamp=1_700_000_000_000 + i)

@@ -22,6 +22,7 @@ from connectors.confluent import ConfluentReader, reader_settings
 from statestore.rocksdb import RocksDBSettings
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 from streamcore.engine.state import PartitionStores
+from streamcore.logs import librdkafka_logger
 from streamcore.serde import INTERNAL_KEY
 from tests.helpers import latest_per_key, make_topics, produce, read_topic, totals, unique
 
@@ -201,7 +202,8 @@ def test_restore_reaches_the_true_end_of_a_batched_changelog(bootstrap: str,
     records produced in large batches put the true end far beyond it."""
     topic = unique("changelog")
     make_topics(bootstrap, topic, partitions=1)
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 200, "batch.num.messages": 5000})
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 200, "batch.num.messages": 5000,
+                  "logger": librdkafka_logger()})
     n = 5000
     for i in range(n):
         p.produce(topic, b"%d" % i, b"k%d" % (i % 1500), partition=0)
