@@ -48,6 +48,7 @@ class Result:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     cpu_us: float = 0.0  # CPU time of the system's process per output, first output to last
+    rss_mb: float = 0.0  # peak resident memory of the system's process, sampled per batch
     in_worker: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,14 +97,22 @@ def _wait_assigned(log: Path, proc: subprocess.Popen[bytes], timeout: float = 60
 
 
 def _in_worker(log: Path) -> dict[str, Any]:
+    """The in-worker latency of the worker's last progress line (JSON logs)."""
     last: dict[str, Any] = {}
     for line in log.read_text(errors="replace").splitlines():
         if '"progress"' in line:
             try:
-                last = orjson.loads(line)["progress"].get("inWorkerLatencyMs", {})
+                fields = orjson.loads(line)["progress"]
             except orjson.JSONDecodeError:
                 continue
+            last = {"p50": fields["p50Ms"], "p99": fields["p99Ms"]}
     return last
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -160,6 +169,7 @@ def run_w1(system: str, records: int, mode: str = "w1") -> Result:
             n = sum(1 for m in reader.consume(10000, 0.2) if m.error() is None)
             if n:
                 last = time.monotonic()
+                res.rss_mb = max(res.rss_mb, _rss_mb(proc.pid))
                 cpu = _cpu_seconds(proc.pid)
                 if not seen:
                     first, cpu_first, at_cpu_first = last, cpu, n
@@ -292,7 +302,7 @@ def main() -> int:
             for system in ("raw", "streamcore"):
                 r = run_w1(system, args.w1_records)
                 print(f"W1 run {i + 1} {system:10s} {r.rate:9.0f} rec/s "
-                      f"{r.cpu_us:5.1f} us CPU/record "
+                      f"{r.cpu_us:5.1f} us CPU/record {r.rss_mb:4.0f} MB peak RSS "
                       f"(startup {r.startup_s:.1f}s, {r.outputs} outputs)", flush=True)
                 if system not in best or r.rate > best[system].rate:
                     best[system] = r
@@ -303,6 +313,8 @@ def main() -> int:
         # the two cores: the efficiency of the engine itself.
         rows.append(f"W1 CPU per record        raw {raw.cpu_us:.1f} us   streamcore "
                     f"{sc.cpu_us:.1f} us   (raw / streamcore {raw.cpu_us / sc.cpu_us:.2f}x)")
+        rows.append(f"W1 peak resident memory  raw {raw.rss_mb:.0f} MB   streamcore "
+                    f"{sc.rss_mb:.0f} MB   (streamcore / raw {sc.rss_mb / raw.rss_mb:.2f}x)")
     if args.only in (None, "w2"):
         raws, w2s = [], []
         for i in range(args.repeat):
@@ -314,6 +326,8 @@ def main() -> int:
         w2 = max(w2s, key=lambda r: r.rate)
         rows.append(f"W2 keyed aggregate       raw W1 {raw.rate:9.0f} rec/s   streamcore W2 "
                     f"{w2.rate:9.0f} rec/s   ratio {w2.rate / raw.rate:.2f}x  (target >= 0.40x)")
+        rows.append(f"W2 peak resident memory  raw W1 {raw.rss_mb:.0f} MB   streamcore W2 "
+                    f"{w2.rss_mb:.0f} MB   (streamcore / raw {w2.rss_mb / raw.rss_mb:.2f}x)")
         rows.append(f"W2 restore after the run {w2.in_worker.get('restored', 0)} changelog "
                     f"records, {w2.in_worker.get('rate', 0.0):,.0f} records/s per store "
                     "(small stores: dominated by the fixed end-of-log check)")

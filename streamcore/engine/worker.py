@@ -893,6 +893,7 @@ def _progress_fields(report: dict[str, Any]) -> dict[str, Any]:
         "paused": sum(1 for s in sources if s["paused"]),
         "queued": sum(s["queued"] for s in sources),
         "commits": report["commits"],
+        "p50Ms": report["inWorkerLatencyMs"]["p50"],
         "p99Ms": report["inWorkerLatencyMs"]["p99"],
     }
 

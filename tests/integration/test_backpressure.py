@@ -8,12 +8,10 @@ the partitions stops the inboxes from growing. Both must stay bounded and lose n
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 
 import orjson
-import psutil
 import pytest
 
 from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
@@ -45,22 +43,19 @@ def test_slow_function_under_backlog_pauses_partitions_and_bounds_memory(
     stream = job.stream(KafkaSource(src, value=JSON))
     stream = stream.map_async(slow_io, concurrency=4) if kind == "async" else stream.map(slow)
     stream.to(KafkaSink(out, value=JSON))
-    proc = psutil.Process(os.getpid())
-    rss_before = proc.memory_info().rss
     q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, inbox_high=high,
                                inbox_low=low, poll_batch=batch))
-    max_queued, paused_seen, rss_max = 0, False, rss_before
+    max_queued, paused_seen = 0, False
     stop_sampling = threading.Event()
 
     def sample() -> None:
-        nonlocal max_queued, paused_seen, rss_max
+        nonlocal max_queued, paused_seen
         while not stop_sampling.is_set():
             w = q.worker
             if w is not None:
                 for t in list(w._tasks.values()):
                     max_queued = max(max_queued, t.queued)
                     paused_seen = paused_seen or t.paused
-            rss_max = max(rss_max, proc.memory_info().rss)
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -79,8 +74,8 @@ def test_slow_function_under_backlog_pauses_partitions_and_bounds_memory(
         assert paused_seen, "no partition was ever paused although the job was slow"
     # A partition's inbox never holds more than the high-water mark plus one fetch.
     assert max_queued <= high + batch, f"inbox grew to {max_queued}"
-    growth_mb = (rss_max - rss_before) / 2**20
-    assert growth_mb < 200, f"resident memory grew {growth_mb:.0f} MB under backlog"
+    # Memory itself is measured by the benchmarks (peak RSS in W1/W2, python -m bench):
+    # 10 MB of input could not bring the process near any bound worth asserting here.
     # Pausing and resuming lost nothing and duplicated nothing.
     seen = sorted(orjson.loads(m.value())["i"] for m in outs)
     assert seen == list(range(n))

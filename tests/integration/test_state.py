@@ -199,10 +199,12 @@ def test_restart_keeps_state_and_a_lost_disk_is_rebuilt(
 def test_restore_reaches_the_true_end_of_a_batched_changelog(bootstrap: str,
                                                               tmp_path: Path) -> None:
     """The local broker reports a high watermark of (base offset of the last batch + 1);
-    records produced in large batches put the true end far beyond it."""
+    records produced in one large batch put the true end far beyond it (the test checks that
+    they did: before, the tombstone went out in a batch of its own and the reported end was
+    the true one, so the test proved nothing)."""
     topic = unique("changelog")
     make_topics(bootstrap, topic, partitions=1)
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 200, "batch.num.messages": 5000,
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 500, "batch.num.messages": 10000,
                   "logger": librdkafka_logger()})
     n = 5000
     for i in range(n):
@@ -222,8 +224,12 @@ def test_restore_reaches_the_true_end_of_a_batched_changelog(bootstrap: str,
     assert cache.get(b"k7") is None and cache.get(b"k8") == 4508 and cache.get(b"k0") == 4500
     assert sum(1 for _ in slot.store.range()) == 1499
     stores.close()
-    if reported_end < n + 1:
-        print(f"broker under-reported the end: {reported_end} < {n + 1}")
+    # The case under test happened: the local broker reported an end short of the true one
+    # (a real Kafka reports it exactly, and the restore must agree with it there too).
+    if os.environ.get("STREAMCORE_TEST_BOOTSTRAP"):
+        assert reported_end == n + 1
+    else:
+        assert reported_end < n + 1, f"the broker reported the true end {reported_end}"
 
 
 def test_large_state_stays_on_disk(bootstrap: str, tmp_path: Path) -> None:
