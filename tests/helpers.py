@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -125,6 +126,26 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int = 4) -> di
     return {tp.partition: tp.offset for tp in res}
 
 
+def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 4) -> int:
+    """The group's committed offsets on topic, summed (partitions without a commit: 0)."""
+    return sum(max(0, o) for o in committed(bootstrap, group, topic, partitions).values())
+
+
+def wait_committed(bootstrap: str, group: str, topic: str, beyond: int,
+                   timeout: float = 60.0) -> int:
+    """Until the group has committed more than `beyond` records of topic (mid-stream decided
+    by progress, not by a fixed sleep); returns the committed total."""
+    seen = [0]
+
+    def past() -> bool:
+        seen[0] = committed_total(bootstrap, group, topic)
+        return seen[0] > beyond
+
+    wait_until(past, timeout, f"{group} to commit more than {beyond} records of {topic}",
+               interval=0.25)
+    return seen[0]
+
+
 class PacedProducer:
     """Produces {"seq": n, "p": partition} records at a steady rate on a thread, round-robin
     over partitions, so that records are still arriving while a worker is killed. Records the
@@ -199,6 +220,15 @@ class WorkerProcess:
         """The last lines of the log without progress reports, for assertion messages."""
         keep = [ln for ln in self.log().splitlines() if '"progress"' not in ln]
         return "\n".join(keep[-lines:])
+
+    def processed(self) -> int:
+        """Records this worker has processed so far, from its progress lines (JSON logs)."""
+        total = 0
+        for line in self.log().splitlines():
+            if '"progress"' in line:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    total += int(orjson.loads(line)["progress"]["rows"])
+        return total
 
     def wait_for(self, text: str, timeout: float = 60.0, *, times: int = 1) -> None:
         """Until text is in the worker's log `times` times (a second assignment, say)."""

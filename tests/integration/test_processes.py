@@ -7,7 +7,6 @@ and offset, so the checks can tell exactly which records were lost or duplicated
 from __future__ import annotations
 
 import itertools
-import time
 from collections import Counter, defaultdict
 
 import orjson
@@ -16,10 +15,13 @@ import pytest
 from tests.helpers import (
     PacedProducer,
     committed,
+    committed_total,
     make_topics,
     read_topic,
     stop_gracefully,
     unique,
+    wait_committed,
+    wait_until,
     worker_process,
 )
 
@@ -43,14 +45,14 @@ def _kill_and_restart(bootstrap: str, *, broken: bool) -> tuple[int, Counter[int
         with worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "a"}) as w:
             w.wait_for("assigned")
             # Let commits happen while records keep arriving, then kill mid-stream.
-            time.sleep(4)
+            wait_committed(bootstrap, name, src, 2000)
             w.kill()
         at_kill = committed(bootstrap, name, src)
         sent_at_kill = producer.sent
-        time.sleep(1)
+        wait_until(lambda: producer.sent > sent_at_kill + 1000, 10, "records while down")
         with worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "b"}) as w2:
             w2.wait_for("assigned")
-            time.sleep(2)
+            wait_committed(bootstrap, name, src, sum(max(0, o) for o in at_kill.values()) + 1000)
             total = producer.stop()
             seen = Counter(int(v["seq"]) for v in _outputs(bootstrap, out, total))  # type: ignore[call-overload]
             stop_gracefully(w2)
@@ -86,12 +88,13 @@ def test_sigterm_mid_stream_then_restart_no_loss_no_duplicates(bootstrap: str) -
     with PacedProducer(bootstrap, src, rate=1500) as producer:
         with worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "a"}) as w:
             w.wait_for("assigned")
-            time.sleep(3)
+            wait_committed(bootstrap, name, src, 2000)
             stop_gracefully(w)
         assert "stopping gracefully" in w.log()
+        at_stop = committed_total(bootstrap, name, src)
         with worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "b"}) as w2:
             w2.wait_for("assigned")
-            time.sleep(1.5)
+            wait_committed(bootstrap, name, src, at_stop + 1000)
             total = producer.stop()
             outputs = _outputs(bootstrap, out, total)
             stop_gracefully(w2)
@@ -113,7 +116,7 @@ def test_second_worker_joins_and_leaves_mid_stream(bootstrap: str, backlog: bool
     with PacedProducer(bootstrap, src, rate=12000 if backlog else 1000) as producer, \
             worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "a"}) as a:
         a.wait_for("assigned")
-        time.sleep(1)
+        wait_committed(bootstrap, name, src, 500)
         with worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "b"}) as b:
             try:
                 b.wait_for("assigned", timeout=90)  # b takes over some partitions
@@ -123,13 +126,12 @@ def test_second_worker_joins_and_leaves_mid_stream(bootstrap: str, backlog: bool
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n--- worker a ({a.log_path}):\n{a.tail()}\n"
                                      f"--- worker b: {b.log_path}") from None
-            time.sleep(2)
+            wait_until(lambda: b.processed() > 500, 60, "b to process records")
             stop_gracefully(b)  # b leaves: a gets them back
         if backlog:
             assert lag > 5000, f"no backlog at the handover (lag {lag}): nothing tested"
-        time.sleep(1)
         a.wait_for("assigned", times=2)  # a got b's partitions back
-        time.sleep(2)
+        wait_committed(bootstrap, name, src, committed_total(bootstrap, name, src) + 1000)
         total = producer.stop()
         outputs = _outputs(bootstrap, out, total)
         stop_gracefully(a)

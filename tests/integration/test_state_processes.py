@@ -7,7 +7,6 @@ updates to be applied twice (a final aggregate above the expected one) but never
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,14 @@ import pytest
 
 from tests.helpers import (
     PacedProducer,
+    committed_total,
     latest_per_key,
     make_topics,
     read_topic,
     stop_gracefully,
     totals,
     unique,
+    wait_committed,
     worker_process,
 )
 
@@ -44,12 +45,15 @@ def _kill_and_restart(bootstrap: str, state: Path, *, broken: bool) -> tuple[
     with PacedProducer(bootstrap, src, rate=1500) as producer:
         with worker_process("stateful.py", bootstrap, env) as w:
             w.wait_for("assigned")
-            time.sleep(5)
+            # Several commits in, none of them backed by a store flush in the broken job (it
+            # flushes every 30 s), then the kill.
+            wait_committed(bootstrap, name, src, 6000)
             sent_at_kill = producer.sent
             w.kill()
+        at_kill = committed_total(bootstrap, name, src)
         with worker_process("stateful.py", bootstrap, env) as w2:
             w2.wait_for("assigned")
-            time.sleep(2)
+            wait_committed(bootstrap, name, src, at_kill + 1000)
             total = producer.stop()
             final = _final(bootstrap, out, total)
             if not broken:  # the broken job flushes on its own schedule: no clean stop
@@ -84,14 +88,14 @@ def test_partitions_migrate_between_workers_with_their_state(bootstrap: str,
             worker_process("stateful.py", bootstrap,
                            {**env, "STREAMCORE_STATE_DIR": str(tmp_path / "a")}) as a:
         a.wait_for("assigned")
-        time.sleep(1)
+        wait_committed(bootstrap, name, src, 500)
         with worker_process("stateful.py", bootstrap,
                             {**env, "STREAMCORE_STATE_DIR": str(tmp_path / "b")}) as b:
             b.wait_for("restored", timeout=90)  # b took partitions and rebuilt their stores
-            time.sleep(2)
+            wait_committed(bootstrap, name, src, committed_total(bootstrap, name, src) + 800)
             stop_gracefully(a)  # a leaves: b restores the rest from the changelogs
             b.wait_for("assigned", times=2)  # b got a's partitions
-            time.sleep(2)
+            wait_committed(bootstrap, name, src, committed_total(bootstrap, name, src) + 800)
             total = producer.stop()
             final = _final(bootstrap, out, total)
             stop_gracefully(b)

@@ -24,11 +24,13 @@ from tests.helpers import (
     PacedProducer,
     WorkerProcess,
     committed,
+    committed_total,
     make_topics,
     read_topic,
     stop_gracefully,
     totals,
     unique,
+    wait_committed,
     worker_process,
 )
 
@@ -98,7 +100,8 @@ def test_rebalance_storm_one_two_three_one(bootstrap: str, tmp_path: Path) -> No
             c = start("c")
             workers.append(c)
             c.wait_for("assigned", timeout=90)  # 2 -> 3
-            time.sleep(1)
+            # Three workers processing: commits move on before the next change.
+            wait_committed(bootstrap, name, src, committed_total(bootstrap, name, src) + 400)
             b.kill()  # 3 -> 2, by SIGKILL: b's partitions move after its session times out
             stop_gracefully(c)  # 2 -> 1: a ends with every partition
             a.wait_for("assigned", times=3, timeout=90)
