@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from bench.workload import PRODUCER_W1, record
 from connectors.admin import create_topics
 from streamcore import broker
-from streamcore.logs import librdkafka_logger
+from streamcore.core.logs import librdkafka_logger
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -216,7 +216,7 @@ def run_restore(records: int) -> dict[str, float]:
     ~60-byte values), timed from the start of the replay to the store being usable."""
     from connectors.confluent import ConfluentReader, reader_settings
     from statestore.rocksdb import RocksDBSettings
-    from streamcore.engine.state import PartitionStores
+    from streamcore.runtime.state import PartitionStores
 
     with _Broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
         topic = "bench-totals-changelog"

@@ -13,7 +13,7 @@ import orjson
 from confluent_kafka import Consumer, Producer
 
 from bench.workload import CONSUMER_W1, CONSUMER_W3, PRODUCER_W1, PRODUCER_W3, enrich, keep
-from streamcore.logs import librdkafka_logger
+from streamcore.core.logs import librdkafka_logger
 
 # librdkafka's lines go through a rate-limited logger, not raw to stderr, as in streamcore.
 LOG = librdkafka_logger()

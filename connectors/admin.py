@@ -13,8 +13,8 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from streamcore.errors import BrokerUnavailable
-from streamcore.logs import librdkafka_logger
+from streamcore.core.errors import BrokerUnavailable
+from streamcore.core.logs import librdkafka_logger
 
 __all__ = ["broker_answers", "create_topics", "partition_count", "topic_names"]
 

@@ -173,7 +173,7 @@ class ProducerBackend(ABC):
 
     @abstractmethod
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
-        """The :class:`~streamcore.errors.DeliveryFailed` for an exception from produce."""
+        """The :class:`~streamcore.core.errors.DeliveryFailed` for an exception from produce."""
 
     @abstractmethod
     def poll(self, timeout: float) -> int:

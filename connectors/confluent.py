@@ -23,8 +23,8 @@ from connectors.base import (
     ProducerBackend,
     TopicPartition,
 )
-from streamcore.errors import BrokerUnavailable, ConfigError, DeliveryFailed, RebalanceError
-from streamcore.logs import BurstLogger, librdkafka_logger
+from streamcore.core.errors import BrokerUnavailable, ConfigError, DeliveryFailed, RebalanceError
+from streamcore.core.logs import BurstLogger, librdkafka_logger
 
 __all__ = [
     "ConfluentConsumer",

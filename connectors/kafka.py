@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from streamcore.errors import JobDefinitionError
-from streamcore.serde import BYTES, KEY, Serde
+from streamcore.core.errors import JobDefinitionError
+from streamcore.core.serde import BYTES, KEY, Serde
 
 __all__ = ["KafkaSink", "KafkaSource"]
 

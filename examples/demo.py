@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from connectors.admin import create_topics  # noqa: E402
 from streamcore import broker  # noqa: E402
-from streamcore.logs import librdkafka_logger  # noqa: E402
-from streamcore.progress import LatencyHistogram  # noqa: E402
+from streamcore.core.logs import librdkafka_logger  # noqa: E402
+from streamcore.runtime.progress import LatencyHistogram  # noqa: E402
 
 RATE = 250  # page views per second: the local broker slows under faster short-wait fetches
 SECONDS = 15

@@ -10,7 +10,7 @@ import time
 import orjson
 from confluent_kafka import Producer
 
-from streamcore.logs import librdkafka_logger
+from streamcore.core.logs import librdkafka_logger
 
 URLS = ["https://shop.example/cart", "https://shop.example/item/42", "https://shop.example/",
         "https://news.example/sport/today", "https://news.example/tech/ai"]

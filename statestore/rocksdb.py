@@ -36,7 +36,7 @@ class RocksDBSettings:
     bloom_bits_per_key: int = 10  # point lookups skip files that cannot hold the key
 
     def __post_init__(self) -> None:
-        from streamcore.errors import ConfigError
+        from streamcore.core.errors import ConfigError
 
         for name in ("write_buffer_mb", "max_write_buffers", "block_cache_mb",
                      "max_open_files", "bloom_bits_per_key"):

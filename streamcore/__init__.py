@@ -7,8 +7,11 @@ Everything a job needs is importable from here::
 
 from connectors.kafka import KafkaSink, KafkaSource
 from statestore.rocksdb import RocksDBSettings
-from streamcore.config import WorkerConfig
-from streamcore.errors import (
+from streamcore.api.config import WorkerConfig
+from streamcore.api.job import Job, Stream
+from streamcore.api.query import StreamingQuery
+from streamcore.api.stream import Table
+from streamcore.core.errors import (
     BrokerUnavailable,
     ConfigError,
     DeliveryFailed,
@@ -22,10 +25,7 @@ from streamcore.errors import (
     StreamcoreError,
     UserFunctionError,
 )
-from streamcore.job import Job, Stream
-from streamcore.query import StreamingQuery
-from streamcore.serde import BYTES, JSON, KEY, STR, Serde
-from streamcore.table import Table
+from streamcore.core.serde import BYTES, JSON, KEY, STR, Serde
 
 __version__ = "0.1.0"
 

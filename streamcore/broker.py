@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamcore.errors import ConfigError, StreamcoreError
+from streamcore.core.errors import ConfigError, StreamcoreError
 
 __all__ = ["BrokerInfo", "LocalBrokerError", "default_run_dir", "find_tansu", "start", "status",
            "stop"]

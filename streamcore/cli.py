@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from streamcore import broker as local_broker
-from streamcore.config import PRESETS, WorkerConfig, unknown_env
-from streamcore.errors import (
+from streamcore.api.config import PRESETS, WorkerConfig, unknown_env
+from streamcore.core.errors import (
     BrokerUnavailable,
     ConfigError,
     JobDefinitionError,
@@ -48,7 +48,7 @@ def _check_own_packages() -> None:
 
 def load_job(ref: str) -> Any:
     """Load ``path/to/file.py:attr`` or ``package.module:attr`` (attr defaults to ``job``)."""
-    from streamcore.job import Job
+    from streamcore.api.job import Job
 
     target, _, attr = ref.partition(":")
     attr = attr or "job"
@@ -183,7 +183,7 @@ def _bootstrap_in_env() -> bool:
 
 
 async def _run_worker(job: Any, config: WorkerConfig) -> None:
-    from streamcore.engine.worker import Worker
+    from streamcore.runtime.worker import Worker
 
     worker = Worker(job, config)
     loop = asyncio.get_running_loop()
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else list(argv)))
     if args.command == "broker":
         return _broker(args)
-    from streamcore import logs
+    from streamcore.core import logs
 
     logs.configure(os.environ.get("STREAMCORE_LOG_LEVEL", "INFO"))
     try:

@@ -21,7 +21,7 @@ import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from connectors.admin import create_topics
-from streamcore.logs import librdkafka_logger
+from streamcore.core.logs import librdkafka_logger
 
 ROOT = Path(__file__).resolve().parent.parent
 _LOG = librdkafka_logger()  # the test clients' librdkafka lines go through logging too

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
-from streamcore.logs import librdkafka_logger
+from streamcore.core.logs import librdkafka_logger
 from tests.helpers import make_topics, produce, read_topic, unique
 
 

@@ -17,9 +17,9 @@ import orjson
 import pytest
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
-from streamcore.engine.worker import Worker
-from streamcore.errors import BrokerUnavailable, UserFunctionError
-from streamcore.serde import INTERNAL_KEY, INTERNAL_VALUE
+from streamcore.core.errors import BrokerUnavailable, UserFunctionError
+from streamcore.core.serde import INTERNAL_KEY, INTERNAL_VALUE
+from streamcore.runtime.worker import Worker
 from tests.helpers import (
     committed,
     http_get,

@@ -21,9 +21,9 @@ from confluent_kafka import Producer
 from connectors.confluent import ConfluentReader, reader_settings
 from statestore.rocksdb import RocksDBSettings
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
-from streamcore.engine.state import PartitionStores
-from streamcore.logs import librdkafka_logger
-from streamcore.serde import INTERNAL_KEY
+from streamcore.core.logs import librdkafka_logger
+from streamcore.core.serde import INTERNAL_KEY
+from streamcore.runtime.state import PartitionStores
 from tests.helpers import latest_per_key, make_topics, produce, read_topic, totals, unique
 
 

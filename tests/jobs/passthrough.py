@@ -13,7 +13,7 @@ import time
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 
 if os.environ.get("BREAK_COMMIT_ORDER") == "1":
-    from streamcore.engine import tracking
+    from streamcore.runtime import tracking
 
     def _advance_ignoring_acks(self: tracking.OffsetTracker) -> int:
         q = self._batches

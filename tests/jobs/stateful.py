@@ -16,7 +16,7 @@ import time
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 
 if os.environ.get("BREAK_STATE_ORDER") == "1":
-    from streamcore.engine import partition
+    from streamcore.runtime import partition
 
     def _done_ignoring_state(self: partition.PartitionTask) -> int:
         return self.tracker.advance()  # state durability ignored: the bug under test

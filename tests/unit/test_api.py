@@ -22,10 +22,11 @@ from streamcore import (
     Serde,
     SerializationError,
 )
-from streamcore.engine.context import PartitionContext, StepFailed
-from streamcore.engine.tracking import OffsetTracker
-from streamcore.plan import compile_chain, source_for_topic
-from streamcore.progress import LatencyHistogram
+from streamcore.plan.routing import source_for_topic
+from streamcore.runtime.context import PartitionContext, StepFailed
+from streamcore.runtime.operators import compile_chain
+from streamcore.runtime.progress import LatencyHistogram
+from streamcore.runtime.tracking import OffsetTracker
 
 
 def test_all_is_complete_and_importable() -> None:
@@ -37,11 +38,11 @@ def test_all_is_complete_and_importable() -> None:
 
 
 def test_error_tree_docstring_names_every_error() -> None:
-    from streamcore import errors
+    from streamcore.core import errors
 
     doc = errors.__doc__ or ""
     for name in errors.__all__:
-        assert name in doc, f"{name} missing from the tree in streamcore.errors"
+        assert name in doc, f"{name} missing from the tree in streamcore.core.errors"
         assert issubclass(getattr(errors, name), errors.StreamcoreError)
     assert not issubclass(errors.RetriableError, errors.FatalError)
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from streamcore import ConfigError, WorkerConfig
-from streamcore.config import parse_duration, unknown_env
+from streamcore.api.config import parse_duration, unknown_env
 
 
 def test_durations_accept_seconds_and_units() -> None:
@@ -88,7 +88,7 @@ def test_redacted_config_hides_secrets() -> None:
 def test_burst_logger_logs_once_per_window(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from streamcore.logs import BurstLogger
+    from streamcore.core.logs import BurstLogger
 
     burst = BurstLogger(logging.getLogger("t"), window=60)
     with caplog.at_level(logging.WARNING, logger="t"):

@@ -9,9 +9,9 @@ from confluent_kafka import TopicPartition as CTP
 
 from connectors.confluent import ConfluentConsumer, consumer_settings
 from streamcore import Job, KafkaSink, KafkaSource
-from streamcore.engine.partition import PartitionTask
-from streamcore.plan import source_for_topic
-from streamcore.progress import LatencyHistogram
+from streamcore.plan.routing import source_for_topic
+from streamcore.runtime.partition import PartitionTask
+from streamcore.runtime.progress import LatencyHistogram
 from tests.unit.test_api import _RecordingProducer
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamcore.engine.tracking import OffsetTracker
-from streamcore.errors import DeliveryFailed
+from streamcore.core.errors import DeliveryFailed
+from streamcore.runtime.tracking import OffsetTracker
 
 
 class _Msg:

@@ -28,20 +28,20 @@ from connectors.base import Message, PartitionReader, ProducerBackend, TopicPart
 from connectors.kafka import KafkaSource
 from statestore.base import StoreLocked
 from statestore.cache import StateCache
-from streamcore.engine.context import GlobalTableView, PartitionContext, StepFailed
-from streamcore.engine.state import PartitionStores
-from streamcore.engine.tracking import OffsetTracker
-from streamcore.errors import (
+from streamcore.core.errors import (
     DeserializationError,
     StateError,
     StreamcoreError,
     UserFunctionError,
 )
-from streamcore.graph import Node
-from streamcore.logs import BurstLogger
-from streamcore.plan import compile_chain
-from streamcore.progress import LatencyHistogram
-from streamcore.serde import BYTES, KEY
+from streamcore.core.logs import BurstLogger
+from streamcore.core.serde import BYTES, KEY
+from streamcore.plan.graph import Node
+from streamcore.runtime.context import GlobalTableView, PartitionContext, StepFailed
+from streamcore.runtime.operators import compile_chain
+from streamcore.runtime.progress import LatencyHistogram
+from streamcore.runtime.state import PartitionStores
+from streamcore.runtime.tracking import OffsetTracker
 
 __all__ = ["PartitionTask", "TaskState"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from streamcore.errors import DeliveryFailed
+from streamcore.core.errors import DeliveryFailed
 
 __all__ = ["Batch", "OffsetTracker"]
 

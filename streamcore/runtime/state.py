@@ -31,7 +31,7 @@ from statestore.cache import StateCache
 from statestore.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
 from statestore.memory import MemoryStore
 from statestore.rocksdb import RocksDBSettings, RocksDBStore
-from streamcore.errors import DeliveryFailed
+from streamcore.core.errors import DeliveryFailed
 
 __all__ = ["Flush", "PartitionStores", "StoreSlot", "open_store", "reopen_empty",
            "write_records"]

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from streamcore.errors import StateError
-from streamcore.graph import Node, OpKind
+from streamcore.core.errors import StateError
+from streamcore.plan.graph import Node, OpKind
 
 if TYPE_CHECKING:
-    from streamcore.job import Job
+    from streamcore.api.job import Job
 
 __all__ = ["COMPACT", "DELETE", "InternalTopics", "internal_topics"]
 

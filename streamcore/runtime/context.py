@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from connectors.base import Message, Outbox, ProducerBackend
 from statestore.cache import StateCache
-from streamcore.engine.tracking import Batch
+from streamcore.runtime.tracking import Batch
 
 __all__ = ["AsyncLane", "Emit", "GlobalTableView", "OpenState", "PartitionContext",
            "SinkCounter", "StepFailed"]

@@ -8,11 +8,11 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from streamcore.config import WorkerConfig
+from streamcore.api.config import WorkerConfig
 
 if TYPE_CHECKING:
-    from streamcore.engine.worker import Worker
-    from streamcore.job import Job
+    from streamcore.api.job import Job
+    from streamcore.runtime.worker import Worker
 
 __all__ = ["StreamingQuery"]
 
@@ -47,7 +47,7 @@ class StreamingQuery:
         return q
 
     def _main(self) -> None:
-        from streamcore.engine.worker import Worker
+        from streamcore.runtime.worker import Worker
 
         async def body() -> None:
             try:

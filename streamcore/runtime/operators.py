@@ -3,7 +3,7 @@
 Each node becomes a closure that does its work and calls the closures of its children
 directly: no per-record graph walking, no per-record allocation beyond what the user's
 functions make. Compiling per partition keeps per-partition resources (async lanes, and
-state stores later) private to the partition task that owns them.
+state stores) private to the partition task that owns them.
 """
 
 from __future__ import annotations
@@ -11,43 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from streamcore.engine.context import AsyncLane, Emit, PartitionContext, SinkCounter, StepFailed
-from streamcore.engine.tracking import Batch
-from streamcore.errors import JobDefinitionError, SerializationError
-from streamcore.graph import Node, OpKind
-from streamcore.serde import BYTES, INTERNAL_KEY, KEY
+from streamcore.core.errors import JobDefinitionError, SerializationError
+from streamcore.core.serde import BYTES, INTERNAL_KEY, KEY
+from streamcore.plan.graph import Node, OpKind
+from streamcore.plan.routing import children
+from streamcore.runtime.context import AsyncLane, Emit, PartitionContext, SinkCounter, StepFailed
+from streamcore.runtime.tracking import Batch
 
 if TYPE_CHECKING:
-    from streamcore.job import Job
+    from streamcore.api.job import Job
 
-__all__ = ["compile_chain", "explain", "source_for_topic"]
-
-
-def _children(job: Job) -> dict[int, list[Node]]:
-    kids: dict[int, list[Node]] = {n.id: [] for n in job.nodes}
-    for n in job.nodes:
-        for p in n.parents:
-            kids[p.id].append(n)
-    return kids
-
-
-def source_for_topic(job: Job, topic: str, app_id: str | None = None) -> Node:
-    """The node whose chain processes records of topic: a source (by name, else by
-    pattern) or a repartition step reading its internal topic back."""
-    import re
-
-    for node in job.repartitions:
-        if job.internal_topic(node.params["name"], "repartition", app_id) == topic:
-            return node
-    for node in job.sources:
-        assert node.source is not None
-        if topic in node.source.topics:
-            return node
-    for node in job.sources:
-        assert node.source is not None
-        if node.source.pattern and re.search(node.source.subscription[0], topic):
-            return node
-    raise JobDefinitionError(f"no source of job {job.name!r} reads topic {topic!r}")
+__all__ = ["compile_chain"]
 
 
 def _noop(key: Any, value: Any, ts: int) -> None:
@@ -58,7 +32,7 @@ def compile_chain(job: Job, source: Node, ctx: PartitionContext,
                   app_id: str | None = None) -> Emit:
     """The entry closure for records of source, for the partition described by ctx;
     internal topics are those of app_id (default: the job name)."""
-    kids = _children(job)
+    kids = children(job)
     built: dict[int, Emit] = {}
     lanes_by_node: dict[int, list[AsyncLane]] = {}  # lanes at or below each node
 
@@ -292,23 +266,3 @@ def _serialization_error(sink: Any, ctx: PartitionContext, key: Any, value: Any,
         f"{sink.describe()}: its {what} serde {serde.name!r} refused a "
         f"{type(obj).__name__} ({type(exc).__name__}: {exc}); give the sink a {what}= serde "
         "that fits what the job writes", topic=topic, partition=partition, offset=offset)
-
-
-def explain(job: Job) -> str:
-    """The job graph as indented text, one line per step, sources first."""
-    kids = _children(job)
-    lines: list[str] = [f"Job {job.name!r}"]
-    seen: set[int] = set()
-
-    def walk(node: Node, depth: int) -> None:
-        mark = " (shared, see above)" if node.id in seen else ""
-        lines.append("  " * depth + "└─ " + node.describe() + mark)
-        if node.id in seen:
-            return
-        seen.add(node.id)
-        for c in kids[node.id]:
-            walk(c, depth + 1)
-
-    for src in job.sources:
-        walk(src, 1)
-    return "\n".join(lines)

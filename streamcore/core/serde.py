@@ -2,7 +2,7 @@
 
 A serde is two plain functions. ``None`` always maps to ``None`` (a null key, or a tombstone
 value), so a serde never sees it. Serdes raise on bad input; the engine turns that into a
-:class:`~streamcore.errors.DeserializationError` carrying the record's position.
+:class:`~streamcore.core.errors.DeserializationError` carrying the record's position.
 """
 
 from __future__ import annotations

@@ -49,16 +49,16 @@ from connectors.confluent import (
 )
 from metrics.exporter import Snapshot, WorkerMetrics
 from metrics.http import StatusServer
-from streamcore.config import WorkerConfig
-from streamcore.engine.partition import PartitionTask, TaskState
-from streamcore.engine.state import PartitionStores
-from streamcore.engine.tables import GlobalTable
-from streamcore.errors import BrokerUnavailable, ConfigError, FatalError, StreamcoreError
-from streamcore.graph import OpKind
-from streamcore.internal import internal_topics
-from streamcore.logs import BurstLogger
-from streamcore.plan import source_for_topic
-from streamcore.progress import LatencyHistogram
+from streamcore.api.config import WorkerConfig
+from streamcore.core.errors import BrokerUnavailable, ConfigError, FatalError, StreamcoreError
+from streamcore.core.logs import BurstLogger
+from streamcore.plan.graph import OpKind
+from streamcore.plan.routing import source_for_topic
+from streamcore.plan.topics import internal_topics
+from streamcore.runtime.partition import PartitionTask, TaskState
+from streamcore.runtime.progress import LatencyHistogram
+from streamcore.runtime.state import PartitionStores
+from streamcore.runtime.tables import GlobalTable
 
 __all__ = ["Worker"]
 

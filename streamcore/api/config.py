@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statestore.rocksdb import RocksDBSettings
-from streamcore.errors import ConfigError
+from streamcore.core.errors import ConfigError
 
 __all__ = ["OTHER_ENV", "PRESETS", "WorkerConfig", "parse_duration", "unknown_env"]
 
@@ -159,7 +159,7 @@ class WorkerConfig:
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as a dict for logs and /progress, secrets masked."""
-        from streamcore.logs import redact
+        from streamcore.core.logs import redact
 
         return dict(redact(dataclasses.asdict(self)))
 

@@ -1,18 +1,8 @@
-"""The public job API: a :class:`Job` holds streams; a :class:`Stream` is a chain of steps.
-
-A 10-line job::
-
-    job = Job("clean-clicks")
-    (job.stream(KafkaSource("clicks", value=JSON))
-        .filter(lambda c: c["kind"] == "click")
-        .map(lambda c: {**c, "seen": True})
-        .key_by(lambda c: c["user"])
-        .to(KafkaSink("clean-clicks", key=STR, value=JSON)))
-
-Functions receive the record's value; ``key_by`` sets the key that the sink writes. Nothing
-runs until :meth:`Job.start` (a thread-backed :class:`~streamcore.query.StreamingQuery`),
-``await job.run()`` (inside your own event loop) or ``streamcore run module:job``.
-"""
+"""The DSL of a job: a :class:`Stream` is a chain of steps, a :class:`Table` the latest value
+per key. A table comes from a stateful step of a stream (one store per partition, restored
+from the step's changelog topic) or from a compacted topic (``job.table(topic)``: every worker
+keeps the whole table, like Kafka Streams' GlobalKTable, so a stream can be joined with it
+whatever its partitioning). Both only add nodes to their job's graph; nothing runs here."""
 
 from __future__ import annotations
 
@@ -22,175 +12,28 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from connectors.kafka import KafkaSink, KafkaSource
-from streamcore.config import WorkerConfig
-from streamcore.errors import JobDefinitionError
-from streamcore.graph import Node, OpKind
-from streamcore.serde import INTERNAL_KEY, INTERNAL_VALUE, JSON, STR, Serde
-from streamcore.table import (
-    Table,
+from streamcore.api.updates import (
     aggregate_update,
-    check_join,
     count_update,
     reduce_update,
     update_state_update,
 )
+from streamcore.core.errors import JobDefinitionError
+from streamcore.core.serde import INTERNAL_KEY, INTERNAL_VALUE, JSON, Serde
+from streamcore.plan.graph import Node, OpKind
 
 if TYPE_CHECKING:
-    from streamcore.query import StreamingQuery
+    from streamcore.api.job import Job
 
-__all__ = ["Job", "Stream"]
+__all__ = ["ON_ERROR", "STEP_NAME", "Stream", "Table", "check_join", "check_policy"]
 
-_JOB_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
-_STEP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+STEP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 ON_ERROR = ("fail", "skip", "dead_letter")
 
 
-def _check_policy(policy: str | None) -> None:
+def check_policy(policy: str | None) -> None:
     if policy is not None and policy not in ON_ERROR:
         raise JobDefinitionError(f"on_error must be one of {ON_ERROR}, got {policy!r}")
-
-
-class Job:
-    """A named stream-processing job. The name is the default consumer group and prefixes
-    every internal topic, so keep it stable across deployments."""
-
-    def __init__(self, name: str, *, config: WorkerConfig | None = None,
-                 on_error: str = "fail") -> None:
-        """``on_error`` is what happens to a record that cannot be decoded or whose function
-        raises: ``fail`` (stop without committing it), ``skip`` (count, log, go on) or
-        ``dead_letter`` (write its original bytes to ``{name}-dlq`` with the reason in
-        headers, go on). Steps can override it with their own ``on_error=``."""
-        if not isinstance(name, str) or not _JOB_NAME.match(name):
-            raise JobDefinitionError(
-                f"job name {name!r} must be 1-200 characters of letters, digits, '.', '_', '-'"
-                " (it names the consumer group and internal topics)")
-        _check_policy(on_error)
-        self.name = name
-        self.config = config
-        self.on_error = on_error
-        self._sources: list[Node] = []
-        self._nodes: list[Node] = []
-        self._names: dict[str, Node] = {}  # stable names of stateful and internal steps
-
-    def stream(self, source: KafkaSource) -> Stream:
-        """A stream of the records of source."""
-        if not isinstance(source, KafkaSource):
-            raise JobDefinitionError(f"job.stream() takes a KafkaSource, got {source!r}")
-        node = Node(OpKind.SOURCE, source=source)
-        self._sources.append(node)
-        self._nodes.append(node)
-        return Stream(self, node)
-
-    def table(self, topic: str, *, key: Serde = STR, value: Serde = JSON,
-              name: str | None = None) -> Table:
-        """The table held by a compacted topic: the latest value per key (a null value
-        deletes the key). Every worker keeps the whole table in a local store, restored from
-        the topic itself and kept up to date while the job runs, so streams of any
-        partitioning can join it. ``name`` (default: the topic) names its store."""
-        if not isinstance(topic, str) or not topic:
-            raise JobDefinitionError(f"job.table() needs a topic name, got {topic!r}")
-        node = Node(OpKind.TABLE, params={"name": name or topic, "topic": topic, "key": key,
-                                          "value": value})
-        self._register(node)
-        self._nodes.append(node)
-        return Table(self, node)
-
-    def _register(self, node: Node) -> None:
-        self._check_name(node.params.get("op", node.kind), node.name)
-        assert node.name is not None
-        self._names[node.name] = node
-
-    def _check_name(self, op: str, name: str | None) -> None:
-        if name is None:
-            raise JobDefinitionError(
-                f"{op} needs a stable name=: it names the step's store and internal "
-                "topics, which must survive redeployments")
-        if not _STEP_NAME.match(name):
-            raise JobDefinitionError(
-                f"step name {name!r} must be 1-100 letters, digits, '.', '_' or '-'")
-        if name in self._names:
-            raise JobDefinitionError(f"step name {name!r} is used twice in job {self.name!r}")
-
-    def internal_topic(self, name: str, suffix: str, app_id: str | None = None) -> str:
-        """``{app_id}-{name}-{suffix}``. The application id is the consumer group (default:
-        the job name), as in Kafka Streams: two groups running one job must never share a
-        repartition or changelog topic, or each would read the other's records."""
-        return f"{app_id or self.name}-{name}-{suffix}"
-
-    # -- introspection used by the engine ------------------------------------------------
-    @property
-    def sources(self) -> list[Node]:
-        return list(self._sources)
-
-    @property
-    def nodes(self) -> list[Node]:
-        return list(self._nodes)
-
-    @property
-    def repartitions(self) -> list[Node]:
-        """Internal topics that split the graph; each is also read back as a source."""
-        return [n for n in self._nodes if n.kind == OpKind.REPARTITION]
-
-    @property
-    def tables(self) -> list[Node]:
-        return [n for n in self._nodes if n.kind == OpKind.TABLE]
-
-    @property
-    def stateful(self) -> list[Node]:
-        return [n for n in self._nodes if n.kind == OpKind.AGGREGATE]
-
-    def subscription(self, app_id: str | None = None) -> list[str]:
-        """Every topic the worker's consumer subscribes to: inputs and repartition topics."""
-        topics = [t for n in self._sources for t in n.source.subscription]  # type: ignore[union-attr]
-        return topics + [self.internal_topic(n.params["name"], "repartition", app_id)
-                         for n in self.repartitions]
-
-    def _add(self, node: Node) -> Node:
-        self._nodes.append(node)
-        return node
-
-    def validate(self) -> None:
-        """Fail at build time, as Spark does, on a graph that cannot run."""
-        if not self._sources:
-            raise JobDefinitionError(f"job {self.name!r} has no source: call job.stream(...)")
-        if not any(n.terminal for n in self._nodes):
-            raise JobDefinitionError(
-                f"job {self.name!r} has no output: end a stream with .to(...) or .foreach(...)")
-        seen: dict[str, Node] = {}
-        for src in self._sources:
-            assert src.source is not None
-            for name in src.source.subscription:
-                if name in seen:
-                    raise JobDefinitionError(
-                        f"topic {name!r} is read by two sources; read it once and branch")
-                seen[name] = src
-
-    @property
-    def dlq_topic(self) -> str:
-        return f"{self.name}-dlq"
-
-    @property
-    def uses_dead_letter(self) -> bool:
-        return self.on_error == "dead_letter" or any(
-            n.params.get("on_error") == "dead_letter" for n in self._nodes)
-
-    def explain(self) -> str:
-        from streamcore.plan import explain
-
-        return explain(self)
-
-    # -- running -------------------------------------------------------------------------
-    def start(self, config: WorkerConfig | None = None) -> StreamingQuery:
-        """Start a worker on a background thread and return its query handle."""
-        from streamcore.query import StreamingQuery
-
-        return StreamingQuery.start(self, config or self.config or WorkerConfig.from_env())
-
-    async def run(self, config: WorkerConfig | None = None) -> None:
-        """Run a worker in the current event loop until it is cancelled or fails."""
-        from streamcore.engine.worker import Worker
-
-        await Worker(self, config or self.config or WorkerConfig.from_env()).run()
 
 
 def _check_fn(fn: Any, op: str) -> None:
@@ -214,9 +57,9 @@ class Stream:
                 raise JobDefinitionError(
                     f"{kind}() got the async function {_fn_name(fn)}: its result would be an "
                     "un-awaited coroutine; use map_async(fn) to await it")
-        _check_policy(params.get("on_error"))
+        check_policy(params.get("on_error"))
         if label is not None:
-            if not isinstance(label, str) or not _STEP_NAME.match(label):
+            if not isinstance(label, str) or not STEP_NAME.match(label):
                 raise JobDefinitionError(
                     f"step name {label!r} must be 1-100 letters, digits, '.', '_' or '-'")
             params["label"] = label  # names the step in errors, explain() and DLQ headers
@@ -344,7 +187,7 @@ class Stream:
     def _stateful(self, op: str, update: Callable[[Any, Any], Any], name: str | None,
                   value: Serde, on_error: str | None,
                   key_fn: Callable[[Any], Any] | None = None) -> Table:
-        _check_policy(on_error)
+        check_policy(on_error)
         if not isinstance(value, Serde):
             raise JobDefinitionError(f"{op} value= must be a Serde, got {value!r}")
         self._job._check_name(op, name)
@@ -420,6 +263,39 @@ class Stream:
             self._then(OpKind.FOREACH, fn, on_error=on_error, label=name)
 
 
+class Table:
+    """The latest value per key. ``to_stream()`` is its stream of changes: one record
+    (key, new value) per update, with value None when a key is deleted (a tombstone)."""
+
+    def __init__(self, job: Job, node: Node) -> None:
+        self._job = job
+        self._node = node
+
+    @property
+    def name(self) -> str:
+        return self._node.name or ""
+
+    @property
+    def from_topic(self) -> bool:
+        """True for a table read from a topic (job.table), which streams can join."""
+        return self._node.kind == OpKind.TABLE
+
+    def to_stream(self) -> Stream:
+        if self.from_topic:
+            p = self._node.params
+            return self._job.stream(KafkaSource(p["topic"], key=p["key"], value=p["value"]))
+        return Stream(self._job, self._node)
+
+    def to(self, sink: KafkaSink) -> None:
+        """Write every change to sink (deletes as tombstones): a compacted topic then holds
+        the table."""
+        self.to_stream().to(sink)
+
+    def __repr__(self) -> str:
+        return f"Table({self.name!r})"
+
+
+
 def _is_async(fn: Any) -> bool:
     """An ``async def`` function (also behind functools.partial, or as ``__call__``)."""
     call = type(fn).__call__ if not inspect.isroutine(fn) else None
@@ -436,3 +312,14 @@ def _discard(_value: Any) -> None:
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def check_join(table: Any, how: str) -> None:
+    if not isinstance(table, Table):
+        raise JobDefinitionError(f"join() takes a Table, got {table!r}")
+    if how not in ("inner", "left"):
+        raise JobDefinitionError(f"join how= must be 'inner' or 'left', got {how!r}")
+    if not table.from_topic:
+        raise JobDefinitionError(
+            f"join() needs a table read from a topic (job.table); {table!r} is an aggregate: "
+            "write it to a compacted topic with .to(...) and read that with job.table()")

@@ -27,8 +27,8 @@ from statestore.base import Store
 from statestore.checkpoint import read_checkpoint, write_checkpoint
 from statestore.memory import MemoryStore
 from statestore.rocksdb import RocksDBSettings
-from streamcore.engine.state import open_store, reopen_empty, write_records
-from streamcore.graph import Node
+from streamcore.plan.graph import Node
+from streamcore.runtime.state import open_store, reopen_empty, write_records
 
 __all__ = ["GlobalTable"]
 

@@ -1,0 +1,177 @@
+"""The public job API: a :class:`Job` holds streams; a :class:`Stream` is a chain of steps.
+
+A 10-line job::
+
+    job = Job("clean-clicks")
+    (job.stream(KafkaSource("clicks", value=JSON))
+        .filter(lambda c: c["kind"] == "click")
+        .map(lambda c: {**c, "seen": True})
+        .key_by(lambda c: c["user"])
+        .to(KafkaSink("clean-clicks", key=STR, value=JSON)))
+
+Functions receive the record's value; ``key_by`` sets the key that the sink writes. Nothing
+runs until :meth:`Job.start` (a thread-backed :class:`~streamcore.api.query.StreamingQuery`),
+``await job.run()`` (inside your own event loop) or ``streamcore run module:job``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from connectors.kafka import KafkaSource
+from streamcore.api.config import WorkerConfig
+from streamcore.api.stream import STEP_NAME, Stream, Table, check_policy
+from streamcore.core.errors import JobDefinitionError
+from streamcore.core.serde import JSON, STR, Serde
+from streamcore.plan.graph import Node, OpKind
+
+if TYPE_CHECKING:
+    from streamcore.api.query import StreamingQuery
+
+__all__ = ["Job", "Stream"]
+
+_JOB_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+class Job:
+    """A named stream-processing job. The name is the default consumer group and prefixes
+    every internal topic, so keep it stable across deployments."""
+
+    def __init__(self, name: str, *, config: WorkerConfig | None = None,
+                 on_error: str = "fail") -> None:
+        """``on_error`` is what happens to a record that cannot be decoded or whose function
+        raises: ``fail`` (stop without committing it), ``skip`` (count, log, go on) or
+        ``dead_letter`` (write its original bytes to ``{name}-dlq`` with the reason in
+        headers, go on). Steps can override it with their own ``on_error=``."""
+        if not isinstance(name, str) or not _JOB_NAME.match(name):
+            raise JobDefinitionError(
+                f"job name {name!r} must be 1-200 characters of letters, digits, '.', '_', '-'"
+                " (it names the consumer group and internal topics)")
+        check_policy(on_error)
+        self.name = name
+        self.config = config
+        self.on_error = on_error
+        self._sources: list[Node] = []
+        self._nodes: list[Node] = []
+        self._names: dict[str, Node] = {}  # stable names of stateful and internal steps
+
+    def stream(self, source: KafkaSource) -> Stream:
+        """A stream of the records of source."""
+        if not isinstance(source, KafkaSource):
+            raise JobDefinitionError(f"job.stream() takes a KafkaSource, got {source!r}")
+        node = Node(OpKind.SOURCE, source=source)
+        self._sources.append(node)
+        self._nodes.append(node)
+        return Stream(self, node)
+
+    def table(self, topic: str, *, key: Serde = STR, value: Serde = JSON,
+              name: str | None = None) -> Table:
+        """The table held by a compacted topic: the latest value per key (a null value
+        deletes the key). Every worker keeps the whole table in a local store, restored from
+        the topic itself and kept up to date while the job runs, so streams of any
+        partitioning can join it. ``name`` (default: the topic) names its store."""
+        if not isinstance(topic, str) or not topic:
+            raise JobDefinitionError(f"job.table() needs a topic name, got {topic!r}")
+        node = Node(OpKind.TABLE, params={"name": name or topic, "topic": topic, "key": key,
+                                          "value": value})
+        self._register(node)
+        self._nodes.append(node)
+        return Table(self, node)
+
+    def _register(self, node: Node) -> None:
+        self._check_name(node.params.get("op", node.kind), node.name)
+        assert node.name is not None
+        self._names[node.name] = node
+
+    def _check_name(self, op: str, name: str | None) -> None:
+        if name is None:
+            raise JobDefinitionError(
+                f"{op} needs a stable name=: it names the step's store and internal "
+                "topics, which must survive redeployments")
+        if not STEP_NAME.match(name):
+            raise JobDefinitionError(
+                f"step name {name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+        if name in self._names:
+            raise JobDefinitionError(f"step name {name!r} is used twice in job {self.name!r}")
+
+    def internal_topic(self, name: str, suffix: str, app_id: str | None = None) -> str:
+        """``{app_id}-{name}-{suffix}``. The application id is the consumer group (default:
+        the job name), as in Kafka Streams: two groups running one job must never share a
+        repartition or changelog topic, or each would read the other's records."""
+        return f"{app_id or self.name}-{name}-{suffix}"
+
+    # -- introspection used by the engine ------------------------------------------------
+    @property
+    def sources(self) -> list[Node]:
+        return list(self._sources)
+
+    @property
+    def nodes(self) -> list[Node]:
+        return list(self._nodes)
+
+    @property
+    def repartitions(self) -> list[Node]:
+        """Internal topics that split the graph; each is also read back as a source."""
+        return [n for n in self._nodes if n.kind == OpKind.REPARTITION]
+
+    @property
+    def tables(self) -> list[Node]:
+        return [n for n in self._nodes if n.kind == OpKind.TABLE]
+
+    @property
+    def stateful(self) -> list[Node]:
+        return [n for n in self._nodes if n.kind == OpKind.AGGREGATE]
+
+    def subscription(self, app_id: str | None = None) -> list[str]:
+        """Every topic the worker's consumer subscribes to: inputs and repartition topics."""
+        topics = [t for n in self._sources for t in n.source.subscription]  # type: ignore[union-attr]
+        return topics + [self.internal_topic(n.params["name"], "repartition", app_id)
+                         for n in self.repartitions]
+
+    def _add(self, node: Node) -> Node:
+        self._nodes.append(node)
+        return node
+
+    def validate(self) -> None:
+        """Fail at build time, as Spark does, on a graph that cannot run."""
+        if not self._sources:
+            raise JobDefinitionError(f"job {self.name!r} has no source: call job.stream(...)")
+        if not any(n.terminal for n in self._nodes):
+            raise JobDefinitionError(
+                f"job {self.name!r} has no output: end a stream with .to(...) or .foreach(...)")
+        seen: dict[str, Node] = {}
+        for src in self._sources:
+            assert src.source is not None
+            for name in src.source.subscription:
+                if name in seen:
+                    raise JobDefinitionError(
+                        f"topic {name!r} is read by two sources; read it once and branch")
+                seen[name] = src
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.name}-dlq"
+
+    @property
+    def uses_dead_letter(self) -> bool:
+        return self.on_error == "dead_letter" or any(
+            n.params.get("on_error") == "dead_letter" for n in self._nodes)
+
+    def explain(self) -> str:
+        from streamcore.plan.routing import explain
+
+        return explain(self)
+
+    # -- running -------------------------------------------------------------------------
+    def start(self, config: WorkerConfig | None = None) -> StreamingQuery:
+        """Start a worker on a background thread and return its query handle."""
+        from streamcore.api.query import StreamingQuery
+
+        return StreamingQuery.start(self, config or self.config or WorkerConfig.from_env())
+
+    async def run(self, config: WorkerConfig | None = None) -> None:
+        """Run a worker in the current event loop until it is cancelled or fails."""
+        from streamcore.runtime.worker import Worker
+
+        await Worker(self, config or self.config or WorkerConfig.from_env()).run()

@@ -1,1 +1,0 @@
-"""The engine: worker, partition tasks, offset tracking. Internal; users import streamcore."""

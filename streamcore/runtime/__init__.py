@@ -1,0 +1,2 @@
+"""The runtime: worker, partition tasks, operators, commits, state. Internal; users import
+streamcore."""
