@@ -1,0 +1,211 @@
+"""The commit protocol: how a worker turns processed records into committed progress.
+
+:class:`CommitProtocol` is the interface one processing mode implements; the worker calls it
+and never commits by itself. :class:`ContinuousCommits` is continuous mode (at-least-once);
+epoch mode implements the same interface with Kafka transactions.
+
+Continuous mode, every ``commit_interval``:
+  0. flush each running stateful partition's dirty keys to RocksDB and its changelog topics;
+  1. serve delivery reports (``producer.poll``), so that acknowledged outputs are counted;
+  2. per partition, advance the done offset (sealed batches with nothing pending, and no
+     later than the last state flush whose changelog records are all acknowledged);
+  3. queue done + 1 for the partitions that moved; the membership thread sends it
+     (asynchronously) before its next serve of the group. A failed delivery stops the
+     worker before this step for its partition.
+Commits that must be complete before something else happens are synchronous: inside the
+revoke callback (the group waits for it) and at a stop, after polling has stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from connectors.base import TopicPartition
+from streamcore.core.errors import StreamcoreError
+from streamcore.runtime.partition import TaskState
+
+if TYPE_CHECKING:
+    from streamcore.runtime.worker import Worker
+
+__all__ = ["CommitProtocol", "ContinuousCommits", "fmt_offsets"]
+
+log = logging.getLogger("streamcore.worker")
+
+
+class CommitProtocol(ABC):
+    """The commit side of one processing mode.
+
+    Threads: coroutines run on the event loop; :meth:`take_queued` and
+    :meth:`commit_revoked` run on the membership thread, the only thread that makes group
+    calls. Ordering: a partition's commits never go backwards, and nothing is committed for
+    a partition after :meth:`forget` until it is assigned again.
+    """
+
+    commits: int  # commits made so far (metrics)
+
+    @abstractmethod
+    async def run(self) -> None:
+        """The periodic commits, until cancelled."""
+
+    @abstractmethod
+    def take_queued(self) -> dict[TopicPartition, int]:
+        """Membership thread: the commit to send before the next serve of the group
+        (asynchronous), and forget it. Non-blocking."""
+
+    @abstractmethod
+    def forget(self, parts: Iterable[TopicPartition]) -> None:
+        """Drop anything queued for these partitions (revoked, lost or fenced): a commit must
+        never land after the partition moved."""
+
+    @abstractmethod
+    async def prepare(self, parts: list[TopicPartition]) -> None:
+        """Finish what is in flight for these partitions and wait until every output and state
+        change derived from it is acknowledged (bounded by shutdown_timeout). Raises the
+        partition's delivery failure if there was one."""
+
+    @abstractmethod
+    def done_offsets(self, parts: Iterable[TopicPartition], *, raise_failure: bool = True,
+                     only_moved: bool = True) -> dict[TopicPartition, int]:
+        """The next offset to read of each partition whose records are all done."""
+
+    @abstractmethod
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit and wait for the answer (after polling stopped). Raises on failure."""
+
+    @abstractmethod
+    def commit_revoked(self, offsets: dict[TopicPartition, int]) -> None:
+        """Membership thread, inside the revoke callback: commit synchronously before the group
+        moves the partitions on. A failure is logged: the next owner repeats work."""
+
+    @abstractmethod
+    async def commit_after_failure(self, parts: list[TopicPartition]) -> None:
+        """After a fatal error: commit what is done (never the failing record)."""
+
+
+class ContinuousCommits(CommitProtocol):
+    """At-least-once: an input offset is committed only after every output and state change
+    derived from it has been acknowledged (DESIGN.md section 4, invariant 3)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._w = worker
+        self.commits = 0
+        # The latest periodic commit per partition, sent by the membership thread.
+        self._queued: dict[TopicPartition, int] = {}
+
+    def take_queued(self) -> dict[TopicPartition, int]:
+        queued, self._queued = self._queued, {}
+        return queued
+
+    def forget(self, parts: Iterable[TopicPartition]) -> None:
+        for tp in parts:
+            self._queued.pop(tp, None)
+
+    async def run(self) -> None:
+        w = self._w
+        interval = w.config.commit_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if not w.check_membership():
+                continue
+            running = [tp for tp, t in w.tasks.items() if t.state is TaskState.RUNNING]
+            for tp in running:  # step 0: flush state stores to RocksDB and the changelog
+                w.tasks[tp].flush_state()
+            offsets = self.done_offsets(running)  # steps 1 and 2
+            if offsets:
+                # step 3, on the membership thread before its next serve of the group
+                self._queued.update(offsets)
+                self._mark_committed(offsets)
+
+    async def prepare(self, parts: list[TopicPartition]) -> None:
+        w = self._w
+        deadline = time.monotonic() + w.config.shutdown_timeout_s
+        tasks = [w.tasks[tp] for tp in parts if tp in w.tasks]
+        for t in tasks:
+            t.stop_intake()
+        await w.finish_running(tasks, deadline)
+        # Wait for the broker to acknowledge what was handed to the producer, and flush the
+        # state stores (their changelog acknowledged too) so that everything is done.
+        while time.monotonic() < deadline:
+            w.producer.poll(0)
+            if all(t.tracker.failure is not None
+                   or (t.tracker.all_done() and t.state_settled()) for t in tasks):
+                break
+            for t in tasks:
+                t.flush_state()
+            await asyncio.sleep(0.002)
+        for t in tasks:
+            if t.tracker.failure is not None:
+                raise t.tracker.failure
+
+    def done_offsets(self, parts: Iterable[TopicPartition], *, raise_failure: bool = True,
+                     only_moved: bool = True) -> dict[TopicPartition, int]:
+        """With only_moved, only where it moved past the last commit (periodic commits; final
+        commits send all). A failed delivery is raised unless raise_failure is False; either
+        way the batch that failed never becomes done, so nothing at or after it is returned."""
+        w = self._w
+        w.producer.poll(0)  # step 1: serve delivery reports
+        offsets: dict[TopicPartition, int] = {}
+        for tp in parts:
+            task = w.tasks.get(tp)
+            if task is None:
+                continue
+            if raise_failure and task.tracker.failure is not None:
+                raise task.tracker.failure
+            nxt = task.done_offset() + 1  # step 2 (state changes acknowledged included)
+            if nxt > 0 and (nxt > task.committed or not only_moved):
+                offsets[tp] = nxt
+        return offsets
+
+    def _mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits += 1
+        for tp, off in offsets.items():
+            task = self._w.tasks.get(tp)
+            if task is not None:
+                task.committed = max(task.committed, off)
+        log.debug("committed %s", fmt_offsets(offsets))
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        t0 = time.perf_counter()
+        await self._w.on_membership_thread(
+            lambda: self._w.consumer.commit(offsets, asynchronous=False))
+        self._w.commit_latency.record(time.perf_counter() - t0)
+        self._mark_committed(offsets)
+
+    def commit_revoked(self, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            t0 = time.perf_counter()
+            self._w.consumer.commit(offsets, asynchronous=False)
+            self._w.commit_latency.record(time.perf_counter() - t0)
+            log.info("committed revoked partitions at %s", fmt_offsets(offsets))
+        except StreamcoreError as exc:
+            # The next owner starts from the previous commit: duplicates, never loss.
+            log.warning("commit on revoke failed: %s", exc)
+
+    async def commit_after_failure(self, parts: list[TopicPartition]) -> None:
+        """Wait (a little) until the producer has an answer for every output handed to it,
+        forget unfinished batches, commit. Batches that can never be done (the failing one)
+        do not hold the wait."""
+        w = self._w
+        for t in w.tasks.values():
+            t.tracker.discard_open()
+        deadline = time.monotonic() + min(10.0, w.config.shutdown_timeout_s)
+        while time.monotonic() < deadline:
+            w.producer.poll(0)
+            if w.producer.in_flight() == 0:
+                break
+            await asyncio.sleep(0.005)
+        try:
+            await self.commit(self.done_offsets(parts, raise_failure=False, only_moved=False))
+        except StreamcoreError as exc:
+            log.warning("commit after failure failed: %s", exc)
+
+
+def fmt_offsets(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))

@@ -1,0 +1,71 @@
+"""What a worker checks and creates before it joins its group. Each step fails fast with one
+message naming what to fix: a bad configuration is a ConfigError (exit code 2), an
+unreachable Kafka a BrokerUnavailable (exit code 3). Blocking: the worker runs them on an
+executor thread."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from connectors.admin import create_topics, partition_count, topic_names
+from streamcore.api.config import WorkerConfig
+from streamcore.core.errors import BrokerUnavailable, ConfigError
+from streamcore.plan.topics import internal_topics
+
+__all__ = ["check_kafka", "check_state_dir", "create_dlq", "create_internal_topics"]
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """A state directory this user cannot write is a configuration error found at start, not
+    a partition that fails on its first assignment while the worker looks healthy."""
+    probe = state_dir / f".write-check-{os.getpid()}"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError("state_dir", f"{str(state_dir)!r} is not writable by this process "
+                          f"(uid {os.getuid()}): {exc.strerror}") from exc
+
+
+def check_kafka(job: Any, config: WorkerConfig) -> None:
+    """Kafka answers within the start-up timeout and every input topic exists (looked up
+    without creating it: a misspelled topic must not be created by the request that looks
+    for it)."""
+    c = config
+    existing = topic_names(c.bootstrap_servers, timeout=c.startup_timeout_s, kafka=c.kafka)
+    if existing is None:
+        raise BrokerUnavailable(
+            f"cannot reach Kafka at {c.bootstrap_servers} within {c.startup_timeout_s:g}s "
+            "(startup_timeout): check --bootstrap / STREAMCORE_BOOTSTRAP_SERVERS and that "
+            "the brokers are up")
+    missing = [t for n in job.sources for t in n.source.topics if t not in existing]
+    if missing:
+        raise ConfigError("KafkaSource", f"input topic(s) {', '.join(sorted(missing))} "
+                          f"do not exist on {c.bootstrap_servers}; create them first "
+                          "(streamcore never creates an input topic)")
+
+
+def create_internal_topics(job: Any, config: WorkerConfig, app_id: str) -> dict[str, int]:
+    """Create the repartition and changelog topics of app_id (idempotent); return the
+    partition count of each global table's topic."""
+    def count(topic: str) -> int:
+        return partition_count(config.bootstrap_servers, topic, kafka=config.kafka)
+
+    plan = internal_topics(job, count, app_id)
+    for cfg, topics in plan.by_config.items():
+        if topics:
+            create_topics(config.bootstrap_servers, topics, config=dict(cfg),
+                          kafka=config.kafka)
+    return plan.tables
+
+
+def create_dlq(job: Any, config: WorkerConfig) -> None:
+    """The dead-letter topic, with as many partitions as the first input topic."""
+    src = job.sources[0].source
+    n = partition_count(config.bootstrap_servers, src.topics[0],
+                        kafka=config.kafka) if src.topics else 0
+    create_topics(config.bootstrap_servers, {job.dlq_topic: max(n, 1)},
+                  config={"cleanup.policy": "delete"}, kafka=config.kafka)
