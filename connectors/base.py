@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 __all__ = [
+    "ClientBackend",
     "ConsumerBackend",
     "DeliveryCallback",
     "Message",
@@ -70,6 +71,10 @@ class ConsumerBackend(ABC):
     Records of a partition are fetched only after on_assign returned for it and no more once
     on_revoke or on_lost was called for it.
     """
+
+    # Past this long without a serve of the group, the member has left it (the engine fences
+    # its partitions then: they may be another member's already).
+    max_poll_interval_s: float = 300.0
 
     @abstractmethod
     def subscribe(
@@ -272,6 +277,38 @@ class PartitionReader(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the client."""
+
+
+class ClientBackend(ABC):
+    """Makes the clients of one worker, all talking to one cluster, and administers its
+    topics. Administration calls block; they run before the worker joins its group."""
+
+    name: str = "?"
+
+    @abstractmethod
+    def consumer(self, group: str) -> ConsumerBackend:
+        """A member of group (the application id)."""
+
+    @abstractmethod
+    def producer(self) -> ProducerBackend: ...
+
+    @abstractmethod
+    def reader(self) -> PartitionReader:
+        """A new reader (one per restore or global table: each is used by one thread)."""
+
+    @abstractmethod
+    def topic_names(self, timeout: float) -> set[str] | None:
+        """The cluster's topics, or None if it does not answer within timeout seconds. Never
+        creates a topic."""
+
+    @abstractmethod
+    def partition_count(self, topic: str) -> int:
+        """The number of partitions of topic (0 if it does not exist)."""
+
+    @abstractmethod
+    def create_topics(self, topics: dict[str, int], config: dict[str, str]) -> None:
+        """Create each topic with its partition count and config; existing ones are left
+        alone (idempotent)."""
 
 
 def advance_positions(position: dict[TopicPartition, int], msgs: list[Message]) -> None:

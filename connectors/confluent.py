@@ -14,7 +14,9 @@ from typing import Any, cast
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as CTP
 
+from connectors import admin
 from connectors.base import (
+    ClientBackend,
     ConsumerBackend,
     DeliveryCallback,
     Message,
@@ -27,6 +29,7 @@ from streamcore.core.errors import BrokerUnavailable, ConfigError, DeliveryFaile
 from streamcore.core.logs import BurstLogger, librdkafka_logger
 
 __all__ = [
+    "ConfluentClients",
     "ConfluentConsumer",
     "ConfluentProducer",
     "ConfluentReader",
@@ -156,6 +159,7 @@ class ConfluentConsumer(ConsumerBackend):
         # The member reports its brokers' states every few seconds (the connectivity gauge);
         # its statistics are small: it fetches nothing.
         member = {"statistics.interval.ms": 5000, "stats_cb": self._on_stats, **self._settings}
+        self.max_poll_interval_s = int(self._settings["max.poll.interval.ms"]) / 1000
         try:
             self._c = Consumer(member)
             self._d = Consumer(self._settings)
@@ -377,3 +381,37 @@ class ConfluentProducer(ProducerBackend):
     def close(self) -> None:
         # confluent-kafka frees the client when the last reference goes; drop ours.
         self._p = self.produce = self.poll = None  # type: ignore[assignment]
+
+
+class ConfluentClients(ClientBackend):
+    """confluent-kafka (librdkafka): the default backend."""
+
+    name = "confluent-kafka"
+
+    def __init__(self, bootstrap: str, *, kafka: Mapping[str, Any] | None = None,
+                 consumer: Mapping[str, Any] | None = None,
+                 producer: Mapping[str, Any] | None = None) -> None:
+        self._bootstrap = bootstrap
+        self._kafka = dict(kafka or {})
+        self._consumer = dict(consumer or {})
+        self._producer = dict(producer or {})
+
+    def consumer(self, group: str) -> ConfluentConsumer:
+        return ConfluentConsumer(consumer_settings(self._bootstrap, group, self._kafka,
+                                                   self._consumer))
+
+    def producer(self) -> ConfluentProducer:
+        return ConfluentProducer(producer_settings(self._bootstrap, self._kafka,
+                                                   self._producer))
+
+    def reader(self) -> ConfluentReader:
+        return ConfluentReader(reader_settings(self._bootstrap, self._kafka))
+
+    def topic_names(self, timeout: float) -> set[str] | None:
+        return admin.topic_names(self._bootstrap, timeout=timeout, kafka=self._kafka)
+
+    def partition_count(self, topic: str) -> int:
+        return admin.partition_count(self._bootstrap, topic, kafka=self._kafka)
+
+    def create_topics(self, topics: dict[str, int], config: dict[str, str]) -> None:
+        admin.create_topics(self._bootstrap, topics, config=config, kafka=self._kafka)

@@ -51,6 +51,16 @@ class StateCache:
         self._values[key] = None
         self._dirty.add(key)
 
+    def live_keys(self) -> list[bytes]:
+        """Every key with a value: the store's, with the writes not flushed yet applied."""
+        out = {k for k, _ in self.store.range()}
+        for k in self._dirty:
+            if self._values[k] is None:
+                out.discard(k)
+            else:
+                out.add(k)
+        return sorted(out)
+
     @property
     def dirty(self) -> int:
         return len(self._dirty)

@@ -53,6 +53,10 @@ class CommitProtocol(ABC):
         """The periodic commits, until cancelled."""
 
     @abstractmethod
+    def commit_due(self) -> None:
+        """One periodic commit now (what run() does every commit_interval)."""
+
+    @abstractmethod
     def take_queued(self) -> dict[TopicPartition, int]:
         """Membership thread: the commit to send before the next serve of the group
         (asynchronous), and forget it. Non-blocking."""
@@ -106,20 +110,24 @@ class ContinuousCommits(CommitProtocol):
             self._queued.pop(tp, None)
 
     async def run(self) -> None:
-        w = self._w
-        interval = w.config.commit_interval_s
+        interval = self._w.config.commit_interval_s
         while True:
-            await asyncio.sleep(interval)
-            if not w.check_membership():
-                continue
-            running = [tp for tp, t in w.tasks.items() if t.state is TaskState.RUNNING]
-            for tp in running:  # step 0: flush state stores to RocksDB and the changelog
-                w.tasks[tp].flush_state()
-            offsets = self.done_offsets(running)  # steps 1 and 2
-            if offsets:
-                # step 3, on the membership thread before its next serve of the group
-                self._queued.update(offsets)
-                self._mark_committed(offsets)
+            await self._w.clock.sleep(interval)
+            self.commit_due()
+
+    def commit_due(self) -> None:
+        """One periodic commit (steps 0 to 3 above)."""
+        w = self._w
+        if not w.check_membership():
+            return
+        running = [tp for tp, t in w.tasks.items() if t.state is TaskState.RUNNING]
+        for tp in running:  # step 0: flush state stores to RocksDB and the changelog
+            w.tasks[tp].flush_state()
+        offsets = self.done_offsets(running)  # steps 1 and 2
+        if offsets:
+            # step 3, on the membership thread before its next serve of the group
+            self._queued.update(offsets)
+            self._mark_committed(offsets)
 
     async def prepare(self, parts: list[TopicPartition]) -> None:
         w = self._w

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from connectors.admin import create_topics, partition_count, topic_names
+from connectors.base import ClientBackend
 from streamcore.api.config import WorkerConfig
 from streamcore.core.errors import BrokerUnavailable, ConfigError
 from streamcore.plan.topics import internal_topics
@@ -30,12 +30,12 @@ def check_state_dir(state_dir: Path) -> None:
                           f"(uid {os.getuid()}): {exc.strerror}") from exc
 
 
-def check_kafka(job: Any, config: WorkerConfig) -> None:
+def check_kafka(job: Any, config: WorkerConfig, clients: ClientBackend) -> None:
     """Kafka answers within the start-up timeout and every input topic exists (looked up
     without creating it: a misspelled topic must not be created by the request that looks
     for it)."""
     c = config
-    existing = topic_names(c.bootstrap_servers, timeout=c.startup_timeout_s, kafka=c.kafka)
+    existing = clients.topic_names(c.startup_timeout_s)
     if existing is None:
         raise BrokerUnavailable(
             f"cannot reach Kafka at {c.bootstrap_servers} within {c.startup_timeout_s:g}s "
@@ -48,24 +48,18 @@ def check_kafka(job: Any, config: WorkerConfig) -> None:
                           "(streamcore never creates an input topic)")
 
 
-def create_internal_topics(job: Any, config: WorkerConfig, app_id: str) -> dict[str, int]:
+def create_internal_topics(job: Any, clients: ClientBackend, app_id: str) -> dict[str, int]:
     """Create the repartition and changelog topics of app_id (idempotent); return the
     partition count of each global table's topic."""
-    def count(topic: str) -> int:
-        return partition_count(config.bootstrap_servers, topic, kafka=config.kafka)
-
-    plan = internal_topics(job, count, app_id)
+    plan = internal_topics(job, clients.partition_count, app_id)
     for cfg, topics in plan.by_config.items():
         if topics:
-            create_topics(config.bootstrap_servers, topics, config=dict(cfg),
-                          kafka=config.kafka)
+            clients.create_topics(topics, dict(cfg))
     return plan.tables
 
 
-def create_dlq(job: Any, config: WorkerConfig) -> None:
+def create_dlq(job: Any, clients: ClientBackend) -> None:
     """The dead-letter topic, with as many partitions as the first input topic."""
     src = job.sources[0].source
-    n = partition_count(config.bootstrap_servers, src.topics[0],
-                        kafka=config.kafka) if src.topics else 0
-    create_topics(config.bootstrap_servers, {job.dlq_topic: max(n, 1)},
-                  config={"cleanup.policy": "delete"}, kafka=config.kafka)
+    n = clients.partition_count(src.topics[0]) if src.topics else 0
+    clients.create_topics({job.dlq_topic: max(n, 1)}, {"cleanup.policy": "delete"})

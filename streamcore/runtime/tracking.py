@@ -72,6 +72,11 @@ class OffsetTracker:
             self.done_offset = q.popleft().last_offset
         return self.done_offset
 
+    def all_sealed(self) -> bool:
+        """Every record handed over has passed through the whole chain (acknowledgements of
+        its outputs may still be due)."""
+        return all(b.sealed for b in self._batches)
+
     def all_done(self) -> bool:
         self.advance()
         return not self._batches

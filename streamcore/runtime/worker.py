@@ -29,18 +29,19 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from connectors.base import ConsumerBackend, Message, ProducerBackend, TopicPartition
-from connectors.confluent import (
-    ConfluentConsumer,
-    ConfluentProducer,
-    ConfluentReader,
-    consumer_settings,
-    producer_settings,
-    reader_settings,
+from connectors.base import (
+    ClientBackend,
+    ConsumerBackend,
+    Message,
+    PartitionReader,
+    ProducerBackend,
+    TopicPartition,
 )
+from connectors.confluent import ConfluentClients
 from metrics.exporter import Snapshot, WorkerMetrics
 from metrics.http import StatusServer
 from streamcore.api.config import WorkerConfig
+from streamcore.core.clock import Clock, SystemClock
 from streamcore.core.errors import ConfigError, FatalError, StreamcoreError
 from streamcore.core.logs import BurstLogger
 from streamcore.plan.graph import OpKind
@@ -68,8 +69,8 @@ class Worker:
         job: Any,
         config: WorkerConfig,
         *,
-        consumer: ConsumerBackend | None = None,
-        producer: ProducerBackend | None = None,
+        clients: ClientBackend | None = None,
+        clock: Clock | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         run_id: str | None = None,
     ) -> None:
@@ -78,15 +79,16 @@ class Worker:
         self.config = config
         self.group = config.group or job.name
         self.run_id = run_id or str(uuid.uuid4())
-        settings = consumer_settings(config.bootstrap_servers, self.group, config.kafka,
-                                     config.consumer)
-        self._consumer = consumer or ConfluentConsumer(settings)
-        # Past this long without serving the group, librdkafka has left it (the event loop
+        self.clock = clock or SystemClock()
+        self.clients = clients or ConfluentClients(
+            config.bootstrap_servers, kafka=config.kafka, consumer=config.consumer,
+            producer=config.producer)
+        self._consumer = self.clients.consumer(self.group)
+        # Past this long without serving the group, the client has left it (the event loop
         # was blocked): every partition may already be another member's.
-        self._max_poll_s = int(settings["max.poll.interval.ms"]) / 1000
+        self._max_poll_s = self._consumer.max_poll_interval_s
         self._last_serve = time.monotonic()
-        self._producer = producer or ConfluentProducer(producer_settings(
-            config.bootstrap_servers, config.kafka, config.producer))
+        self._producer = self.clients.producer()
         self._tasks: dict[TopicPartition, PartitionTask] = {}
         self._running: dict[TopicPartition, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
@@ -144,14 +146,15 @@ class Worker:
         log.info("worker config: %s", self.config.redacted())
         if self.job.stateful or self.job.tables:
             startup.check_state_dir(self._state_dir)
-        await self._loop.run_in_executor(None, startup.check_kafka, self.job, self.config)
+        await self._loop.run_in_executor(None, startup.check_kafka, self.job, self.config,
+                                         self.clients)
         if self.job.uses_dead_letter:
-            await self._loop.run_in_executor(None, startup.create_dlq, self.job, self.config)
+            await self._loop.run_in_executor(None, startup.create_dlq, self.job, self.clients)
         self._start_http()
         # Internal topics and global tables first: a partition must not start before its
         # repartition and changelog topics exist, nor a join before its table is complete.
         table_sizes = await self._loop.run_in_executor(
-            None, startup.create_internal_topics, self.job, self.config, self.group)
+            None, startup.create_internal_topics, self.job, self.clients, self.group)
         await self._open_tables(table_sizes)
         topics = self.job.subscription(self.group)
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
@@ -450,8 +453,8 @@ class Worker:
                                backend=c.state_backend, settings=c.rocksdb,
                                cache_entries=c.state_cache_entries)
 
-    def _new_reader(self) -> ConfluentReader:
-        return ConfluentReader(reader_settings(self.config.bootstrap_servers, self.config.kafka))
+    def _new_reader(self) -> PartitionReader:
+        return self.clients.reader()
 
     async def _open_tables(self, sizes: dict[str, int]) -> None:
         assert self._loop is not None
@@ -539,7 +542,7 @@ class Worker:
     # -- progress ------------------------------------------------------------------------
     async def _progress_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.progress_interval_s)
+            await self.clock.sleep(self.config.progress_interval_s)
             self.status.report_progress()
 
     # -- shutdown ------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Defects found in review (correctness hardening), each with the test that caught it.
 
 Workers run in-process (job.start) against the local broker; expected values are computed
-from the records the test produced.
+from the records the test produced. The defects of operator semantics alone (a failing
+branch, map_async's error policy) are tested on the test driver, in
+tests/unit/test_operator_semantics.py.
 """
 
 from __future__ import annotations
@@ -75,84 +77,6 @@ def test_two_groups_running_one_job_keep_their_own_internal_topics(
         log = read_topic(bootstrap, f"{g}-count-changelog", expect=users)
         assert len({m.key() for m in log}) == users
     assert (tmp_path / "a" / g1 / "count").is_dir(), "stores are per application id too"
-
-
-def test_a_failure_in_one_branch_leaves_the_sibling_branches_their_records(
-        bootstrap: str, tmp_path: Path) -> None:
-    """One input feeding three sinks, the middle branch raising on odd records under
-    skip: the first and last branches still get every record. Before: the raise ended the
-    fan-out, so the last branch lost every odd record."""
-    src, a, b, c = (unique(x) for x in ("fan-in", "fan-a", "fan-b", "fan-c"))
-    make_topics(bootstrap, src, a, b, c)
-    n = 400
-    produce(bootstrap, src, ((None, {"i": i}, None) for i in range(n)))
-
-    def odd_fails(v: dict[str, int]) -> dict[str, int]:
-        if v["i"] % 2:
-            raise ValueError("odd")
-        return v
-
-    job = Job(unique("fan"), on_error="skip")
-    s = job.stream(KafkaSource(src, value=JSON))
-    s.to(KafkaSink(a, value=JSON))
-    s.map(odd_fails).to(KafkaSink(b, value=JSON))
-    s.to(KafkaSink(c, value=JSON))
-    q = job.start(_cfg(bootstrap, tmp_path))
-    try:
-        got_a = read_topic(bootstrap, a, expect=n)
-        got_b = read_topic(bootstrap, b, expect=n // 2)
-        got_c = read_topic(bootstrap, c, expect=n)
-    finally:
-        q.stop(30)
-    assert q.exception() is None, q.exception()
-
-    def seqs(msgs: list[Any]) -> list[int]:
-        return sorted(orjson.loads(m.value())["i"] for m in msgs)
-    assert seqs(got_a) == list(range(n))
-    assert seqs(got_b) == list(range(0, n, 2))
-    assert seqs(got_c) == list(range(n)), "the branch after the failing one lost records"
-
-
-def test_map_async_and_the_steps_after_it_follow_the_error_policy(
-        bootstrap: str, tmp_path: Path) -> None:
-    """map_async with on_error=dead_letter, and a synchronous step after it under the job's
-    skip: bad records go to the DLQ or are skipped, good ones flow, the job keeps running.
-    Before: map_async refused on_error, and a failure after it escaped as a raw traceback."""
-    src, out = unique("async-in"), unique("async-out")
-    make_topics(bootstrap, src, out)
-    n = 300
-    produce(bootstrap, src, ((None, {"i": i}, None) for i in range(n)))
-
-    async def lookup(v: dict[str, int]) -> dict[str, int]:
-        if v["i"] % 10 == 3:
-            raise LookupError(f"no such {v['i']}")
-        return v
-
-    def later(v: dict[str, int]) -> dict[str, int]:
-        if v["i"] % 10 == 7:
-            raise ValueError("later step")
-        return v
-
-    job = Job(unique("async"), on_error="skip")
-    (job.stream(KafkaSource(src, value=JSON))
-        .map_async(lookup, concurrency=8, on_error="dead_letter")
-        .map(later)
-        .to(KafkaSink(out, value=JSON)))
-    q = job.start(_cfg(bootstrap, tmp_path))
-    try:
-        good = read_topic(bootstrap, out, expect=n - 2 * n // 10)
-        dlq = read_topic(bootstrap, job.dlq_topic, expect=n // 10)
-    finally:
-        q.stop(30)
-    assert q.exception() is None, q.exception()
-    assert sorted(orjson.loads(m.value())["i"] for m in good) == \
-        [i for i in range(n) if i % 10 not in (3, 7)]
-    assert sorted(orjson.loads(m.value())["i"] for m in dlq) == list(range(3, n, 10))
-    headers = dict(dlq[0].headers())
-    assert headers["streamcore.error.exception"] == b"LookupError"
-    assert headers["streamcore.error.step"].startswith(b"map_async(")
-    # The last frames of the traceback: where in the user's code it raised.
-    assert b'raise LookupError(f"no such' in headers["streamcore.error.traceback"]
 
 
 def test_stop_right_after_start_is_not_lost(bootstrap: str, tmp_path: Path) -> None:

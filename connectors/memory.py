@@ -1,0 +1,374 @@
+"""An in-memory Kafka: topics, partitions, one consumer group's members and committed offsets
+inside this process, behind the same interfaces as the Kafka backends (connectors.base).
+
+It exists for :class:`streamcore.testing.TestDriver`: a job runs with the same operators and
+the same commit protocol, in milliseconds and without a broker. What it models: partitions
+with offsets, keys placed by the Java client's murmur2 partitioner, committed offsets per
+group, positions that resume from them, pause/resume, and acknowledgements that the test
+can hold back or fail. What it does not: replication, transactions, retention, several
+members of one group (the one member gets every partition).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from connectors.base import (
+    ClientBackend,
+    ConsumerBackend,
+    DeliveryCallback,
+    Message,
+    PartitionReader,
+    PartitionsCallback,
+    ProducerBackend,
+    TopicPartition,
+)
+from streamcore.core.errors import DeliveryFailed
+
+__all__ = ["MemoryClients", "MemoryCluster", "MemoryMessage", "murmur2_partition"]
+
+
+class MemoryMessage:
+    """One record of an in-memory partition (the :class:`~connectors.base.Message` shape)."""
+
+    __slots__ = ("_headers", "_key", "_offset", "_partition", "_timestamp", "_topic", "_value")
+
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None,
+                 value: bytes | None, timestamp: int,
+                 headers: list[tuple[str, bytes]] | None) -> None:
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._key, self._value, self._timestamp = key, value, timestamp
+        self._headers = headers
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._timestamp)  # TIMESTAMP_CREATE_TIME
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
+
+    def error(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return (f"MemoryMessage({self._topic}[{self._partition}]@{self._offset}, "
+                f"key={self._key!r}, value={self._value!r})")
+
+
+def murmur2_partition(key: bytes, partitions: int) -> int:
+    """The partition the Java client (and librdkafka's murmur2 partitioners) gives key."""
+    m, r = 0x5BD1E995, 24
+    length = len(key)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(key[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = (h * m) & 0xFFFFFFFF
+        h ^= k
+    rest = length % 4
+    tail = key[length - rest:]
+    if rest == 3:
+        h ^= tail[2] << 16
+    if rest >= 2:
+        h ^= tail[1] << 8
+    if rest >= 1:
+        h ^= tail[0]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return (h & 0x7FFFFFFF) % partitions
+
+
+@dataclass
+class MemoryCluster:
+    """The broker. Thread-safe: the engine reads on its fetch thread, commits on its
+    membership thread and produces on the event loop."""
+
+    clock_ms: Callable[[], int]
+    default_partitions: int = 1
+    topics: dict[str, list[list[MemoryMessage]]] = field(default_factory=dict)
+    committed: dict[tuple[str, TopicPartition], int] = field(default_factory=dict)
+    configs: dict[str, dict[str, str]] = field(default_factory=dict)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def create_topic(self, name: str, partitions: int | None = None,
+                     config: dict[str, str] | None = None) -> None:
+        with self._cond:
+            if name not in self.topics:
+                self.topics[name] = [[] for _ in range(partitions or self.default_partitions)]
+                self.configs[name] = dict(config or {})
+
+    def append(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
+               timestamp: int, headers: list[tuple[str, bytes]] | None) -> MemoryMessage:
+        with self._cond:
+            log = self.topics[topic][partition]
+            msg = MemoryMessage(topic, partition, len(log), key, value,
+                                timestamp or self.clock_ms(), headers)
+            log.append(msg)
+            self._cond.notify_all()
+            return msg
+
+    def end(self, tp: TopicPartition) -> int:
+        parts = self.topics.get(tp[0])
+        return len(parts[tp[1]]) if parts is not None and tp[1] < len(parts) else 0
+
+    def read(self, positions: dict[TopicPartition, int], skip: set[TopicPartition],
+             max_records: int, timeout: float) -> list[MemoryMessage]:
+        """Up to max_records from the partitions at positions (advancing them), waiting at
+        most timeout seconds for the first."""
+        with self._cond:
+            out = self._take(positions, skip, max_records)
+            if not out and timeout > 0:
+                self._cond.wait(timeout)
+                out = self._take(positions, skip, max_records)
+            return out
+
+    def _take(self, positions: dict[TopicPartition, int], skip: set[TopicPartition],
+              max_records: int) -> list[MemoryMessage]:
+        out: list[MemoryMessage] = []
+        for tp, pos in positions.items():
+            if tp in skip:
+                continue
+            log = self.topics[tp[0]][tp[1]]
+            batch = log[pos:pos + max_records - len(out)]
+            if batch:
+                out.extend(batch)
+                positions[tp] = pos + len(batch)
+            if len(out) >= max_records:
+                break
+        return out
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class MemoryConsumer(ConsumerBackend):
+    """The group's only member: it is assigned every partition of what it subscribes to at
+    its first serve, and revokes them at close."""
+
+    def __init__(self, cluster: MemoryCluster, group: str) -> None:
+        self._cluster = cluster
+        self._group = group
+        self._topics: Sequence[str] = ()
+        self._callbacks: dict[str, Any] = {}
+        self._assigned: list[TopicPartition] = []
+        self._positions: dict[TopicPartition, int] = {}
+        self._paused: set[TopicPartition] = set()
+        self._lock = threading.Lock()  # positions: fetch thread vs membership thread
+        self.dead = False  # a crashed process: it commits nothing more
+        self.returned = 0  # messages handed to the engine so far
+
+    def subscribe(self, topics: Sequence[str], *, on_assign: PartitionsCallback,
+                  on_revoke: PartitionsCallback, on_lost: PartitionsCallback,
+                  start_at_end: Callable[[str], bool] = lambda topic: False,
+                  on_fenced: PartitionsCallback | None = None) -> None:
+        self._topics = list(topics)
+        self._callbacks = {"assign": on_assign, "revoke": on_revoke, "end": start_at_end}
+
+    def _matching(self) -> list[TopicPartition]:
+        names = sorted(t for t in self._cluster.topics
+                       if any(re.fullmatch(s[1:], t) if s.startswith("^") else s == t
+                              for s in self._topics))
+        return [(t, p) for t in names for p in range(len(self._cluster.topics[t]))]
+
+    def serve(self, timeout: float) -> list[Any]:
+        time.sleep(min(timeout, 0.002))  # a real serve waits for the coordinator too
+        if self._callbacks and not self._assigned:
+            parts = self._matching()
+            if parts:
+                self._callbacks["assign"](parts)
+                with self._lock:
+                    for tp in parts:
+                        done = self._cluster.committed.get((self._group, tp))
+                        start = (done if done is not None else
+                                 self._cluster.end(tp) if self._callbacks["end"](tp[0]) else 0)
+                        self._positions[tp] = start
+                    self._assigned = parts
+        return []
+
+    def consume(self, max_records: int, timeout: float) -> list[Message]:
+        with self._lock:
+            positions = dict(self._positions)
+        msgs = self._cluster.read(positions, set(self._paused), max_records, timeout)
+        with self._lock:
+            for tp, pos in positions.items():
+                if tp in self._positions:
+                    self._positions[tp] = max(self._positions[tp], pos)
+            self.returned += len(msgs)
+        return list(msgs)
+
+    def positions(self) -> dict[TopicPartition, int]:
+        """The next offset to fetch per assigned partition."""
+        with self._lock:
+            return dict(self._positions)
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        self._paused.update(partitions)
+
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        self._paused.difference_update(partitions)
+
+    def commit(self, offsets: dict[TopicPartition, int], *, asynchronous: bool) -> None:
+        if self.dead:
+            return
+        for tp, off in offsets.items():
+            key = (self._group, tp)
+            self._cluster.committed[key] = max(off, self._cluster.committed.get(key, 0))
+
+    def close(self) -> None:
+        parts, self._assigned = self._assigned, []
+        if parts and not self.dead:
+            self._callbacks["revoke"](parts)
+        with self._lock:
+            self._positions.clear()
+        self._cluster.wake()  # a fetch waiting on the fetch thread returns now
+
+    def high_watermark(self, tp: TopicPartition) -> int | None:
+        return self._cluster.end(tp)
+
+
+class MemoryProducer(ProducerBackend):
+    """A record reaches the cluster when produced (readable at once, as on a broker that
+    answers fast) and its acknowledgement is served by the next :meth:`poll`, as librdkafka
+    serves delivery reports. With ``hold`` set, records wait in flight (a slow broker) until
+    :meth:`release`; with ``fail`` set, they never reach the cluster and their
+    acknowledgements report that error."""
+
+    def __init__(self, cluster: MemoryCluster) -> None:
+        self._cluster = cluster
+        self._held: list[tuple[str, int, bytes | None, bytes | None, int,
+                               list[tuple[str, bytes]] | None, DeliveryCallback]] = []
+        self._reports: list[tuple[DeliveryCallback, Any, MemoryMessage]] = []
+        self._round_robin = itertools.count()
+        self.hold = False
+        self.fail: str | None = None
+        self.dead = False  # a crashed process: nothing more reaches the cluster
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
+                on_delivery: DeliveryCallback, reserved: None, timestamp: int,
+                headers: list[tuple[str, bytes]] | None, /) -> None:
+        if self.dead:
+            return
+        parts = self._cluster.topics.get(topic)
+        if parts is None:
+            raise KeyError(f"unknown topic {topic!r}")
+        if partition < 0:
+            partition = (murmur2_partition(key, len(parts)) if key is not None
+                         else next(self._round_robin) % len(parts))
+        record = (topic, partition, key, value, timestamp, headers, on_delivery)
+        if self.hold:
+            self._held.append(record)
+        else:
+            self._send(record)
+
+    def _send(self, record: tuple[str, int, bytes | None, bytes | None, int,
+                                  list[tuple[str, bytes]] | None, DeliveryCallback]) -> None:
+        topic, partition, key, value, timestamp, headers, on_delivery = record
+        if self.fail is not None:
+            failed = MemoryMessage(topic, partition, -1, key, value, timestamp, headers)
+            self._reports.append((on_delivery, self.fail, failed))
+            return
+        msg = self._cluster.append(topic, partition, key, value, timestamp, headers)
+        self._reports.append((on_delivery, None, msg))
+
+    def release(self) -> None:
+        """Send what was held (in order); its acknowledgements come with the next poll."""
+        held, self._held = self._held, []
+        for record in held:
+            self._send(record)
+
+    def delivery_error(self, topic: str, exc: Exception) -> Exception:
+        return DeliveryFailed(topic, f"{type(exc).__name__}: {exc}")
+
+    def poll(self, timeout: float) -> int:
+        if self.dead or not self._reports:
+            return 0
+        reports, self._reports = self._reports, []
+        for on_delivery, err, msg in reports:
+            on_delivery(err, msg)
+        return len(reports)
+
+    def in_flight(self) -> int:
+        return len(self._held) + len(self._reports)
+
+    def close(self) -> None:
+        self._held.clear()
+        self._reports.clear()
+
+
+class MemoryReader(PartitionReader):
+    def __init__(self, cluster: MemoryCluster) -> None:
+        self._cluster = cluster
+        self._positions: dict[TopicPartition, int] = {}
+
+    def assign(self, starts: dict[TopicPartition, int]) -> None:
+        self._positions = {tp: max(0, off) for tp, off in starts.items()}
+
+    def read(self, max_records: int, timeout: float) -> list[Message]:
+        # Waits briefly: a global table's follower reads in a loop on its own thread.
+        return list(self._cluster.read(self._positions, set(), max_records,
+                                       min(timeout, 0.01)))
+
+    def end_offset(self, tp: TopicPartition) -> int:
+        return self._cluster.end(tp)
+
+    def close(self) -> None:
+        self._positions = {}
+
+
+class MemoryClients(ClientBackend):
+    """Every client of one worker on one :class:`MemoryCluster`; the last consumer and
+    producer made are kept, so that a test can crash them or hold their acknowledgements."""
+
+    name = "memory"
+
+    def __init__(self, cluster: MemoryCluster) -> None:
+        self.cluster = cluster
+        self.last_consumer: MemoryConsumer | None = None
+        self.last_producer: MemoryProducer | None = None
+
+    def consumer(self, group: str) -> MemoryConsumer:
+        self.last_consumer = MemoryConsumer(self.cluster, group)
+        return self.last_consumer
+
+    def producer(self) -> MemoryProducer:
+        self.last_producer = MemoryProducer(self.cluster)
+        return self.last_producer
+
+    def reader(self) -> MemoryReader:
+        return MemoryReader(self.cluster)
+
+    def topic_names(self, timeout: float) -> set[str] | None:
+        return set(self.cluster.topics)
+
+    def partition_count(self, topic: str) -> int:
+        parts = self.cluster.topics.get(topic)
+        return len(parts) if parts is not None else 0
+
+    def create_topics(self, topics: dict[str, int], config: dict[str, str]) -> None:
+        for name, n in topics.items():
+            self.cluster.create_topic(name, n, config)

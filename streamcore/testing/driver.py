@@ -1,0 +1,350 @@
+"""TestDriver: a job's worker in this process, on the in-memory backend, with a manual clock.
+
+The worker is the real one (same operators, same commit protocol, same state stores and
+restore); only the clients (connectors.memory) and the clock (a ManualClock) differ. The
+driver runs the worker's event loop on the caller's thread, during each call, until the
+job has nothing left to do ("settled"): every record sent has been processed and every
+acknowledged output is readable. Between calls nothing runs, so a test reads exact states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from connectors.memory import MemoryClients, MemoryCluster, MemoryConsumer, murmur2_partition
+from streamcore.api.config import WorkerConfig, parse_duration
+from streamcore.api.job import Job
+from streamcore.core.clock import ManualClock
+from streamcore.core.errors import ConfigError
+from streamcore.core.serde import INTERNAL_KEY, Serde
+from streamcore.plan.graph import OpKind
+from streamcore.runtime.partition import TaskState
+from streamcore.runtime.worker import Worker
+
+__all__ = ["Record", "StoreView", "TestDriver"]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record read from a topic, decoded with the serdes of the sink that writes it."""
+
+    key: Any
+    value: Any
+    timestamp: int
+    headers: list[tuple[str, bytes]]
+    partition: int
+    offset: int
+
+
+class StoreView(Mapping[Any, Any]):
+    """The current contents of one stateful step's store, over every partition (read only)."""
+
+    def __init__(self, worker: Worker, step: str) -> None:
+        self._slots = [slot for t in worker.tasks.values() if t.stores is not None
+                       for slot in t.stores.slots if slot.step == step]
+        if not self._slots:
+            raise KeyError(f"no store named {step!r} is open (is the step's name right, and "
+                           "has a record reached it?)")
+
+    def __getitem__(self, key: Any) -> Any:
+        kb = INTERNAL_KEY.serialize(key)
+        for slot in self._slots:
+            value = slot.cache.get(kb)
+            if value is not None:
+                return value
+        raise KeyError(key)
+
+    def _keys(self) -> list[Any]:
+        return [INTERNAL_KEY.deserialize(kb)
+                for slot in self._slots for kb in slot.cache.live_keys()]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+
+class TestDriver:
+    """Run a job without a broker::
+
+        with TestDriver(job, partitions=2) as d:
+            d.send("in", {"user": "a", "amount": 3}, key="a", timestamp=1_700_000_000_000)
+            d.advance_time("5s")          # commits, progress (timers and triggers later)
+            rows = d.read("out")          # records written since the last read
+            d.crash()                     # as SIGKILL, then a restart that restores state
+            d.store("per-user")["a"]
+
+    Topics read or written by the job exist from the start with ``partitions`` partitions.
+    ``hold_acks()`` holds every acknowledgement back (a slow broker), ``fail_acks(reason)``
+    fails them (the job then stops with DeliveryFailed: see ``exception()``).
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name says
+
+    def __init__(self, job: Job, *, partitions: int = 1, config: WorkerConfig | None = None,
+                 start_ms: int = 1_700_000_000_000, timeout: float = 10.0) -> None:
+        if partitions < 1:
+            raise ConfigError("partitions", f"must be at least 1, got {partitions}")
+        job.validate()
+        self.job = job
+        self.clock = ManualClock(start_ms)
+        self.cluster = MemoryCluster(clock_ms=self.clock.now_ms, default_partitions=partitions)
+        self._tmp = tempfile.mkdtemp(prefix="streamcore-testdriver-")
+        base = config or job.config or WorkerConfig()
+        # Nothing of a real deployment: no HTTP server, state only in memory (a crash loses
+        # it, as a lost disk would: the restart restores it from the changelogs).
+        self.config = replace(base, http_port=None, state_dir=self._tmp,
+                              state_backend="memory")
+        self._timeout = timeout
+        self._read_from: dict[tuple[str, int], int] = {}
+        self._loop = asyncio.new_event_loop()
+        self._worker: Worker | None = None
+        self._clients: MemoryClients | None = None
+        self._run: asyncio.Task[None] | None = None
+        self._hold = False
+        self._fail: str | None = None
+        for node in job.sources:
+            assert node.source is not None
+            for topic in node.source.topics:
+                self.cluster.create_topic(topic)
+        for node in job.nodes:
+            if node.kind == OpKind.TO and node.sink is not None:
+                self.cluster.create_topic(node.sink.topic)
+            if node.kind == OpKind.TABLE:
+                self.cluster.create_topic(node.params["topic"])
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> TestDriver:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        self._clients = MemoryClients(self.cluster)
+        self._worker = Worker(self.job, self.config, clients=self._clients, clock=self.clock)
+        self._run = self._loop.create_task(self._worker.run())
+        self._apply_ack_mode()
+        self._settle()
+
+    def close(self) -> None:
+        """Stop the job gracefully (finish, commit, leave), then release everything."""
+        try:
+            if self._worker is not None and self._run is not None and not self._run.done():
+                self._worker.stop()
+                self._loop.run_until_complete(asyncio.wait([self._run], timeout=self._timeout))
+        finally:
+            self._loop.close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def crash(self) -> None:
+        """As SIGKILL, then a restart: uncommitted work and unflushed state are lost,
+        acknowledged outputs stay; the new worker resumes from the committed offsets and
+        restores its stores from their changelogs."""
+        assert self._clients is not None and self._run is not None
+        consumer, producer = self._clients.last_consumer, self._clients.last_producer
+        if consumer is not None:
+            consumer.dead = True
+        if producer is not None:
+            producer.dead = True
+        if not self._run.done():
+            self._run.cancel()
+            with contextlib.suppress(BaseException):
+                self._loop.run_until_complete(self._run)
+        self._start()
+
+    # -- input -----------------------------------------------------------------------------
+    def send(self, topic: str, value: Any, *, key: Any = None, timestamp: int | None = None,
+             partition: int | None = None,
+             headers: Iterable[tuple[str, bytes]] | None = None) -> None:
+        """Write one record to an input topic (encoded with its source's serdes), then let
+        the job process it."""
+        self._append(topic, value, key, timestamp, partition, headers)
+        self._settle()
+
+    def send_many(self, topic: str, records: Iterable[Any], *,
+                  key: Any = None, timestamp: int | None = None) -> None:
+        """Write records (values, or (key, value) pairs when key is None and a record is a
+        tuple), then let the job process them all."""
+        for rec in records:
+            k, v = rec if key is None and isinstance(rec, tuple) else (key, rec)
+            self._append(topic, v, k, timestamp, None, None)
+        self._settle()
+
+    def _append(self, topic: str, value: Any, key: Any, timestamp: int | None,
+                partition: int | None, headers: Iterable[tuple[str, bytes]] | None) -> None:
+        parts = self.cluster.topics.get(topic)
+        if parts is None:
+            raise KeyError(f"{topic!r} is not a topic of job {self.job.name!r}")
+        key_serde, value_serde = self._source_serdes(topic)
+        kb = None if key is None else key_serde.serialize(key)
+        vb = None if value is None else value_serde.serialize(value)
+        if partition is None:
+            partition = murmur2_partition(kb, len(parts)) if kb is not None else 0
+        self.cluster.append(topic, partition, kb, vb,
+                            self.clock.now_ms() if timestamp is None else timestamp,
+                            list(headers or []))
+
+    # -- time and commits ------------------------------------------------------------------
+    def advance_time(self, duration: float | str) -> None:
+        """Move processing time forward. Everything scheduled in between runs at its time, in
+        order, as often as it comes due (a 300 ms commit interval commits three times in a
+        second), each run followed by what it causes."""
+        left = parse_duration(duration, "duration")
+        while True:
+            due = self.clock.next_wakeup()
+            if due is None or due > left:
+                break
+            self.clock.advance(due)
+            left -= due
+            self._settle()
+        self.clock.advance(left)
+        self._settle()
+
+    def commit(self) -> None:
+        """Commit everything processed so far, as the commit interval would: state flushed
+        to the changelogs, then the offsets (two cycles when a flush must be acknowledged
+        before its offsets may be committed)."""
+        w = self._running()
+        for _ in range(3):
+            w.committer.commit_due()
+            self._settle()
+            if all(t.done_offset() + 1 <= t.committed or t.last_offset is None
+                   for t in w.tasks.values()):
+                return
+
+    def committed(self, topic: str) -> dict[int, int]:
+        """The group's committed offsets (next offset to read) per partition of topic."""
+        group = self._running().group
+        return {tp[1]: off for (g, tp), off in self.cluster.committed.items()
+                if g == group and tp[0] == topic}
+
+    # -- output ----------------------------------------------------------------------------
+    def read(self, topic: str) -> list[Record]:
+        """Records written to topic since the last read of it (acknowledged ones only), in
+        partition then offset order, decoded with the serdes of the sink that writes it."""
+        parts = self.cluster.topics.get(topic)
+        if parts is None:
+            raise KeyError(f"no topic {topic!r}")
+        key_serde, value_serde = self._sink_serdes(topic)
+        out: list[Record] = []
+        for p, log in enumerate(parts):
+            start = self._read_from.get((topic, p), 0)
+            for m in log[start:]:
+                k, v = m.key(), m.value()
+                out.append(Record(
+                    key=None if k is None else key_serde.deserialize(k),
+                    value=None if v is None else value_serde.deserialize(v),
+                    timestamp=m.timestamp()[1], headers=list(m.headers() or []),
+                    partition=p, offset=m.offset()))
+            self._read_from[(topic, p)] = len(log)
+        return out
+
+    def store(self, step: str) -> StoreView:
+        """The contents of the stateful step named step, over all partitions."""
+        return StoreView(self._running(), step)
+
+    # -- failure injection -------------------------------------------------------------------
+    def hold_acks(self, hold: bool = True) -> None:
+        """Hold every acknowledgement back (outputs stay in flight, nothing is committed past
+        them) until hold_acks(False)."""
+        self._hold = hold
+        self._apply_ack_mode()
+        self._settle()
+
+    def fail_acks(self, reason: str | None = "the broker rejected the record") -> None:
+        """Fail every acknowledgement from now on (None: stop failing them)."""
+        self._fail = reason
+        self._apply_ack_mode()
+        self._settle()
+
+    def exception(self) -> BaseException | None:
+        """The error the job stopped with, if it did."""
+        if self._run is None or not self._run.done() or self._run.cancelled():
+            return None
+        return self._run.exception()
+
+    @property
+    def worker(self) -> Worker:
+        return self._running()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _running(self) -> Worker:
+        if self._worker is None:
+            raise RuntimeError("the driver is not started: use `with TestDriver(job) as d:`")
+        return self._worker
+
+    def _apply_ack_mode(self) -> None:
+        producer = self._clients.last_producer if self._clients is not None else None
+        if producer is not None:
+            producer.hold, producer.fail = self._hold, self._fail
+            if not self._hold:
+                producer.release()
+
+    def _source_serdes(self, topic: str) -> tuple[Serde, Serde]:
+        for node in self.job.sources:
+            if node.source is not None and topic in node.source.topics:
+                return node.source.key, node.source.value
+        for node in self.job.nodes:
+            if node.kind == OpKind.TABLE and node.params["topic"] == topic:
+                return node.params["key"], node.params["value"]
+        raise KeyError(f"{topic!r} is not an input topic of job {self.job.name!r}")
+
+    def _sink_serdes(self, topic: str) -> tuple[Serde, Serde]:
+        for node in self.job.nodes:
+            if node.kind == OpKind.TO and node.sink is not None and node.sink.topic == topic:
+                return node.sink.key, node.sink.value
+        return _RAW, _RAW
+
+    def _settle(self) -> None:
+        self._loop.run_until_complete(self._until_idle())
+
+    async def _until_idle(self) -> None:
+        deadline = time.monotonic() + self._timeout
+        quiet = 0
+        while quiet < 3:  # idle three looks in a row: nothing is on its way anywhere
+            run = self._run
+            if run is None or run.done():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the job did not settle within {self._timeout}s: "
+                                   f"{self._describe()}")
+            await asyncio.sleep(0.001)
+            quiet = quiet + 1 if self._idle() else 0
+
+    def _idle(self) -> bool:
+        """Nothing more happens until time passes or records are sent: every record fetched
+        was handed over and went through its chain, nothing is left to fetch. (Delivery
+        reports still due are served by the engine's next commit, as in production.)"""
+        w, clients = self._worker, self._clients
+        assert w is not None and clients is not None
+        consumer = clients.last_consumer
+        if consumer is None or not w.joined:
+            return False
+        if not _caught_up(consumer, self.cluster) or consumer.returned != w.records_in:
+            return False
+        return all(t.state is TaskState.RUNNING and not t.queued and t.tracker.all_sealed()
+                   for t in list(w.tasks.values()))
+
+    def _describe(self) -> str:
+        w = self._worker
+        if w is None:
+            return "no worker"
+        return ", ".join(f"{t}[{p}] {task.state.value} queued={task.queued}"
+                         for (t, p), task in w.tasks.items()) or "no partition assigned"
+
+
+def _caught_up(consumer: MemoryConsumer, cluster: MemoryCluster) -> bool:
+    return all(pos >= cluster.end(tp) for tp, pos in consumer.positions().items())
+
+
+_RAW = Serde("raw", lambda b: b, lambda b: b)

@@ -1,0 +1,133 @@
+"""streamcore.testing.TestDriver: the real worker on the in-memory backend with a manual
+clock. These tests pin the driver's own contract (settling, time, commits, crash, failure
+injection); the engine's guarantees are tested on it elsewhere and on a broker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from connectors.memory import murmur2_partition
+from streamcore import JSON, STR, DeliveryFailed, Job, KafkaSink, KafkaSource, WorkerConfig
+from streamcore.testing import TestDriver
+
+T0 = 1_700_000_000_000
+
+
+def _totals_job(name: str = "totals", **config: Any) -> Job:
+    job = Job(name, config=WorkerConfig(commit_interval="300ms", **config))
+    (job.stream(KafkaSource("in", value=JSON))
+        .key_by(lambda v: v["user"])
+        .aggregate(lambda: 0, lambda total, v: total + v["amount"], name="per-user")
+        .to_stream()
+        .to(KafkaSink("out", key=STR, value=JSON)))
+    return job
+
+
+def test_records_sent_are_processed_before_send_returns() -> None:
+    with TestDriver(_totals_job(), partitions=2) as d:
+        d.send("in", {"user": "a", "amount": 3}, key="a")
+        d.send("in", {"user": "b", "amount": 4}, key="b")
+        d.send("in", {"user": "a", "amount": 5}, key="a")
+        rows = d.read("out")
+        assert [(r.key, r.value) for r in rows if r.key == "a"] == [("a", 3), ("a", 8)]
+        assert [(r.key, r.value) for r in rows if r.key == "b"] == [("b", 4)]
+        assert d.read("out") == []  # only what was written since the last read
+        assert dict(d.store("per-user")) == {"a": 8, "b": 4}
+        assert d.store("per-user")["a"] == 8
+        # Keys land on the partitions the Java client's partitioner gives them.
+        for r in rows:
+            assert r.partition == murmur2_partition(r.key.encode(), 2)
+
+
+def test_time_is_manual_and_commits_come_with_it() -> None:
+    with TestDriver(_totals_job(), start_ms=T0) as d:
+        d.send("in", {"user": "a", "amount": 1})
+        d.send("in", {"user": "a", "amount": 2}, timestamp=T0 - 5000)
+        assert d.committed("in") == {}  # the commit interval has not passed
+        d.advance_time("299ms")
+        assert d.committed("in") == {}
+        d.advance_time("1s")  # three intervals: flush, then the offsets behind it
+        assert d.committed("in") == {0: 2}
+        out = d.read("out")
+        # Record timestamps: the manual clock's now by default, else the one given.
+        assert [r.timestamp for r in out] == [T0, T0 - 5000]
+
+
+def test_crash_after_a_commit_restores_exact_state() -> None:
+    with TestDriver(_totals_job(), partitions=2) as d:
+        d.send_many("in", [("a", {"user": "a", "amount": i}) for i in range(1, 5)])
+        d.commit()
+        d.crash()
+        assert dict(d.store("per-user")) == {"a": 10}  # restored from the changelog
+        d.send("in", {"user": "a", "amount": 5}, key="a")
+        assert [r.value for r in d.read("out")][-1] == 15
+
+
+def test_crash_before_a_commit_reprocesses_at_least_once() -> None:
+    """Continuous mode is at-least-once: a record processed but not committed before a
+    crash is processed again, and an update it made is applied again (README)."""
+    with TestDriver(_totals_job()) as d:
+        d.send("in", {"user": "a", "amount": 1}, key="a")
+        d.commit()
+        d.send("in", {"user": "a", "amount": 10}, key="a")
+        d.crash()
+        assert d.store("per-user")["a"] == 21  # the second record was applied twice
+        assert d.committed("in") == {0: 1}
+        # 11 twice: the repartitioned record is read again after the crash, and then the
+        # input record, processed again, is repartitioned a second time (+10 again: 21).
+        assert [r.value for r in d.read("out")] == [1, 11, 11, 21]
+
+
+def test_held_acknowledgements_hold_outputs_and_commits() -> None:
+    job = Job("copy", config=WorkerConfig(commit_interval="100ms"))
+    job.stream(KafkaSource("in", value=JSON)).map(lambda v: {**v, "seen": True}).to(
+        KafkaSink("out", value=JSON))
+    with TestDriver(job) as d:
+        d.hold_acks()
+        d.send_many("in", [{"i": i} for i in range(3)])
+        d.advance_time("1s")
+        assert d.read("out") == [] and d.committed("in") == {}
+        d.hold_acks(False)
+        d.advance_time("1s")
+        assert [r.value["i"] for r in d.read("out")] == [0, 1, 2]
+        assert d.committed("in") == {0: 3}
+
+
+def test_failed_acknowledgements_stop_the_job_and_commit_nothing_past_them() -> None:
+    job = Job("copy-fail", config=WorkerConfig(commit_interval="100ms"))
+    job.stream(KafkaSource("in", value=JSON)).to(KafkaSink("out", value=JSON))
+    with TestDriver(job) as d:
+        d.send("in", {"i": 0})
+        d.advance_time("1s")
+        assert d.committed("in") == {0: 1}
+        d.fail_acks("broker says no")
+        d.send("in", {"i": 1})
+        d.advance_time("1s")
+        err = d.exception()
+        assert isinstance(err, DeliveryFailed) and "broker says no" in str(err)
+        assert d.committed("in") == {0: 1}
+        d.fail_acks(None)
+        d.crash()  # a restart reads the failed record again: nothing was lost
+        assert [r.value["i"] for r in d.read("out")] == [0, 1]
+
+
+def test_bad_records_go_to_the_dead_letter_topic() -> None:
+    job = Job("dlq", config=WorkerConfig())
+    (job.stream(KafkaSource("in", value=JSON))
+        .map(lambda v: {"inverse": 1 / v["x"]}, name="invert", on_error="dead_letter")
+        .to(KafkaSink("out", value=JSON)))
+    with TestDriver(job) as d:
+        d.send_many("in", [{"x": 2}, {"x": 0}, {"x": 4}])
+        assert [r.value for r in d.read("out")] == [{"inverse": 0.5}, {"inverse": 0.25}]
+        (dead,) = d.read(job.dlq_topic)
+        headers = dict(dead.headers)
+        assert headers["streamcore.error.exception"] == b"ZeroDivisionError"
+        assert headers["streamcore.error.step"] == b"map(invert)"
+        assert dead.value == b'{"x":0}'  # the input record's bytes, as they came
+
+
+def test_a_topic_the_job_does_not_read_is_refused() -> None:
+    with TestDriver(_totals_job()) as d, pytest.raises(KeyError, match="not a topic"):
+        d.send("nope", {"user": "a", "amount": 1})
