@@ -7,13 +7,15 @@ which writes every dirty key once (latest value) to the store in one atomic writ
 hands the same changes to the changelog writer. The engine then waits for the changelog's
 acknowledgements before it commits the input offsets that produced them.
 
-Memory is bounded: after a flush, when more than ``max_entries`` keys are cached, the clean
-entries are dropped (everything is clean right after a flush). Only the event loop thread
-touches a cache.
+Memory is bounded: after a flush (when every entry is clean), the least recently used
+entries beyond ``max_entries`` are dropped, so that the hot keys stay decoded in memory
+instead of the whole cache being emptied at once. Only the event loop thread touches a
+cache.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -34,20 +36,25 @@ class StateCache:
         self._values: dict[bytes, Any] = {}  # decoded value, or None for "no such key"
         self._dirty: set[bytes] = set()
 
+    # The dict's order is the recency order (least recently used first): every access moves
+    # its key to the end, one pop and one insert.
     def get(self, key: bytes) -> Any:
         """The decoded value of key, or None."""
-        v = self._values.get(key, _MISS)
+        values = self._values
+        v = values.pop(key, _MISS)
         if v is _MISS:
             raw = self.store.get(key)
             v = None if raw is None else self._loads(raw)
-            self._values[key] = v
+        values[key] = v
         return v
 
     def put(self, key: bytes, value: Any) -> None:
+        self._values.pop(key, None)
         self._values[key] = value
         self._dirty.add(key)
 
     def delete(self, key: bytes) -> None:
+        self._values.pop(key, None)
         self._values[key] = None
         self._dirty.add(key)
 
@@ -81,8 +88,10 @@ class StateCache:
         self._dirty.clear()
         for k, vb in changes:
             changelog(k, vb)
-        if len(values) > self._max:
-            values.clear()
+        excess = len(values) - self._max
+        if excess > 0:  # everything is clean now: drop the least recently used
+            for k in list(itertools.islice(values, excess)):
+                del values[k]
         return len(changes)
 
     def clear(self) -> None:

@@ -146,6 +146,32 @@ def test_cache_writes_each_dirty_key_once_per_flush(tmp_path: Path) -> None:
     store.close()
 
 
+def test_cache_keeps_the_most_recently_used_entries_after_a_flush(tmp_path: Path) -> None:
+    """Before: past max_entries every entry was dropped at once, hot keys included, so each
+    was read from RocksDB and decoded again after every commit."""
+    import orjson
+
+    store = RocksDBStore(tmp_path / "db")
+    reads: list[bytes] = []
+    get = store.get
+
+    def counting_get(key: bytes) -> bytes | None:
+        reads.append(key)
+        return get(key)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    cache = StateCache(store, orjson.dumps, orjson.loads, max_entries=3)
+    for k in (b"a", b"b", b"c", b"d", b"e"):
+        cache.put(k, 1)
+    cache.get(b"a")  # a is hot again: b is now the least recently used
+    cache.flush(lambda k, v: None)
+    reads.clear()
+    assert [cache.get(k) for k in (b"a", b"d", b"e")] == [1, 1, 1]
+    assert reads == [], "recently used entries were evicted"
+    assert cache.get(b"b") == 1 and reads == [b"b"]  # evicted: read back from the store
+    store.close()
+
+
 def test_rocksdb_batch_writes_are_synced_to_disk(tmp_path: Path) -> None:
     """A flush's write batch must reach the disk before the checkpoint and the committed
     offsets move past it (power loss). RocksDB's own counters show the WAL syncs."""
