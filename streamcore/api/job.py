@@ -25,6 +25,8 @@ from streamcore.api.stream import STEP_NAME, Stream, Table, check_policy
 from streamcore.core.errors import JobDefinitionError
 from streamcore.core.serde import JSON, STR, Serde
 from streamcore.plan.graph import Node, OpKind
+from streamcore.plan.logical import LogicalPlan
+from streamcore.plan.physical import internal_topic, plan
 
 if TYPE_CHECKING:
     from streamcore.api.query import StreamingQuery
@@ -99,69 +101,30 @@ class Job:
         """``{app_id}-{name}-{suffix}``. The application id is the consumer group (default:
         the job name), as in Kafka Streams: two groups running one job must never share a
         repartition or changelog topic, or each would read the other's records."""
-        return f"{app_id or self.name}-{name}-{suffix}"
-
-    # -- introspection used by the engine ------------------------------------------------
-    @property
-    def sources(self) -> list[Node]:
-        return list(self._sources)
-
-    @property
-    def nodes(self) -> list[Node]:
-        return list(self._nodes)
-
-    @property
-    def repartitions(self) -> list[Node]:
-        """Internal topics that split the graph; each is also read back as a source."""
-        return [n for n in self._nodes if n.kind == OpKind.REPARTITION]
-
-    @property
-    def tables(self) -> list[Node]:
-        return [n for n in self._nodes if n.kind == OpKind.TABLE]
-
-    @property
-    def stateful(self) -> list[Node]:
-        return [n for n in self._nodes if n.kind == OpKind.AGGREGATE]
-
-    def subscription(self, app_id: str | None = None) -> list[str]:
-        """Every topic the worker's consumer subscribes to: inputs and repartition topics."""
-        topics = [t for n in self._sources for t in n.source.subscription]  # type: ignore[union-attr]
-        return topics + [self.internal_topic(n.params["name"], "repartition", app_id)
-                         for n in self.repartitions]
+        return internal_topic(app_id or self.name, name, suffix)
 
     def _add(self, node: Node) -> Node:
         self._nodes.append(node)
         return node
 
+    def build(self) -> LogicalPlan:
+        """The job as declared, validated and frozen: what every later layer reads. Fails,
+        as Spark does, on a graph that cannot run."""
+        return LogicalPlan(self.name, tuple(self._nodes), tuple(self._sources), self.on_error,
+                           self.config)
+
     def validate(self) -> None:
-        """Fail at build time, as Spark does, on a graph that cannot run."""
-        if not self._sources:
-            raise JobDefinitionError(f"job {self.name!r} has no source: call job.stream(...)")
-        if not any(n.terminal for n in self._nodes):
-            raise JobDefinitionError(
-                f"job {self.name!r} has no output: end a stream with .to(...) or .foreach(...)")
-        seen: dict[str, Node] = {}
-        for src in self._sources:
-            assert src.source is not None
-            for name in src.source.subscription:
-                if name in seen:
-                    raise JobDefinitionError(
-                        f"topic {name!r} is read by two sources; read it once and branch")
-                seen[name] = src
+        """Fail at build time on a graph that cannot run (see build)."""
+        self.build()
 
     @property
     def dlq_topic(self) -> str:
+        """Where records that failed under on_error="dead_letter" go."""
         return f"{self.name}-dlq"
 
-    @property
-    def uses_dead_letter(self) -> bool:
-        return self.on_error == "dead_letter" or any(
-            n.params.get("on_error") == "dead_letter" for n in self._nodes)
-
     def explain(self) -> str:
-        from streamcore.plan.routing import explain
-
-        return explain(self)
+        """The physical plan as text: sub-topologies, steps, stores, internal topics."""
+        return plan(self.build()).explain()
 
     # -- running -------------------------------------------------------------------------
     def start(self, config: WorkerConfig | None = None) -> StreamingQuery:

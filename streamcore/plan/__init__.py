@@ -1,2 +1,4 @@
-"""What a job's graph means before it runs: the nodes, the internal topics it needs, which
-chain reads which topic, and explain()."""
+"""Between the API and the runtime: the graph's nodes (graph), the job frozen as declared
+(logical: what Job.build() returns), the plan laid out for an application id in
+sub-topologies with their internal topics and stores (physical: what the runtime runs and
+explain() prints), and the partition counts of internal topics (topics)."""

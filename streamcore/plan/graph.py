@@ -1,7 +1,7 @@
 """The logical job graph: what the user declared, before anything runs.
 
-Nodes are immutable once built. :mod:`streamcore.plan` compiles them into per-partition
-operator chains. Each node knows its parents; children are derived when compiling.
+Nodes are immutable once built. Each node knows its parents; a plan derives the children.
+The runtime compiles them into per-partition operator chains (streamcore.runtime.operators).
 """
 
 from __future__ import annotations

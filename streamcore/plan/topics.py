@@ -21,7 +21,7 @@ from streamcore.core.errors import StateError
 from streamcore.plan.graph import Node, OpKind
 
 if TYPE_CHECKING:
-    from streamcore.api.job import Job
+    from streamcore.plan.physical import PhysicalPlan
 
 __all__ = ["COMPACT", "DELETE", "InternalTopics", "internal_topics"]
 
@@ -59,9 +59,10 @@ def _hosts(node: Node) -> list[Node]:
     return found
 
 
-def internal_topics(job: Job, count: Callable[[str], int],
-                    app_id: str | None = None) -> InternalTopics:
-    plan = InternalTopics(by_config={COMPACT: {}, DELETE: {}})
+def internal_topics(plan: PhysicalPlan, count: Callable[[str], int]) -> InternalTopics:
+    """The plan's internal topics by config, each with its partition count; count(topic)
+    gives an existing topic's."""
+    topics = InternalTopics(by_config={COMPACT: {}, DELETE: {}})
     sizes: dict[int, int] = {}  # source / repartition node id -> partitions
 
     def size_of(host: Node, why: str) -> int:
@@ -78,17 +79,16 @@ def internal_topics(job: Job, count: Callable[[str], int],
                 sizes[host.id] = max(_existing(count, t, why) for t in host.source.topics)
         return sizes[host.id]
 
-    for node in job.repartitions:  # in creation order: upstream ones first
-        plan.by_config[DELETE][job.internal_topic(node.params["name"], "repartition",
-                                                  app_id)] = size_of(
+    for node in plan.repartitions:  # in creation order: upstream ones first
+        topics.by_config[DELETE][plan.repartition_topic(node)] = size_of(
             node, f"it sizes the repartition topic of step {node.name!r}")
-    for node in job.stateful:
+    for node in plan.stateful:
         hosts = _hosts(node)
         assert len(hosts) == 1, "a stateful step reads one partitioned topic"
         assert node.name is not None
-        plan.by_config[COMPACT][job.internal_topic(node.name, "changelog", app_id)] = size_of(
+        topics.by_config[COMPACT][plan.changelog_topic(node.name)] = size_of(
             hosts[0], f"it sizes the changelog of step {node.name!r}")
-    for node in job.tables:
+    for node in plan.tables:
         topic = node.params["topic"]
-        plan.tables[topic] = _existing(count, topic, f"it holds table {node.name!r}")
-    return plan
+        topics.tables[topic] = _existing(count, topic, f"it holds table {node.name!r}")
+    return topics

@@ -9,17 +9,14 @@ state stores) private to the partition task that owns them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from streamcore.core.errors import JobDefinitionError, SerializationError
 from streamcore.core.serde import BYTES, INTERNAL_KEY, KEY
 from streamcore.plan.graph import Node, OpKind
-from streamcore.plan.routing import children
+from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.context import AsyncLane, Emit, PartitionContext, SinkCounter, StepFailed
 from streamcore.runtime.tracking import Batch
-
-if TYPE_CHECKING:
-    from streamcore.api.job import Job
 
 __all__ = ["compile_chain"]
 
@@ -28,11 +25,10 @@ def _noop(key: Any, value: Any, ts: int) -> None:
     return None
 
 
-def compile_chain(job: Job, source: Node, ctx: PartitionContext,
-                  app_id: str | None = None) -> Emit:
-    """The entry closure for records of source, for the partition described by ctx;
-    internal topics are those of app_id (default: the job name)."""
-    kids = children(job)
+def compile_chain(plan: PhysicalPlan, source: Node, ctx: PartitionContext) -> Emit:
+    """The entry closure for records of source (a root of one of the plan's sub-topologies),
+    for the partition described by ctx."""
+    kids = plan.children
     built: dict[int, Emit] = {}
     lanes_by_node: dict[int, list[AsyncLane]] = {}  # lanes at or below each node
 
@@ -61,7 +57,7 @@ def compile_chain(job: Job, source: Node, ctx: PartitionContext,
     def entry(node: Node) -> Emit:
         if node.id not in built:
             built[node.id] = _make(node, fanout, kids, ctx, lanes_by_node, node is source,
-                                   job, app_id)
+                                   plan)
         return built[node.id]
 
     return entry(source)
@@ -69,7 +65,7 @@ def compile_chain(job: Job, source: Node, ctx: PartitionContext,
 
 def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]],
           ctx: PartitionContext, lanes_by_node: dict[int, list[AsyncLane]],
-          is_root: bool, job: Job, app_id: str | None) -> Emit:
+          is_root: bool, plan: PhysicalPlan) -> Emit:
     k = node.kind
     fn: Any = node.fn
     if k == OpKind.BRANCH and "preds" in node.params:
@@ -89,7 +85,7 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
         # A repartition step ends this chain with a write to its internal topic; the chain
         # of the task reading that topic back starts at the same node (is_root).
         lanes_by_node[node.id] = []
-        topic = (job.internal_topic(node.params["name"], "repartition", app_id)
+        topic = (plan.repartition_topic(node)
                  if k == OpKind.REPARTITION else None)
         return _make_sink(node, ctx, topic)
 

@@ -37,6 +37,7 @@ from streamcore.core.errors import (
 from streamcore.core.logs import BurstLogger
 from streamcore.core.serde import BYTES, KEY
 from streamcore.plan.graph import Node
+from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.context import GlobalTableView, PartitionContext, StepFailed
 from streamcore.runtime.operators import compile_chain
 from streamcore.runtime.progress import LatencyHistogram
@@ -70,7 +71,7 @@ class PartitionTask:
     def __init__(
         self,
         tp: TopicPartition,
-        job: Any,
+        plan: PhysicalPlan,
         source: Node,
         producer: ProducerBackend,
         *,
@@ -84,7 +85,6 @@ class PartitionTask:
         make_stores: Callable[[int], PartitionStores] | None = None,
         new_reader: Callable[[], PartitionReader] | None = None,
         tables: Mapping[int, GlobalTableView] | None = None,
-        app_id: str | None = None,
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
@@ -93,13 +93,12 @@ class PartitionTask:
         self.stores: PartitionStores | None = None
         self._make_stores = make_stores
         self._new_reader = new_reader
-        self._job = job
-        self._app_id = app_id  # names the internal topics (the consumer group)
+        self._plan = plan
         self.ctx = PartitionContext(tp[0], tp[1], producer, open_state=self._open_state,
                                     tables=tables)
         self.ctx.failed = self._on_failed
         try:
-            self._chain = compile_chain(job, source, self.ctx, app_id)
+            self._chain = compile_chain(plan, source, self.ctx)
         except BaseException:
             self.close_stores()
             raise
@@ -116,8 +115,8 @@ class PartitionTask:
         self._latency = latency
         self._e2e = e2e
         self._errors = errors  # (kind, policy, step) -> count, shared by the worker's tasks
-        self._default_policy: str = job.on_error
-        self._dlq = job.dlq_topic
+        self._default_policy: str = plan.on_error
+        self._dlq = plan.dlq_topic
         self.dlq_records = 0
         self.records_in = 0
         self.first_offset: int | None = None
@@ -132,8 +131,7 @@ class PartitionTask:
             assert self._make_stores is not None, "stateful step without a state setup"
             self.stores = self._make_stores(self.tp[1])
         try:
-            return self.stores.open(step, self._job.internal_topic(step, "changelog",
-                                                                   self._app_id), dumps, loads)
+            return self.stores.open(step, self._plan.changelog_topic(step), dumps, loads)
         except StoreLocked as exc:
             raise StateError(f"{exc}; give each worker on a machine its own state_dir "
                              "(--state-dir)") from exc
@@ -391,7 +389,7 @@ class PartitionTask:
                    ("streamcore.source.topic", self.tp[0].encode()),
                    ("streamcore.source.partition", str(self.tp[1]).encode()),
                    ("streamcore.source.offset", str(m.offset()).encode()),
-                   ("streamcore.job", self._job.name.encode())]
+                   ("streamcore.job", self._plan.name.encode())]
         batch.pending += 1
         self.ctx.outbox.send(self._dlq, m.value(), m.key(), -1, batch.ack, m.timestamp()[1],
                              headers)

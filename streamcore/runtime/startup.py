@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from connectors.base import ClientBackend
 from streamcore.api.config import WorkerConfig
 from streamcore.core.errors import BrokerUnavailable, ConfigError
+from streamcore.plan.physical import PhysicalPlan
 from streamcore.plan.topics import internal_topics
 
 __all__ = ["check_kafka", "check_state_dir", "create_dlq", "create_internal_topics"]
@@ -30,7 +30,7 @@ def check_state_dir(state_dir: Path) -> None:
                           f"(uid {os.getuid()}): {exc.strerror}") from exc
 
 
-def check_kafka(job: Any, config: WorkerConfig, clients: ClientBackend) -> None:
+def check_kafka(plan: PhysicalPlan, config: WorkerConfig, clients: ClientBackend) -> None:
     """Kafka answers within the start-up timeout and every input topic exists (looked up
     without creating it: a misspelled topic must not be created by the request that looks
     for it)."""
@@ -41,25 +41,26 @@ def check_kafka(job: Any, config: WorkerConfig, clients: ClientBackend) -> None:
             f"cannot reach Kafka at {c.bootstrap_servers} within {c.startup_timeout_s:g}s "
             "(startup_timeout): check --bootstrap / STREAMCORE_BOOTSTRAP_SERVERS and that "
             "the brokers are up")
-    missing = [t for n in job.sources for t in n.source.topics if t not in existing]
+    missing = [t for n in plan.sources if n.source is not None for t in n.source.topics
+               if t not in existing]
     if missing:
         raise ConfigError("KafkaSource", f"input topic(s) {', '.join(sorted(missing))} "
                           f"do not exist on {c.bootstrap_servers}; create them first "
                           "(streamcore never creates an input topic)")
 
 
-def create_internal_topics(job: Any, clients: ClientBackend, app_id: str) -> dict[str, int]:
-    """Create the repartition and changelog topics of app_id (idempotent); return the
+def create_internal_topics(plan: PhysicalPlan, clients: ClientBackend) -> dict[str, int]:
+    """Create the plan's repartition and changelog topics (idempotent); return the
     partition count of each global table's topic."""
-    plan = internal_topics(job, clients.partition_count, app_id)
-    for cfg, topics in plan.by_config.items():
+    topics_of = internal_topics(plan, clients.partition_count)
+    for cfg, topics in topics_of.by_config.items():
         if topics:
             clients.create_topics(topics, dict(cfg))
-    return plan.tables
+    return topics_of.tables
 
 
-def create_dlq(job: Any, clients: ClientBackend) -> None:
+def create_dlq(plan: PhysicalPlan, clients: ClientBackend) -> None:
     """The dead-letter topic, with as many partitions as the first input topic."""
-    src = job.sources[0].source
-    n = clients.partition_count(src.topics[0]) if src.topics else 0
-    clients.create_topics({job.dlq_topic: max(n, 1)}, {"cleanup.policy": "delete"})
+    src = plan.sources[0].source
+    n = clients.partition_count(src.topics[0]) if src is not None and src.topics else 0
+    clients.create_topics({plan.dlq_topic: max(n, 1)}, {"cleanup.policy": "delete"})

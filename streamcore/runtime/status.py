@@ -162,9 +162,9 @@ class WorkerStatus:
         elapsed = max(now - since, 1e-9)
         rows = processed - before
         report: dict[str, Any] = {
-            "id": self._w.job.name,
+            "id": self._w.plan.name,
             "runId": self._w.run_id,
-            "name": self._w.job.name,
+            "name": self._w.plan.name,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
             "batchId": self._progress_id,
             "numInputRows": rows,

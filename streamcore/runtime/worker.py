@@ -45,7 +45,8 @@ from streamcore.core.clock import Clock, SystemClock
 from streamcore.core.errors import ConfigError, FatalError, StreamcoreError
 from streamcore.core.logs import BurstLogger
 from streamcore.plan.graph import OpKind
-from streamcore.plan.routing import source_for_topic
+from streamcore.plan.logical import LogicalPlan
+from streamcore.plan.physical import plan
 from streamcore.runtime import startup
 from streamcore.runtime.commits import CommitProtocol, ContinuousCommits
 from streamcore.runtime.partition import PartitionTask, TaskState
@@ -74,10 +75,10 @@ class Worker:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         run_id: str | None = None,
     ) -> None:
-        job.validate()
-        self.job = job
         self.config = config
         self.group = config.group or job.name
+        # The runtime runs the physical plan and reads nothing else of the job.
+        self.plan = plan(job if isinstance(job, LogicalPlan) else job.build(), self.group)
         self.run_id = run_id or str(uuid.uuid4())
         self.clock = clock or SystemClock()
         self.clients = clients or ConfluentClients(
@@ -144,19 +145,19 @@ class Worker:
         if self._stop_requested:
             self._stopping.set()
         log.info("worker config: %s", self.config.redacted())
-        if self.job.stateful or self.job.tables:
+        if self.plan.stateful or self.plan.tables:
             startup.check_state_dir(self._state_dir)
-        await self._loop.run_in_executor(None, startup.check_kafka, self.job, self.config,
+        await self._loop.run_in_executor(None, startup.check_kafka, self.plan, self.config,
                                          self.clients)
-        if self.job.uses_dead_letter:
-            await self._loop.run_in_executor(None, startup.create_dlq, self.job, self.clients)
+        if self.plan.uses_dead_letter:
+            await self._loop.run_in_executor(None, startup.create_dlq, self.plan, self.clients)
         self._start_http()
         # Internal topics and global tables first: a partition must not start before its
         # repartition and changelog topics exist, nor a join before its table is complete.
         table_sizes = await self._loop.run_in_executor(
-            None, startup.create_internal_topics, self.job, self.clients, self.group)
+            None, startup.create_internal_topics, self.plan, self.clients)
         await self._open_tables(table_sizes)
-        topics = self.job.subscription(self.group)
+        topics = self.plan.subscription()
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         self._consumer.observe_commits(self.commit_latency.record)
         self._consumer.observe_connectivity(self._set_connected)
@@ -164,7 +165,7 @@ class Worker:
                                  on_revoke=self._on_revoke, on_lost=self._on_lost,
                                  start_at_end=self._starts_at_end, on_fenced=self._on_fenced)
         self._last_serve = time.monotonic()
-        log.info("worker started: job=%s group=%s topics=%s", self.job.name, self.group, topics)
+        log.info("worker started: job=%s group=%s topics=%s", self.plan.name, self.group, topics)
         failure: BaseException | None = None
         cancelled = False
         try:
@@ -343,7 +344,7 @@ class Worker:
 
     def _starts_at_end(self, topic: str) -> bool:
         """A topic of a source with starting_offsets="latest" (never an internal topic)."""
-        node = source_for_topic(self.job, topic, self.group)
+        node = self.plan.source_for_topic(topic)
         return node.source is not None and node.kind == OpKind.SOURCE and \
             node.source.starting_offsets == "latest"
 
@@ -367,11 +368,11 @@ class Worker:
         log.info("assigned %s", _fmt(parts))
         for tp in parts:
             task = PartitionTask(
-                tp, self.job, source_for_topic(self.job, tp[0], self.group), self._producer,
+                tp, self.plan, self.plan.source_for_topic(tp[0]), self._producer,
                 inbox_high=self.config.inbox_high, inbox_low=self.config.inbox_low,
                 pause=self._pause, resume=self._resume, latency=self.latency,
                 e2e=self.e2e_latency, errors=self.errors, make_stores=self._make_stores,
-                new_reader=self._new_reader, tables=self._tables, app_id=self.group)
+                new_reader=self._new_reader, tables=self._tables)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
@@ -458,7 +459,7 @@ class Worker:
 
     async def _open_tables(self, sizes: dict[str, int]) -> None:
         assert self._loop is not None
-        for node in self.job.tables:
+        for node in self.plan.tables:
             table = GlobalTable(self.group, node, partitions=sizes[node.params["topic"]],
                                 state_dir=self._state_dir, backend=self.config.state_backend,
                                 settings=self.config.rocksdb, new_reader=self._new_reader)
@@ -576,7 +577,7 @@ class Worker:
                 self._http.stop()
             self._consumer_thread.shutdown(wait=False)
             self._fetch_thread.shutdown(wait=False)
-            log.info("worker stopped: job=%s%s", self.job.name,
+            log.info("worker stopped: job=%s%s", self.plan.name,
                      f" ({type(failure).__name__}: {failure})" if failure else "")
 
 

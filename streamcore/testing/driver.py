@@ -25,6 +25,7 @@ from streamcore.core.clock import ManualClock
 from streamcore.core.errors import ConfigError
 from streamcore.core.serde import INTERNAL_KEY, Serde
 from streamcore.plan.graph import OpKind
+from streamcore.plan.physical import plan
 from streamcore.runtime.partition import TaskState
 from streamcore.runtime.worker import Worker
 
@@ -93,12 +94,12 @@ class TestDriver:
                  start_ms: int = 1_700_000_000_000, timeout: float = 10.0) -> None:
         if partitions < 1:
             raise ConfigError("partitions", f"must be at least 1, got {partitions}")
-        job.validate()
         self.job = job
+        base = config or job.config or WorkerConfig()
+        self.plan = plan(job.build(), base.group or job.name)
         self.clock = ManualClock(start_ms)
         self.cluster = MemoryCluster(clock_ms=self.clock.now_ms, default_partitions=partitions)
         self._tmp = tempfile.mkdtemp(prefix="streamcore-testdriver-")
-        base = config or job.config or WorkerConfig()
         # Nothing of a real deployment: no HTTP server, state only in memory (a crash loses
         # it, as a lost disk would: the restart restores it from the changelogs).
         self.config = replace(base, http_port=None, state_dir=self._tmp,
@@ -111,11 +112,11 @@ class TestDriver:
         self._run: asyncio.Task[None] | None = None
         self._hold = False
         self._fail: str | None = None
-        for node in job.sources:
+        for node in self.plan.sources:
             assert node.source is not None
             for topic in node.source.topics:
                 self.cluster.create_topic(topic)
-        for node in job.nodes:
+        for node in self.plan.nodes:
             if node.kind == OpKind.TO and node.sink is not None:
                 self.cluster.create_topic(node.sink.topic)
             if node.kind == OpKind.TABLE:
@@ -291,16 +292,16 @@ class TestDriver:
                 producer.release()
 
     def _source_serdes(self, topic: str) -> tuple[Serde, Serde]:
-        for node in self.job.sources:
+        for node in self.plan.sources:
             if node.source is not None and topic in node.source.topics:
                 return node.source.key, node.source.value
-        for node in self.job.nodes:
+        for node in self.plan.nodes:
             if node.kind == OpKind.TABLE and node.params["topic"] == topic:
                 return node.params["key"], node.params["value"]
         raise KeyError(f"{topic!r} is not an input topic of job {self.job.name!r}")
 
     def _sink_serdes(self, topic: str) -> tuple[Serde, Serde]:
-        for node in self.job.nodes:
+        for node in self.plan.nodes:
             if node.kind == OpKind.TO and node.sink is not None and node.sink.topic == topic:
                 return node.sink.key, node.sink.value
         return _RAW, _RAW

@@ -22,7 +22,7 @@ from streamcore import (
     Serde,
     SerializationError,
 )
-from streamcore.plan.routing import source_for_topic
+from streamcore.plan.physical import plan
 from streamcore.runtime.context import PartitionContext, StepFailed
 from streamcore.runtime.operators import compile_chain
 from streamcore.runtime.progress import LatencyHistogram
@@ -110,7 +110,8 @@ class _RecordingProducer(ProducerBackend):
 def _run_chain(job: Job, topic: str, records: list[tuple[Any, Any, int]]) -> list[Any]:
     producer = _RecordingProducer()
     ctx = PartitionContext(topic, 0, producer)
-    chain = compile_chain(job, source_for_topic(job, topic), ctx)
+    p = plan(job.build())
+    chain = compile_chain(p, p.source_for_topic(topic), ctx)
     ctx.batch = OffsetTracker().open()
     for k, v, ts in records:
         chain(k, v, ts)

@@ -9,7 +9,7 @@ from confluent_kafka import TopicPartition as CTP
 
 from connectors.confluent import ConfluentConsumer, consumer_settings
 from streamcore import Job, KafkaSink, KafkaSource
-from streamcore.plan.routing import source_for_topic
+from streamcore.plan.physical import plan
 from streamcore.runtime.partition import PartitionTask
 from streamcore.runtime.progress import LatencyHistogram
 from tests.unit.test_api import _RecordingProducer
@@ -26,7 +26,8 @@ class _Msg:
 def _task() -> PartitionTask:
     job = Job("j")
     job.stream(KafkaSource("in")).to(KafkaSink("out"))
-    return PartitionTask(("in", 0), job, source_for_topic(job, "in"), _RecordingProducer(),
+    p = plan(job.build())
+    return PartitionTask(("in", 0), p, p.source_for_topic("in"), _RecordingProducer(),
                          inbox_high=100, inbox_low=10, pause=lambda tp: None,
                          resume=lambda tp: None, latency=LatencyHistogram(),
                          e2e=LatencyHistogram(), errors={})
