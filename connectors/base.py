@@ -324,21 +324,30 @@ def read_to_end(reader: PartitionReader, starts: dict[TopicPartition, int],
     """Read every partition in starts to its true end, handing each fetched batch to apply;
     return the next offset per partition.
 
-    The high watermark alone is not trusted (the local broker under-reports it when the last
-    batch held several records): a partition is at its end only when its position is at or
-    past the watermark *and* a further fetch of ``quiet`` seconds returns nothing for it.
+    A broker that reports its high watermark right (Kafka) is trusted: a partition whose
+    position is exactly at it is at its end, with no further wait. The local broker
+    under-reports it when the last batch held several records, which shows as a position
+    *past* the watermark (batches are fetched whole): only then is a partition at its end
+    when a further fetch of ``quiet`` seconds returns nothing for it.
     """
     position = dict(starts)
     reader.assign(starts)
     if not starts:
         return position
+    ends = {tp: reader.end_offset(tp) for tp in position}
     while not stop():
+        if all(position[tp] == ends[tp] for tp in position):
+            return position  # exactly at a watermark the broker reported right
         msgs = reader.read(batch, quiet)
         if msgs:
             apply(msgs)
             advance_positions(position, msgs)
+            if any(position[tp] < ends[tp] for tp in position):
+                continue  # short of the (lower-bound) end: read on
+            ends = {tp: reader.end_offset(tp) for tp in position}
             continue
         # A quiet fetch: done if every partition is at or past its (lower-bound) end.
-        if all(position[tp] >= reader.end_offset(tp) for tp in position):
+        ends = {tp: reader.end_offset(tp) for tp in position}
+        if all(position[tp] >= ends[tp] for tp in position):
             return position
     return position

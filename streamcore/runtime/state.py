@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -141,21 +142,30 @@ class PartitionStores:
     # -- 2. restore (on a worker thread) -------------------------------------------------
     def restore(self, new_reader: Callable[[], PartitionReader],
                 stop: Callable[[], bool]) -> None:
-        """Replay each store's changelog from its checkpoint to the true end."""
+        """Replay each store's changelog from its checkpoint to the true end, all of them
+        through one reader (one client per partition, however many stores it has)."""
+        if not self.slots:
+            return
+        t0 = time.perf_counter()
+        by_topic = {slot.changelog: slot for slot in self.slots}
+
+        def apply(msgs: list[Message]) -> None:
+            for topic, run in groupby(msgs, key=_topic):
+                slot = by_topic[topic]
+                slot.restored += write_records(slot.store, list(run))
+
+        reader = new_reader()
+        try:
+            ends = read_to_end(reader, {(slot.changelog, self.partition): slot.restore_from
+                                        for slot in self.slots}, apply, stop=stop)
+        finally:
+            reader.close()
+        if stop():
+            return
+        seconds = time.perf_counter() - t0
         for slot in self.slots:
-            t0 = time.perf_counter()
-            reader = new_reader()
-            try:
-                def apply(msgs: list[Message], slot: StoreSlot = slot) -> None:
-                    slot.restored += write_records(slot.store, msgs)
-                tp = (slot.changelog, self.partition)
-                ends = read_to_end(reader, {tp: slot.restore_from}, apply, stop=stop)
-            finally:
-                reader.close()
-            if stop():
-                return
-            slot.end = ends[tp]
-            slot.restore_seconds = time.perf_counter() - t0
+            slot.end = ends[(slot.changelog, self.partition)]
+            slot.restore_seconds = seconds
             self._checkpoint(slot)
             if slot.rebuilt is not None:
                 log.warning("store %s was rebuilt from %s[%d] because %s: %d records "
@@ -227,3 +237,6 @@ class PartitionStores:
                 log.warning("closing store %s failed: %s", slot.path, exc)
         self.slots.clear()
 
+
+def _topic(m: Message) -> str:
+    return m.topic() or ""

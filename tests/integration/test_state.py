@@ -282,5 +282,7 @@ def test_large_state_stays_on_disk(bootstrap: str, tmp_path: Path) -> None:
     print(f"RSS growth: {(settled - before) / 2**20:.0f} MB at {n // 4} keys, "
           f"peak {(peak - before) / 2**20:.0f} MB")
     late_mb = (peak - settled) / 2**20
-    assert late_mb < 150, f"resident memory grew {late_mb:.0f} MB over the last 750k keys"
+    # Held in memory, the last 750k keys take ~400 MB; on disk the growth measured 40-180 MB
+    # (allocator and timing noise: 181 MB once with the machine busy), hence the margin.
+    assert late_mb < 250, f"resident memory grew {late_mb:.0f} MB over the last 750k keys"
     assert keys > 0.8 * n  # RocksDB's estimate of the keys on disk
