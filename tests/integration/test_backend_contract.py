@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from connectors.base import ClientBackend, Message, TopicPartition, read_to_end
+from connectors.base import (
+    ClientBackend,
+    ConsumerBackend,
+    Message,
+    TopicPartition,
+    read_to_end,
+)
 from connectors.confluent import ConfluentClients
 from connectors.memory import MemoryClients, MemoryCluster
 from tests.helpers import unique
@@ -72,6 +78,18 @@ def test_keys_land_where_the_java_partitioner_puts_them(clients: ClientBackend) 
     assert placed == {k: murmur2_partition(k, 4) for k in keys}
 
 
+def _member_reads(c: ConsumerBackend, assigned: list[TopicPartition],
+                  want: int) -> list[Message]:
+    """Serve the group and read until want messages came (or a minute passed)."""
+    got: list[Message] = []
+    deadline = time.monotonic() + 60
+    while len(got) < want and time.monotonic() < deadline:
+        c.serve(0.05)
+        if assigned:
+            got.extend(c.consume(100, 0.1))
+    return got
+
+
 def test_a_member_reads_from_committed_offsets_and_revokes_at_close(
         clients: ClientBackend) -> None:
     topic, group = unique("member"), unique("g")
@@ -83,12 +101,7 @@ def test_a_member_reads_from_committed_offsets_and_revokes_at_close(
     c = clients.consumer(group)
     c.subscribe([topic], on_assign=assigned.extend, on_revoke=revoked.extend,
                 on_lost=revoked.extend)
-    got: list[Message] = []
-    deadline = time.monotonic() + 60
-    while len(got) < 15 and time.monotonic() < deadline:
-        c.serve(0.05)
-        if assigned:
-            got.extend(c.consume(100, 0.1))
+    got = _member_reads(c, assigned, 15)
     assert sorted(assigned) == [(topic, 0), (topic, 1)]
     by_partition = {p: [m.value() for m in got if m.partition() == p] for p in (0, 1)}
     assert by_partition[0] == [b"%d" % i for i in range(10)]  # offset order per partition
@@ -101,12 +114,7 @@ def test_a_member_reads_from_committed_offsets_and_revokes_at_close(
     assigned.clear()
     again.subscribe([topic], on_assign=assigned.extend, on_revoke=revoked.extend,
                     on_lost=revoked.extend)
-    rest: list[Message] = []
-    deadline = time.monotonic() + 60
-    while len(rest) < 6 and time.monotonic() < deadline:
-        again.serve(0.05)
-        if assigned:
-            rest.extend(again.consume(100, 0.1))
+    rest = _member_reads(again, assigned, 6)
     again.close()
     assert sorted((m.partition(), m.offset()) for m in rest) == [(0, i) for i in range(4, 10)]
 

@@ -93,6 +93,34 @@ def s3_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         log.close()
 
 
+class _S3Broker:
+    """A local broker of its own on the s3 storage engine, restartable on its port."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir, self.env = run_dir, env
+        self.info = broker.start(run_dir, storage="s3://tansu/", env=env)
+        self.bootstrap = self.info.bootstrap
+
+    def restart(self) -> None:
+        broker.stop(self.run_dir)  # SIGTERM: the broker goes away
+        time.sleep(3)
+        again = broker.start(self.run_dir, port=self.info.port, storage="s3://tansu/",
+                             env=self.env)
+        assert again.port == self.info.port
+
+
+@pytest.fixture
+def s3_broker(s3_env: dict[str, str], tmp_path: Path,
+              local_broker: object) -> Iterator[_S3Broker]:
+    if os.environ.get("STREAMCORE_TEST_BOOTSTRAP"):
+        pytest.skip("restarts the local broker")
+    b = _S3Broker(tmp_path / "broker", s3_env)
+    try:
+        yield b
+    finally:
+        broker.stop(b.run_dir)
+
+
 def _check_counts(final: dict[str, Any], total: int) -> int:
     """Asserts that no update of seqs 0..total-1 is missing; returns how many were applied
     twice."""
@@ -143,63 +171,38 @@ def test_kafka_restart_mid_flow_loses_nothing(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.environ.get("STREAMCORE_TEST_BROKER_RESTART") != "1",
                     reason="opt-in on the local broker: its s3 engine loses acknowledged "
                     "records across a restart (module docstring)")
-def test_local_broker_restart_mid_flow(s3_env: dict[str, str], tmp_path: Path,
-                                       local_broker: object) -> None:
-    if os.environ.get("STREAMCORE_TEST_BOOTSTRAP"):
-        pytest.skip("restarts the local broker")
-    run_dir = tmp_path / "broker"
-    info = broker.start(run_dir, storage="s3://tansu/", env=s3_env)
-
-    def restart() -> None:
-        broker.stop(run_dir)  # SIGTERM: the broker goes away mid-flow
-        time.sleep(3)
-        assert broker.start(run_dir, port=info.port, storage="s3://tansu/",
-                            env=s3_env).port == info.port
-
-    try:
-        # Every fetch of the s3 engine reads moto: frequent short fetches of four partitions
-        # starve it (DESIGN.md section 9), so the worker waits longer per fetch.
-        _restart_mid_flow(info.bootstrap, restart,
-                          {"STREAMCORE_STATE_DIR": str(tmp_path / "s"), "FETCH_WAIT_MS": "250"})
-    finally:
-        broker.stop(run_dir)
+def test_local_broker_restart_mid_flow(s3_broker: _S3Broker, tmp_path: Path) -> None:
+    # Every fetch of the s3 engine reads moto: frequent short fetches of four partitions
+    # starve it (DESIGN.md section 9), so the worker waits longer per fetch.
+    _restart_mid_flow(s3_broker.bootstrap, s3_broker.restart,
+                      {"STREAMCORE_STATE_DIR": str(tmp_path / "s"), "FETCH_WAIT_MS": "250"})
 
 
 def _produce_seqs(bootstrap: str, topic: str, seqs: range) -> None:
     produce(bootstrap, topic, ((str(n % 4), {"seq": n}, n % 4) for n in seqs))
 
 
-def test_local_broker_restart_at_rest_loses_nothing(s3_env: dict[str, str], tmp_path: Path,
-                                                    local_broker: object) -> None:
-    if os.environ.get("STREAMCORE_TEST_BOOTSTRAP"):
-        pytest.skip("restarts the local broker")
-    run_dir = tmp_path / "broker"
-    info = broker.start(run_dir, storage="s3://tansu/", env=s3_env)
-    bootstrap = info.bootstrap
-    try:
-        src, out, name = unique("br-in"), unique("br-out"), unique("br")
-        make_topics(bootstrap, src, out)
-        env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(tmp_path / "s"),
-               "FETCH_WAIT_MS": "250"}
-        with worker_process("stateful.py", bootstrap, env) as w:
-            w.wait_for("assigned")
-            _produce_seqs(bootstrap, src, range(400))
-            read_topic(bootstrap, out, expect=400, timeout=60)
-            # At rest: every input offset committed, so nothing is in flight at the stop.
-            wait_until(lambda: sum(committed(bootstrap, name, src).values()) == 400, 30,
-                       "offsets committed before the restart")
-            broker.stop(run_dir)
-            time.sleep(3)
-            assert broker.start(run_dir, port=info.port, storage="s3://tansu/",
-                                env=s3_env).port == info.port
-            _produce_seqs(bootstrap, src, range(400, 800))
-            final = latest_per_key(read_topic(bootstrap, out, expect=800, timeout=120,
-                                              settle=3.0))
-            assert w.proc.poll() is None, f"the worker exited:\n{w.tail()}"
-            stop_gracefully(w)
-        twice = _check_counts(final, 800)
-        # Nothing was in flight at the stop, so nothing may be applied twice either.
-        assert twice == 0, f"{twice} updates applied twice"
-        assert committed(bootstrap, name, src) == {p: 200 for p in range(4)}
-    finally:
-        broker.stop(run_dir)
+def test_local_broker_restart_at_rest_loses_nothing(s3_broker: _S3Broker,
+                                                    tmp_path: Path) -> None:
+    bootstrap = s3_broker.bootstrap
+    src, out, name = unique("br-in"), unique("br-out"), unique("br")
+    make_topics(bootstrap, src, out)
+    env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(tmp_path / "s"),
+           "FETCH_WAIT_MS": "250"}
+    with worker_process("stateful.py", bootstrap, env) as w:
+        w.wait_for("assigned")
+        _produce_seqs(bootstrap, src, range(400))
+        read_topic(bootstrap, out, expect=400, timeout=60)
+        # At rest: every input offset committed, so nothing is in flight at the stop.
+        wait_until(lambda: sum(committed(bootstrap, name, src).values()) == 400, 30,
+                   "offsets committed before the restart")
+        s3_broker.restart()
+        _produce_seqs(bootstrap, src, range(400, 800))
+        final = latest_per_key(read_topic(bootstrap, out, expect=800, timeout=120,
+                                          settle=3.0))
+        assert w.proc.poll() is None, f"the worker exited:\n{w.tail()}"
+        stop_gracefully(w)
+    twice = _check_counts(final, 800)
+    # Nothing was in flight at the stop, so nothing may be applied twice either.
+    assert twice == 0, f"{twice} updates applied twice"
+    assert committed(bootstrap, name, src) == {p: 200 for p in range(4)}
