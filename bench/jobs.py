@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import os
 
-from bench.workload import (
-    CONSUMER_W1,
-    CONSUMER_W3,
-    PRODUCER_W1,
-    PRODUCER_W3,
-    add_order,
-    enrich,
-    keep,
-)
+from bench.workload import add_order, enrich, keep, settings
 from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
 
 _mode = os.environ.get("BENCH_MODE", "w1")
 _w3 = _mode == "w3"
+_producer, _consumer = settings(_mode)
 job = Job(os.environ.get("BENCH_JOB", "bench"), config=WorkerConfig(
-    producer=PRODUCER_W3 if _w3 else PRODUCER_W1,
-    consumer=CONSUMER_W3 if _w3 else CONSUMER_W1,
+    producer=_producer,
+    consumer=_consumer,
     poll_timeout="20ms" if _w3 else "100ms",
     progress_interval="5s"))
 source = job.stream(KafkaSource(os.environ.get("BENCH_IN", "in"), value=JSON))

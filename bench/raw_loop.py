@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, Producer
 
-from bench.workload import CONSUMER_W1, CONSUMER_W3, PRODUCER_W1, PRODUCER_W3, enrich, keep
+from bench.workload import enrich, keep, settings
 from streamcore.core.logs import librdkafka_logger
 
 # librdkafka's lines go through a rate-limited logger, not raw to stderr, as in streamcore.
@@ -23,12 +23,11 @@ def main() -> None:
     src, out, group, mode = sys.argv[1:5]
     running = [True]
     signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
+    producer, consumer = settings(mode)
     c = Consumer({"bootstrap.servers": sys.argv[5], "group.id": group, "logger": LOG,
                   "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
-                  "heartbeat.interval.ms": 500,
-                  **(CONSUMER_W1 if mode == "w1" else CONSUMER_W3)})
-    p = Producer({"bootstrap.servers": sys.argv[5], "logger": LOG,
-                  **(PRODUCER_W1 if mode == "w1" else PRODUCER_W3)})
+                  "heartbeat.interval.ms": 500, **consumer})
+    p = Producer({"bootstrap.servers": sys.argv[5], "logger": LOG, **producer})
 
     def on_assign(_c: Any, parts: Any) -> None:
         print("assigned", len(parts), flush=True)

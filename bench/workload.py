@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -14,6 +15,19 @@ PRODUCER_W1: dict[str, Any] = {"linger.ms": 20, "compression.type": "lz4",
 PRODUCER_W3: dict[str, Any] = {**PRODUCER_W1, "linger.ms": 0}
 CONSUMER_W1: dict[str, Any] = {"fetch.queue.backoff.ms": 1, "fetch.wait.max.ms": 100}
 CONSUMER_W3: dict[str, Any] = {"fetch.queue.backoff.ms": 1, "fetch.wait.max.ms": 5}
+
+
+def settings(mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(producer, consumer) settings for a run: BENCH_SETTINGS=equal (the default) gives both
+    sides the same tuned settings, so that the ratio measures the engine alone;
+    BENCH_SETTINGS=defaults measures what users meet: the raw loop as a user would write it
+    (librdkafka's defaults: no compression, no idempotence) against streamcore with its own
+    defaults (lz4, idempotence, acks=all)."""
+    if os.environ.get("BENCH_SETTINGS", "equal") == "defaults":
+        return {}, {}
+    if mode == "w3":
+        return PRODUCER_W3, CONSUMER_W3
+    return PRODUCER_W1, CONSUMER_W1
 
 
 def record(i: int) -> bytes:
