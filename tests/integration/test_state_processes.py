@@ -45,9 +45,11 @@ def _kill_and_restart(bootstrap: str, state: Path, *, broken: bool) -> tuple[
     with PacedProducer(bootstrap, src, rate=1500) as producer:
         with worker_process("stateful.py", bootstrap, env) as w:
             w.wait_for("assigned")
-            # Several commits in, none of them backed by a store flush in the broken job (it
-            # flushes every 30 s), then the kill.
+            # Several commits in, of the input and of the repartition topic that the stateful
+            # step reads (none of them backed by a store flush in the broken job: it flushes
+            # every 30 s), then the kill.
             wait_committed(bootstrap, name, src, 6000)
+            wait_committed(bootstrap, name, f"{name}-totals-repartition", 3000)
             sent_at_kill = producer.sent
             w.kill()
         at_kill = committed_total(bootstrap, name, src)
