@@ -136,6 +136,13 @@ class ConsumerBackend(ABC):
         """Have every asynchronous commit's latency (request to answer) reported to seconds,
         on the membership thread. Optional: a backend that cannot measure it ignores this."""
 
+    def observe_commit_failures(  # noqa: B027
+            self, failed: Callable[[dict[TopicPartition, int]], None]) -> None:
+        """Have the offsets of every asynchronous commit that failed (for a reason other than
+        fencing, which goes to on_fenced) reported to failed, on the membership thread, so
+        that they are sent again. Optional: a backend whose commits cannot fail so ignores
+        this."""
+
     def observe_connectivity(self, connected: Callable[[bool], None]) -> None:  # noqa: B027
         """Have the client's view of the cluster reported to connected every few seconds (True
         while it holds a working connection to a broker), on the membership thread. Optional:

@@ -156,6 +156,7 @@ class ConfluentConsumer(ConsumerBackend):
         self._commits_sent: deque[float] = deque()
         self._commit_seconds: Callable[[float], None] | None = None
         self._connected: Callable[[bool], None] | None = None
+        self._commit_failed: Callable[[dict[TopicPartition, int]], None] | None = None
         # The member reports its brokers' states every few seconds (the connectivity gauge);
         # its statistics are small: it fetches nothing.
         member = {"statistics.interval.ms": 5000, "stats_cb": self._on_stats, **self._settings}
@@ -181,6 +182,10 @@ class ConfluentConsumer(ConsumerBackend):
     def observe_connectivity(self, connected: Callable[[bool], None]) -> None:
         self._connected = connected
 
+    def observe_commit_failures(self,
+                                failed: Callable[[dict[TopicPartition, int]], None]) -> None:
+        self._commit_failed = failed
+
     def _on_stats(self, stats: str) -> None:
         if self._connected is not None:
             brokers = json.loads(stats).get("brokers", {}).values()
@@ -194,8 +199,11 @@ class ConfluentConsumer(ConsumerBackend):
         if err is None or err.code() == KafkaError._NO_OFFSET:
             return
         log.warning("asynchronous commit failed: %s", err)
-        if err.code() in _FENCED and self._on_fenced is not None:
-            self._on_fenced(_tps(parts))
+        if err.code() in _FENCED:
+            if self._on_fenced is not None:
+                self._on_fenced(_tps(parts))
+        elif self._commit_failed is not None:
+            self._commit_failed({(p.topic, p.partition): p.offset for p in parts})
 
     def subscribe(self, topics: Sequence[str], *, on_assign: PartitionsCallback,
                   on_revoke: PartitionsCallback, on_lost: PartitionsCallback,

@@ -29,7 +29,7 @@ from connectors.base import (
     ProducerBackend,
     TopicPartition,
 )
-from streamcore.core.errors import DeliveryFailed
+from streamcore.core.errors import BrokerUnavailable, DeliveryFailed
 
 __all__ = ["MemoryClients", "MemoryCluster", "MemoryMessage", "murmur2_partition"]
 
@@ -180,6 +180,8 @@ class MemoryConsumer(ConsumerBackend):
         self._paused: set[TopicPartition] = set()
         self._lock = threading.Lock()  # positions: fetch thread vs membership thread
         self.dead = False  # a crashed process: it commits nothing more
+        self.fail_commits = False  # the coordinator refuses commits (not a fencing)
+        self._commit_failed: Callable[[dict[TopicPartition, int]], None] | None = None
         self.returned = 0  # messages handed to the engine so far
 
     def subscribe(self, topics: Sequence[str], *, on_assign: PartitionsCallback,
@@ -232,8 +234,18 @@ class MemoryConsumer(ConsumerBackend):
     def resume(self, partitions: Sequence[TopicPartition]) -> None:
         self._paused.difference_update(partitions)
 
+    def observe_commit_failures(self,
+                                failed: Callable[[dict[TopicPartition, int]], None]) -> None:
+        self._commit_failed = failed
+
     def commit(self, offsets: dict[TopicPartition, int], *, asynchronous: bool) -> None:
         if self.dead:
+            return
+        if self.fail_commits:
+            if not asynchronous:
+                raise BrokerUnavailable("commit failed: the coordinator is not available")
+            if self._commit_failed is not None:
+                self._commit_failed(dict(offsets))
             return
         for tp, off in offsets.items():
             key = (self._group, tp)

@@ -62,6 +62,11 @@ class CommitProtocol(ABC):
         (asynchronous), and forget it. Non-blocking."""
 
     @abstractmethod
+    def commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
+        """Event loop: an asynchronous commit of these offsets failed; send them again with
+        the next periodic commit even if no more records are done by then."""
+
+    @abstractmethod
     def forget(self, parts: Iterable[TopicPartition]) -> None:
         """Drop anything queued for these partitions (revoked, lost or fenced): a commit must
         never land after the partition moved."""
@@ -108,6 +113,14 @@ class ContinuousCommits(CommitProtocol):
     def forget(self, parts: Iterable[TopicPartition]) -> None:
         for tp in parts:
             self._queued.pop(tp, None)
+
+    def commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, off in offsets.items():
+            task = self._w.tasks.get(tp)
+            if task is not None and task.committed >= off:
+                # Marked committed when queued: step back below it, so that the next
+                # periodic commit sends this partition's done offset again.
+                task.committed = off - 1
 
     async def run(self) -> None:
         interval = self._w.config.commit_interval_s

@@ -161,6 +161,7 @@ class Worker:
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         self._consumer.observe_commits(self.commit_latency.record)
         self._consumer.observe_connectivity(self._set_connected)
+        self._consumer.observe_commit_failures(self._on_commit_failed)
         self._consumer.subscribe(topics, on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost,
                                  start_at_end=self._starts_at_end, on_fenced=self._on_fenced)
@@ -279,6 +280,11 @@ class Worker:
         """The partitions of parts with a task that is not fenced: the ones whose work may
         still be drained and committed."""
         return [tp for tp in parts if tp in self._tasks and not self._tasks[tp].fenced]
+
+    def _on_commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
+        """Membership thread: an asynchronous commit failed (not fenced): resend it."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.committer.commit_failed, offsets)
 
     def _on_fenced(self, parts: list[TopicPartition]) -> None:
         """Membership thread: a commit showed that this member was fenced out of the group."""

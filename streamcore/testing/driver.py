@@ -268,6 +268,15 @@ class TestDriver:
         self._apply_ack_mode()
         self._settle()
 
+    def fail_commits(self, fail: bool = True) -> None:
+        """Have the group coordinator refuse offset commits (not a fencing) until
+        fail_commits(False)."""
+        assert self._clients is not None
+        consumer = self._clients.last_consumer
+        if consumer is not None:
+            consumer.fail_commits = fail
+        self._settle()
+
     def exception(self) -> BaseException | None:
         """The error the job stopped with, if it did."""
         if self._run is None or not self._run.done() or self._run.cancelled():

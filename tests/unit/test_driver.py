@@ -113,6 +113,22 @@ def test_failed_acknowledgements_stop_the_job_and_commit_nothing_past_them() -> 
         assert [r.value["i"] for r in d.read("out")] == [0, 1]
 
 
+def test_a_failed_commit_is_sent_again_when_nothing_more_arrives() -> None:
+    """Before: offsets were marked committed when the commit was queued, so a failed
+    asynchronous commit was sent again only if more records became done; at the end of a
+    burst the group's offsets stayed behind (duplicates after a restart)."""
+    job = Job("refused", config=WorkerConfig(commit_interval="100ms"))
+    job.stream(KafkaSource("in", value=JSON)).to(KafkaSink("out", value=JSON))
+    with TestDriver(job) as d:
+        d.fail_commits()
+        d.send_many("in", [{"i": i} for i in range(5)])
+        d.advance_time("1s")
+        assert d.committed("in") == {}
+        d.fail_commits(False)
+        d.advance_time("1s")  # no new record: the failed commit alone must be resent
+        assert d.committed("in") == {0: 5}
+
+
 def test_bad_records_go_to_the_dead_letter_topic() -> None:
     job = Job("dlq", config=WorkerConfig())
     (job.stream(KafkaSource("in", value=JSON))
