@@ -342,6 +342,11 @@ class TestDriver:
             return False
         if not _caught_up(consumer, self.cluster) or consumer.returned != w.records_in:
             return False
+        # Global tables follow their topics on their own threads: caught up too, so that a
+        # join sees every table record sent before the stream record.
+        for table in list(w.tables.values()):
+            if any(pos < self.cluster.end(tp) for tp, pos in dict(table.positions).items()):
+                return False
         return all(t.state is TaskState.RUNNING and not t.queued and t.tracker.all_sealed()
                    for t in list(w.tasks.values()))
 

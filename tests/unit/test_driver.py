@@ -129,6 +129,33 @@ def test_a_failed_commit_is_sent_again_when_nothing_more_arrives() -> None:
         assert d.committed("in") == {0: 5}
 
 
+def test_a_join_sees_every_table_record_sent_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table's follower thread is slowed down (as a busy machine would): the driver must
+    still wait for it before the stream record is processed."""
+    import time
+
+    from connectors.memory import MemoryReader
+
+    read = MemoryReader.read
+
+    def slow_read(self: MemoryReader, max_records: int, timeout: float) -> Any:
+        time.sleep(0.02)
+        return read(self, max_records, timeout)
+
+    monkeypatch.setattr(MemoryReader, "read", slow_read)
+    job = Job("enrich")
+    users = job.table("users", key=STR, value=JSON)
+    (job.stream(KafkaSource("clicks", value=JSON))
+        .key_by(lambda v: v["user"])
+        .join(users, lambda c, u: {**c, "name": u["name"]})
+        .to(KafkaSink("out", key=STR, value=JSON)))
+    with TestDriver(job, partitions=2) as d:
+        for i in range(5):
+            d.send("users", {"name": f"Ann {i}"}, key="a")
+            d.send("clicks", {"user": "a", "page": i}, key="a")
+        assert [r.value["name"] for r in d.read("out")] == [f"Ann {i}" for i in range(5)]
+
+
 def test_bad_records_go_to_the_dead_letter_topic() -> None:
     job = Job("dlq", config=WorkerConfig())
     (job.stream(KafkaSource("in", value=JSON))
