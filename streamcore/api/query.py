@@ -108,7 +108,9 @@ class StreamingQuery:
         return self._worker
 
     def explain(self) -> str:
-        return self._job.explain()
+        """The physical plan this query runs (laid out for its consumer group)."""
+        w = self._worker
+        return w.plan.explain() if w is not None else self._job.explain()
 
     def exception(self) -> BaseException | None:
         return self._error

@@ -61,6 +61,9 @@ def test_two_groups_running_one_job_keep_their_own_internal_topics(
     try:
         # Each group emits one update per input record: 2n in all, no more.
         msgs = read_topic(bootstrap, out, expect=2 * n, settle=3.0)
+        # Each query explains the plan it runs: its own group's internal topics.
+        assert f"{g1}-count-repartition" in q1.explain()
+        assert f"{g2}-count-changelog" in q2.explain()
     finally:
         q1.stop(30)
         q2.stop(30)
