@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,13 @@ _LOG = librdkafka_logger()  # the test clients' librdkafka lines go through logg
 def unique(prefix: str) -> str:
     """A fresh name: tests never share topics or groups (the local broker slows as topics grow)."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def make_topics(bootstrap: str, *names: str, partitions: int = 4) -> None:

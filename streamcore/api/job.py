@@ -25,7 +25,7 @@ from streamcore.api.stream import STEP_NAME, Stream, Table, check_policy
 from streamcore.core.errors import JobDefinitionError
 from streamcore.core.serde import JSON, STR, Serde
 from streamcore.plan.graph import Node, OpKind
-from streamcore.plan.logical import LogicalPlan
+from streamcore.plan.logical import LogicalPlan, dlq_topic
 from streamcore.plan.physical import internal_topic, plan
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class Job:
     @property
     def dlq_topic(self) -> str:
         """Where records that failed under on_error="dead_letter" go."""
-        return f"{self.name}-dlq"
+        return dlq_topic(self.name)
 
     def explain(self) -> str:
         """The physical plan as text: sub-topologies, steps, stores, internal topics."""

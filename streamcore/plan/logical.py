@@ -12,7 +12,13 @@ from typing import Any
 from streamcore.core.errors import JobDefinitionError
 from streamcore.plan.graph import Node, OpKind
 
-__all__ = ["LogicalPlan"]
+__all__ = ["LogicalPlan", "dlq_topic"]
+
+
+def dlq_topic(job_name: str) -> str:
+    """Where records that failed under on_error="dead_letter" go (one per job, not per
+    group: nothing reads it back)."""
+    return f"{job_name}-dlq"
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class LogicalPlan:
 
     @property
     def dlq_topic(self) -> str:
-        return f"{self.name}-dlq"
+        return dlq_topic(self.name)
 
     @property
     def uses_dead_letter(self) -> bool:

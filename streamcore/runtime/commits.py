@@ -190,20 +190,21 @@ class ContinuousCommits(CommitProtocol):
                 task.committed = max(task.committed, off)
         log.debug("committed %s", fmt_offsets(offsets))
 
+    def _commit_now(self, offsets: dict[TopicPartition, int]) -> None:
+        """Membership thread: a synchronous commit, its latency recorded. Raises on failure."""
+        t0 = time.perf_counter()
+        self._w.consumer.commit(offsets, asynchronous=False)
+        self._w.commit_latency.record(time.perf_counter() - t0)
+
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         if not offsets:
             return
-        t0 = time.perf_counter()
-        await self._w.on_membership_thread(
-            lambda: self._w.consumer.commit(offsets, asynchronous=False))
-        self._w.commit_latency.record(time.perf_counter() - t0)
+        await self._w.on_membership_thread(lambda: self._commit_now(offsets))
         self._mark_committed(offsets)
 
     def commit_revoked(self, offsets: dict[TopicPartition, int]) -> None:
         try:
-            t0 = time.perf_counter()
-            self._w.consumer.commit(offsets, asynchronous=False)
-            self._w.commit_latency.record(time.perf_counter() - t0)
+            self._commit_now(offsets)
             log.info("committed revoked partitions at %s", fmt_offsets(offsets))
         except StreamcoreError as exc:
             # The next owner starts from the previous commit: duplicates, never loss.

@@ -185,7 +185,8 @@ class WorkerStatus:
         self.last_progress = report
         if self._w.on_progress is not None:
             self._w.on_progress(report)
-        log.info("%s", progress_line(report), extra={"progress": progress_fields(report)})
+        fields = progress_fields(report)
+        log.info("%s", progress_line(fields), extra={"progress": fields})
         return report
 
 
@@ -206,8 +207,8 @@ def progress_fields(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def progress_line(report: dict[str, Any]) -> str:
-    f = progress_fields(report)
+def progress_line(f: dict[str, Any]) -> str:
+    """The log line of a report's progress_fields."""
     return (f"progress: {f['rows']} rows ({f['rowsPerSecond']}/s), {f['partitions']} partitions "
             f"({f['running']} running, {f['paused']} paused), {f['queued']} queued, "
             f"{f['commits']} commits, in-worker p99 {f['p99Ms']} ms")

@@ -231,7 +231,7 @@ class Worker:
             msgs = await self._inflight_poll
             self._inflight_poll = None
             self.last_poll = time.monotonic()
-            if msgs and self._check_membership():
+            if msgs and self.check_membership():
                 self._dispatch(msgs, tasks, perf())
             if self._stopping.is_set():
                 return  # what was just dispatched is drained by the caller
@@ -256,14 +256,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             commit = self.committer.take_queued()
-            self._check_membership()  # before the serve that will report the loss
+            self.check_membership()  # before the serve that will report the loss
             errors = await loop.run_in_executor(self._consumer_thread, self._commit_then_serve,
                                                 commit, _SERVE_TIMEOUT_S)
             self._last_serve = time.monotonic()
             for err in errors:
                 self._consumer_error(err)
 
-    def _check_membership(self) -> bool:
+    def check_membership(self) -> bool:
         """False (and every task fenced) if the group has not been served for longer than
         max.poll.interval.ms: the member has left the group, and the partitions may be
         another member's already. Checked before records are handed on and before a commit;
@@ -423,9 +423,6 @@ class Worker:
     @property
     def consumer(self) -> ConsumerBackend:
         return self._consumer
-
-    def check_membership(self) -> bool:
-        return self._check_membership()
 
     async def on_membership_thread(self, fn: Callable[[], Any]) -> Any:
         """Run a group call on the membership thread (the only thread that makes them)."""

@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.helpers import ROOT, make_topics, produce, read_topic, unique, wait_until
+from tests.helpers import ROOT, free_port, make_topics, produce, read_topic, unique, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -96,11 +95,6 @@ def _chown(path: Path, user: tuple[int, int]) -> None:
     for p in [path, *path.rglob("*")]:
         os.chown(p, *user)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -180,7 +174,7 @@ def test_the_image_builds_and_its_cmd_runs_as_a_non_root_user(bootstrap: str,
     env = {k: v.replace("/app", str(app)) for k, v in env.items()}
     assert env["STREAMCORE_STATE_DIR"] == str(app / "state")
     # No daemon, no network namespace: the image's port may be taken here.
-    port = _free_port()
+    port = free_port()
     env["STREAMCORE_HTTP_PORT"] = str(port)
     healthcheck = [c.replace("9108", str(port)) for c in healthcheck]
 

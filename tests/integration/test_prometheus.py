@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -20,7 +19,16 @@ import pytest
 import yaml
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
-from tests.helpers import ROOT, http_get, make_topics, produce, read_topic, unique, wait_until
+from tests.helpers import (
+    ROOT,
+    free_port,
+    http_get,
+    make_topics,
+    produce,
+    read_topic,
+    unique,
+    wait_until,
+)
 
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "streamcore.json"
 SCRAPE_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
@@ -47,11 +55,6 @@ def _prometheus() -> str:
         pytest.skip("apt-get installed prometheus but the binary is not on PATH")
     return found
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _api(port: int, path: str, **params: str) -> Any:
@@ -109,7 +112,7 @@ def test_dashboard_queries_run_on_a_real_prometheus(bootstrap: str, tmp_path: Pa
 
         (tmp_path / "prometheus.yml").write_text(
             yaml.safe_dump(_scrape_config(f"127.0.0.1:{w.http_port}")))
-        port = _free_port()
+        port = free_port()
         log = (tmp_path / "prometheus.log").open("wb")
         prom = subprocess.Popen(
             [binary, f"--config.file={tmp_path / 'prometheus.yml'}",

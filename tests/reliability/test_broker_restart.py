@@ -30,7 +30,6 @@ Three tests (DESIGN.md section 9):
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from streamcore import broker
 from tests.helpers import (
     PacedProducer,
     committed,
+    free_port,
     latest_per_key,
     make_topics,
     produce,
@@ -59,11 +59,6 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture
 def s3_env(tmp_path: Path) -> Iterator[dict[str, str]]:
@@ -71,7 +66,7 @@ def s3_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     moto = Path(sys.executable).with_name("moto_server")
     if not moto.exists():
         pytest.skip("moto_server is not installed (the dev extra brings moto[server])")
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "moto.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([str(moto), "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
