@@ -1,25 +1,26 @@
 """The interfaces between the engine and a Kafka client library.
 
-The engine never imports a client library; it drives these. A backend for another client
-(aiokafka) implements the same two classes. Messages are passed through as the client's own
-objects when they already have the :class:`Message` shape (confluent-kafka's do), because a
-wrapper per record would cost more than the rest of a stateless pipeline.
+The engine never imports a client library; it drives these. Messages are passed through as the
+client's own objects when they already have the :class:`Message` shape (confluent-kafka's do),
+because a wrapper per record would cost more than the rest of a stateless pipeline.
 
-Threading contract (it is what makes rebalances safe and reading fast):
+The engine talks to a group through :class:`GroupMember`, which is asyncio-native:
+rebalances are delivered to a :class:`RebalanceListener` as awaited events (assigned,
+revoked, lost), and the member waits for each to complete before the group moves on.
 
-* A :class:`ConsumerBackend` has two sides. The *group* side (``subscribe``, ``serve``,
-  ``commit``, ``close``) runs on one dedicated membership thread, never on the event loop:
-  ``serve`` and ``close`` run the rebalance callbacks, which hand their work to the event
-  loop and wait for it, so a group call from the loop during a callback would deadlock.
-* The *data* side (``consume``, ``pause``, ``resume``, ``high_watermark``) never runs a
-  callback. ``consume`` is called by one caller at a time: from a fetch thread when it must
-  wait, and straight from the event loop with ``timeout=0`` while a backlog lasts (handing
-  every batch over from another thread costs a third of the throughput: the two threads
-  contend for the GIL).
-* The callbacks run on the membership thread and may call :meth:`ConsumerBackend.commit`
-  synchronously.
-* :class:`ProducerBackend` is used from the event loop thread only. Delivery callbacks run
-  inside :meth:`ProducerBackend.poll`, so they run on the loop thread and need no locks.
+* The aiokafka backend implements it directly: no threads.
+* A client whose calls block (librdkafka) implements the blocking :class:`ConsumerBackend`
+  instead, and :class:`connectors.threaded.ThreadedMember` turns it into a member. Its
+  threading contract: the *group* side (``subscribe``, ``serve``, ``commit``, ``close``)
+  runs on one dedicated membership thread, never on the event loop (``serve`` and ``close``
+  run the rebalance callbacks, which wait for the event loop, so a group call from the loop
+  would deadlock); the *data* side (``consume``, ``pause``, ``resume``, ``high_watermark``)
+  runs no callback, and ``consume`` is called by one caller at a time: from a fetch thread
+  when it must wait, and straight from the event loop with ``timeout=0`` while a backlog
+  lasts (handing every batch over from another thread costs a third of the throughput).
+
+:class:`ProducerBackend` is used from the event loop thread only. Delivery callbacks run
+inside :meth:`ProducerBackend.poll`, so they run on the loop thread and need no locks.
 """
 
 from __future__ import annotations
@@ -27,18 +28,20 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 __all__ = [
     "ClientBackend",
     "ConsumerBackend",
     "DeliveryCallback",
+    "GroupMember",
     "Message",
     "Outbox",
     "PartitionReader",
     "PartitionsCallback",
     "ProducerBackend",
+    "RebalanceListener",
     "TopicPartition",
     "advance_positions",
     "read_to_end",
@@ -65,8 +68,120 @@ class Message(Protocol):
 DeliveryCallback = Callable[[Any, Any], None]
 
 
+class RebalanceListener(ABC):
+    """What a :class:`GroupMember` tells the engine about its partitions. Each coroutine runs
+    on the event loop, and its return is the completion the member waits for before it lets
+    the group go on."""
+
+    @abstractmethod
+    async def assigned(self, parts: list[TopicPartition]) -> None:
+        """Newly added partitions (possibly none: every completed rebalance calls this).
+        No record of them is fetched before this returns."""
+
+    @abstractmethod
+    async def revoked(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Partitions about to be taken away: finish their work and return the offsets to
+        commit; the member commits them before the group moves the partitions on."""
+
+    @abstractmethod
+    async def lost(self, parts: list[TopicPartition]) -> None:
+        """Partitions already someone else's: nothing may be committed for them."""
+
+    @abstractmethod
+    def fenced(self, parts: list[TopicPartition]) -> None:
+        """A commit was refused because this member is no longer in the group's generation
+        (ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID): the partitions may be another member's
+        already; :meth:`lost` follows when the client rejoins. Event loop, not awaited."""
+
+
+class GroupMember(ABC):
+    """A member of a consumer group, driven from the event loop.
+
+    Ordering: records of a partition are returned by :meth:`fetch` in offset order, only after
+    :meth:`RebalanceListener.assigned` returned for it, and none after
+    :meth:`RebalanceListener.revoked` or :meth:`RebalanceListener.lost` was called for it (a
+    fetch in flight returns before the listener hears of the revoke, so that its records
+    reach the tasks of the assignment they were fetched for).
+    A partition is read from the group's committed offset; without one, from its start, or
+    from its end where ``start_at_end(topic)`` (a source with ``starting_offsets="latest"``;
+    never an internal topic, whose records written before the group's first commit must all
+    be read). Commits of a partition never go backwards.
+    """
+
+    # Past this long without the group served (:attr:`last_served`), the member has left it
+    # (the event loop was blocked): the engine fences its partitions.
+    max_poll_interval_s: float = 300.0
+    last_served: float = 0.0  # time.monotonic() of the last serve of the group
+
+    @abstractmethod
+    async def join(self, topics: Sequence[str], listener: RebalanceListener, *,
+                   start_at_end: Callable[[str], bool] = lambda topic: False) -> None:
+        """Subscribe to topics (a name starting with ``^`` is a regex); the group is joined
+        by :meth:`run`."""
+
+    @abstractmethod
+    async def run(self) -> None:
+        """Serve the group (membership, rebalance events, queued commits) until cancelled.
+        Raises :class:`~streamcore.core.errors.FatalError` when the client cannot go on."""
+
+    @abstractmethod
+    async def fetch(self, max_records: int, max_wait: float) -> list[Message]:
+        """Up to max_records messages, waiting at most max_wait seconds. Error messages
+        (``error()`` not None) may be mixed in; the engine decides what they mean. One
+        caller at a time."""
+
+    @abstractmethod
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        """Stop fetching these partitions; consumption resumes where the engine left off.
+        Partitions no longer assigned are ignored. Non-blocking."""
+
+    @abstractmethod
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        """Undo :meth:`pause`."""
+
+    @abstractmethod
+    def high_watermark(self, tp: TopicPartition) -> int | None:
+        """The partition's high watermark as last seen in a fetch (no request; None if not
+        known yet). Non-blocking and callable from any thread."""
+
+    @abstractmethod
+    def commit_soon(self, offsets: dict[TopicPartition, int]) -> None:
+        """Queue an asynchronous commit of these next-offsets-to-read; sent with the next
+        serve of the group (a later call for the same partition replaces it). A failure is
+        reported to the observer of :meth:`observe_commit_failures` (or to the listener's
+        ``fenced``). Non-blocking."""
+
+    @abstractmethod
+    def forget(self, parts: Iterable[TopicPartition]) -> None:
+        """Drop anything queued for these partitions: a commit must never land after the
+        partition moved."""
+
+    @abstractmethod
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit now and wait for the answer. Raises
+        :class:`~streamcore.core.errors.BrokerUnavailable` on failure."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Leave the group: the listener's ``revoked`` runs for what is still assigned."""
+
+    def observe_commits(self, seconds: Callable[[float], None]) -> None:  # noqa: B027
+        """Have every asynchronous commit's latency reported to seconds (any thread).
+        Optional: a backend that cannot measure it ignores this."""
+
+    def observe_commit_failures(  # noqa: B027
+            self, failed: Callable[[dict[TopicPartition, int]], None]) -> None:
+        """Have the offsets of every asynchronous commit that failed (for a reason other than
+        fencing) reported to failed, on the event loop, so that they are sent again."""
+
+    def observe_connectivity(self, connected: Callable[[bool], None]) -> None:  # noqa: B027
+        """Have the client's view of the cluster reported to connected every few seconds
+        (True while it holds a working connection to a broker; any thread). Optional."""
+
+
 class ConsumerBackend(ABC):
-    """A group member: subscribe, fetch batches, commit explicit offsets.
+    """A group member of a client whose calls block: subscribe, fetch batches, commit
+    explicit offsets. :class:`connectors.threaded.ThreadedMember` drives it on its threads.
 
     Records of a partition are fetched only after on_assign returned for it and no more once
     on_revoke or on_lost was called for it.
@@ -159,7 +274,17 @@ class ConsumerBackend(ABC):
 
 
 class ProducerBackend(ABC):
-    """A producer whose delivery reports run on the caller's thread inside :meth:`poll`."""
+    """A producer whose delivery reports run on the caller's thread inside :meth:`poll`.
+
+    Lifecycle: ``await start()`` before the first produce, ``await stop()`` at the end (which
+    drops what is still queued, as :meth:`close`: flush first where it matters)."""
+
+    async def start(self) -> None:  # noqa: B027
+        """Connect (a backend whose client needs the event loop starts it here)."""
+
+    async def stop(self) -> None:
+        """Release the client from the event loop."""
+        self.close()
 
     @abstractmethod
     def produce(
@@ -293,7 +418,7 @@ class ClientBackend(ABC):
     name: str = "?"
 
     @abstractmethod
-    def consumer(self, group: str) -> ConsumerBackend:
+    def consumer(self, group: str) -> GroupMember:
         """A member of group (the application id)."""
 
     @abstractmethod

@@ -25,6 +25,7 @@ from connectors.base import (
     ProducerBackend,
     TopicPartition,
 )
+from connectors.threaded import ThreadedMember
 from streamcore.core.errors import BrokerUnavailable, ConfigError, DeliveryFailed, RebalanceError
 from streamcore.core.logs import BurstLogger, librdkafka_logger
 
@@ -404,9 +405,9 @@ class ConfluentClients(ClientBackend):
         self._consumer = dict(consumer or {})
         self._producer = dict(producer or {})
 
-    def consumer(self, group: str) -> ConfluentConsumer:
-        return ConfluentConsumer(consumer_settings(self._bootstrap, group, self._kafka,
-                                                   self._consumer))
+    def consumer(self, group: str) -> ThreadedMember:
+        return ThreadedMember(ConfluentConsumer(
+            consumer_settings(self._bootstrap, group, self._kafka, self._consumer)))
 
     def producer(self) -> ConfluentProducer:
         return ConfluentProducer(producer_settings(self._bootstrap, self._kafka,

@@ -29,6 +29,7 @@ from connectors.base import (
     ProducerBackend,
     TopicPartition,
 )
+from connectors.threaded import ThreadedMember
 from streamcore.core.errors import BrokerUnavailable, DeliveryFailed
 
 __all__ = ["MemoryClients", "MemoryCluster", "MemoryMessage", "murmur2_partition"]
@@ -363,9 +364,9 @@ class MemoryClients(ClientBackend):
         self.last_consumer: MemoryConsumer | None = None
         self.last_producer: MemoryProducer | None = None
 
-    def consumer(self, group: str) -> MemoryConsumer:
+    def consumer(self, group: str) -> ThreadedMember:
         self.last_consumer = MemoryConsumer(self.cluster, group)
-        return self.last_consumer
+        return ThreadedMember(self.last_consumer)
 
     def producer(self) -> MemoryProducer:
         self.last_producer = MemoryProducer(self.cluster)

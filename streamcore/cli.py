@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from streamcore import broker as local_broker
-from streamcore.api.config import PRESETS, WorkerConfig, unknown_env
+from streamcore.api.config import CLIENTS, PRESETS, WorkerConfig, unknown_env
 from streamcore.core.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--bootstrap", help="Kafka bootstrap servers "
                      "(env STREAMCORE_BOOTSTRAP_SERVERS)")
     run.add_argument("--group", help="consumer group (default: the job name)")
+    run.add_argument("--client", choices=CLIENTS,
+                     help="Kafka client library (default confluent-kafka; env STREAMCORE_CLIENT)")
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     run.add_argument("--commit-interval", help="e.g. 100ms")
     run.add_argument("--progress-interval", help="e.g. 10s")
@@ -135,6 +137,8 @@ def _config(args: argparse.Namespace, job: Any) -> WorkerConfig:
         cli["bootstrap_servers"] = args.bootstrap
     if args.group:
         cli["group"] = args.group
+    if args.client:
+        cli["client"] = args.client
     if args.log_level:
         cli["log_level"] = args.log_level
     if args.commit_interval:

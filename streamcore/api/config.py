@@ -19,7 +19,10 @@ from typing import Any
 from statestore.rocksdb import RocksDBSettings
 from streamcore.core.errors import ConfigError
 
-__all__ = ["OTHER_ENV", "PRESETS", "WorkerConfig", "parse_duration", "unknown_env"]
+__all__ = ["CLIENTS", "OTHER_ENV", "PRESETS", "WorkerConfig", "parse_duration", "unknown_env"]
+
+# The Kafka client libraries a worker can run on (WorkerConfig.client, --client).
+CLIENTS = ("confluent-kafka", "aiokafka")
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -74,6 +77,7 @@ class WorkerConfig:
     """Everything a worker needs besides the job. Durations accept seconds or "100ms"/"10s"."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
+    client: str = "confluent-kafka"  # or "aiokafka" (pure asyncio; see the README)
     group: str | None = None  # consumer group; defaults to the job name
     commit_interval: float | str = 0.1
     shutdown_timeout: float | str = 30.0  # drain deadline on SIGTERM and on revoke
@@ -105,6 +109,9 @@ class WorkerConfig:
             host, _, port = hp.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError("bootstrap_servers", f"{hp!r} is not host:port")
+        if self.client not in CLIENTS:
+            raise ConfigError("client", f"must be one of {', '.join(CLIENTS)}, "
+                              f"got {self.client!r}")
         if self.group is not None and not self.group.strip():
             raise ConfigError("group", "must not be empty")
         if self.commit_interval <= 0:  # type: ignore[operator]

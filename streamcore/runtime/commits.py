@@ -9,11 +9,12 @@ Continuous mode, every ``commit_interval``:
   1. serve delivery reports (``producer.poll``), so that acknowledged outputs are counted;
   2. per partition, advance the done offset (sealed batches with nothing pending, and no
      later than the last state flush whose changelog records are all acknowledged);
-  3. queue done + 1 for the partitions that moved; the membership thread sends it
-     (asynchronously) before its next serve of the group. A failed delivery stops the
+  3. queue done + 1 for the partitions that moved (``GroupMember.commit_soon``); the member
+     sends it (asynchronously) with its next serve of the group. A failed delivery stops the
      worker before this step for its partition.
-Commits that must be complete before something else happens are synchronous: inside the
-revoke callback (the group waits for it) and at a stop, after polling has stopped.
+Commits that must be complete before something else happens are synchronous: a revoke's (the
+member commits the offsets the revoke returns before the group moves on) and a stop's, after
+polling has stopped.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ log = logging.getLogger("streamcore.worker")
 class CommitProtocol(ABC):
     """The commit side of one processing mode.
 
-    Threads: coroutines run on the event loop; :meth:`take_queued` and
-    :meth:`commit_revoked` run on the membership thread, the only thread that makes group
-    calls. Ordering: a partition's commits never go backwards, and nothing is committed for
-    a partition after :meth:`forget` until it is assigned again.
+    Everything runs on the event loop. Ordering: a partition's commits never go backwards,
+    and nothing is committed for a partition after :meth:`forget` until it is assigned
+    again.
     """
 
     commits: int  # commits made so far (metrics)
@@ -55,11 +55,6 @@ class CommitProtocol(ABC):
     @abstractmethod
     def commit_due(self) -> None:
         """One periodic commit now (what run() does every commit_interval)."""
-
-    @abstractmethod
-    def take_queued(self) -> dict[TopicPartition, int]:
-        """Membership thread: the commit to send before the next serve of the group
-        (asynchronous), and forget it. Non-blocking."""
 
     @abstractmethod
     def commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
@@ -87,11 +82,6 @@ class CommitProtocol(ABC):
         """Commit and wait for the answer (after polling stopped). Raises on failure."""
 
     @abstractmethod
-    def commit_revoked(self, offsets: dict[TopicPartition, int]) -> None:
-        """Membership thread, inside the revoke callback: commit synchronously before the group
-        moves the partitions on. A failure is logged: the next owner repeats work."""
-
-    @abstractmethod
     async def commit_after_failure(self, parts: list[TopicPartition]) -> None:
         """After a fatal error: commit what is done (never the failing record)."""
 
@@ -103,16 +93,9 @@ class ContinuousCommits(CommitProtocol):
     def __init__(self, worker: Worker) -> None:
         self._w = worker
         self.commits = 0
-        # The latest periodic commit per partition, sent by the membership thread.
-        self._queued: dict[TopicPartition, int] = {}
-
-    def take_queued(self) -> dict[TopicPartition, int]:
-        queued, self._queued = self._queued, {}
-        return queued
 
     def forget(self, parts: Iterable[TopicPartition]) -> None:
-        for tp in parts:
-            self._queued.pop(tp, None)
+        self._w.member.forget(parts)
 
     def commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, off in offsets.items():
@@ -138,8 +121,7 @@ class ContinuousCommits(CommitProtocol):
             w.tasks[tp].flush_state()
         offsets = self.done_offsets(running)  # steps 1 and 2
         if offsets:
-            # step 3, on the membership thread before its next serve of the group
-            self._queued.update(offsets)
+            self._w.member.commit_soon(offsets)  # step 3, sent with the next serve
             self._mark_committed(offsets)
 
     async def prepare(self, parts: list[TopicPartition]) -> None:
@@ -190,25 +172,13 @@ class ContinuousCommits(CommitProtocol):
                 task.committed = max(task.committed, off)
         log.debug("committed %s", fmt_offsets(offsets))
 
-    def _commit_now(self, offsets: dict[TopicPartition, int]) -> None:
-        """Membership thread: a synchronous commit, its latency recorded. Raises on failure."""
-        t0 = time.perf_counter()
-        self._w.consumer.commit(offsets, asynchronous=False)
-        self._w.commit_latency.record(time.perf_counter() - t0)
-
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         if not offsets:
             return
-        await self._w.on_membership_thread(lambda: self._commit_now(offsets))
+        t0 = time.perf_counter()
+        await self._w.member.commit(offsets)
+        self._w.commit_latency.record(time.perf_counter() - t0)
         self._mark_committed(offsets)
-
-    def commit_revoked(self, offsets: dict[TopicPartition, int]) -> None:
-        try:
-            self._commit_now(offsets)
-            log.info("committed revoked partitions at %s", fmt_offsets(offsets))
-        except StreamcoreError as exc:
-            # The next owner starts from the previous commit: duplicates, never loss.
-            log.warning("commit on revoke failed: %s", exc)
 
     async def commit_after_failure(self, parts: list[TopicPartition]) -> None:
         """Wait (a little) until the producer has an answer for every output handed to it,

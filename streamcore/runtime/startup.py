@@ -14,7 +14,21 @@ from streamcore.core.errors import BrokerUnavailable, ConfigError
 from streamcore.plan.physical import PhysicalPlan
 from streamcore.plan.topics import internal_topics
 
-__all__ = ["check_kafka", "check_state_dir", "create_dlq", "create_internal_topics"]
+__all__ = ["check_kafka", "check_state_dir", "clients_for", "create_dlq",
+           "create_internal_topics"]
+
+
+def clients_for(config: WorkerConfig) -> ClientBackend:
+    """The client backend config.client names (imported only when chosen)."""
+    if config.client == "aiokafka":
+        from connectors.aio import AioClients
+
+        return AioClients(config.bootstrap_servers, kafka=config.kafka,
+                          consumer=config.consumer, producer=config.producer)
+    from connectors.confluent import ConfluentClients
+
+    return ConfluentClients(config.bootstrap_servers, kafka=config.kafka,
+                            consumer=config.consumer, producer=config.producer)
 
 
 def check_state_dir(state_dir: Path) -> None:

@@ -1,24 +1,20 @@
-"""The worker: one consumer, one producer, one task per assigned partition.
+"""The worker: one group member, one producer, one task per assigned partition.
 
 Everything the worker starts belongs to one ``asyncio.TaskGroup``: the poll loop (fetching),
-the membership loop, the commit protocol's periodic commits (streamcore.runtime.commits),
-progress reports and the heartbeat. Start-up checks are in streamcore.runtime.startup, what
-the worker shows (health, readiness, metrics, progress) in streamcore.runtime.status.
+the member's service of the group, the commit protocol's periodic commits
+(streamcore.runtime.commits), progress reports and the heartbeat. Start-up checks are in
+streamcore.runtime.startup, what the worker shows (health, readiness, metrics, progress) in
+streamcore.runtime.status.
 
-The consumer has a group side and a data side (connectors.base). Every group call runs on
-one dedicated membership thread: librdkafka blocks even an asynchronous commit while a
-rebalance callback runs, and the callback is waiting for the event loop. So the commit
-protocol queues periodic commits and the membership loop sends them between serves of the
-group. A rebalance callback hands its work to the event loop and waits for it, so a revoked
-partition is drained and its offsets committed before the group moves it (DESIGN.md
-section 4, invariant 3). Records are read on the fetch thread when they must be waited for,
-and on the loop itself while a backlog lasts.
+The member (connectors.base.GroupMember) is asyncio-native whatever the client: the threads a
+blocking client needs live in connectors.threaded. The worker is the member's rebalance
+listener: a revoked partition is drained and its done offsets returned to the member, which
+commits them before the group moves the partition (DESIGN.md section 4, invariant 3).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import operator
@@ -31,13 +27,13 @@ from typing import Any
 
 from connectors.base import (
     ClientBackend,
-    ConsumerBackend,
+    GroupMember,
     Message,
     PartitionReader,
     ProducerBackend,
+    RebalanceListener,
     TopicPartition,
 )
-from connectors.confluent import ConfluentClients
 from metrics.exporter import Snapshot, WorkerMetrics
 from metrics.http import StatusServer
 from streamcore.api.config import WorkerConfig
@@ -58,9 +54,6 @@ from streamcore.runtime.tables import GlobalTable
 __all__ = ["Worker"]
 
 log = logging.getLogger("streamcore.worker")
-# How long one serve of the group may block the membership thread: a queued periodic
-# commit waits at most this long.
-_SERVE_TIMEOUT_S = 0.02
 _burst_log = BurstLogger(log)
 
 
@@ -81,29 +74,18 @@ class Worker:
         self.plan = plan(job if isinstance(job, LogicalPlan) else job.build(), self.group)
         self.run_id = run_id or str(uuid.uuid4())
         self.clock = clock or SystemClock()
-        self.clients = clients or ConfluentClients(
-            config.bootstrap_servers, kafka=config.kafka, consumer=config.consumer,
-            producer=config.producer)
-        self._consumer = self.clients.consumer(self.group)
-        # Past this long without serving the group, the client has left it (the event loop
-        # was blocked): every partition may already be another member's.
-        self._max_poll_s = self._consumer.max_poll_interval_s
-        self._last_serve = time.monotonic()
+        self.clients = clients or startup.clients_for(config)
+        self._member = self.clients.consumer(self.group)
         self._producer = self.clients.producer()
         self._tasks: dict[TopicPartition, PartitionTask] = {}
         self._running: dict[TopicPartition, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._stop_requested = False  # stop() before run() set the loop: run() stops at once
         self._joined = False  # a rebalance completed: the member is in the group
-        # The group side of the consumer runs on the membership thread; fetches that must
-        # wait run on the fetch thread (see connectors.base for why the two are apart).
-        self._consumer_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-consumer")
-        self._fetch_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-fetch")
         self._state_dir = Path(config.state_dir)
         self._tables: dict[int, GlobalTable] = {}  # TABLE node id -> its global table
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
-        self._inflight_poll: asyncio.Future[list[Message]] | None = None
         self.latency = LatencyHistogram()  # in-worker: handed over -> output handed on
         self.e2e_latency = LatencyHistogram()  # record timestamp -> output handed on
         self.commit_latency = LatencyHistogram()
@@ -159,13 +141,11 @@ class Worker:
         await self._open_tables(table_sizes)
         topics = self.plan.subscription()
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
-        self._consumer.observe_commits(self.commit_latency.record)
-        self._consumer.observe_connectivity(self._set_connected)
-        self._consumer.observe_commit_failures(self._on_commit_failed)
-        self._consumer.subscribe(topics, on_assign=self._on_assign,
-                                 on_revoke=self._on_revoke, on_lost=self._on_lost,
-                                 start_at_end=self._starts_at_end, on_fenced=self._on_fenced)
-        self._last_serve = time.monotonic()
+        await self._producer.start()
+        self._member.observe_commits(self.commit_latency.record)
+        self._member.observe_connectivity(self._set_connected)
+        self._member.observe_commit_failures(self.committer.commit_failed)
+        await self._member.join(topics, _Rebalances(self), start_at_end=self._starts_at_end)
         log.info("worker started: job=%s group=%s topics=%s", self.plan.name, self.group, topics)
         failure: BaseException | None = None
         cancelled = False
@@ -173,7 +153,7 @@ class Worker:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 poll = tg.create_task(self._poll_loop(), name="poll")
-                tg.create_task(self._membership_loop(), name="membership")
+                tg.create_task(self._member.run(), name="membership")
                 tg.create_task(self.committer.run(), name="commit")
                 tg.create_task(self._progress_loop(), name="progress")
                 tg.create_task(self._heartbeat_loop(), name="heartbeat")
@@ -205,92 +185,44 @@ class Worker:
 
     # -- polling -------------------------------------------------------------------------
     async def _poll_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        consume = self._consumer.consume
+        fetch = self._member.fetch
         n, timeout = self.config.poll_batch, self.config.poll_timeout_s
         tasks = self._tasks
         perf = time.perf_counter
-
-        def fetch(here: bool) -> None:
-            if not here:
-                self._inflight_poll = loop.run_in_executor(self._fetch_thread, consume, n,
-                                                           timeout)
-                return
-            # Read what librdkafka has already fetched, here on the loop thread: no thread
-            # handoff, no GIL contention (connectors.base; the reader runs no callbacks).
-            done: asyncio.Future[list[Message]] = loop.create_future()
-            try:
-                done.set_result(consume(n, 0))
-            except Exception as exc:
-                done.set_exception(exc)
-            self._inflight_poll = done
-
-        fetch(False)
         while True:
-            assert self._inflight_poll is not None
-            msgs = await self._inflight_poll
-            self._inflight_poll = None
+            # No await between the fetch and the dispatch: a member may rely on it (a revoke
+            # waits for the fetch in flight, knowing its records are then with the tasks).
+            msgs = await fetch(n, timeout)
             self.last_poll = time.monotonic()
             if msgs and self.check_membership():
                 self._dispatch(msgs, tasks, perf())
             if self._stopping.is_set():
                 return  # what was just dispatched is drained by the caller
-            if len(msgs) >= n:
-                # A backlog: let the partition tasks take this batch (then serve delivery
-                # reports), and read the next one here; nothing has to wait for it.
-                await asyncio.sleep(0)
-                self._producer.poll(0)
-                fetch(True)
-                continue
-            # Caught up: the next fetch waits on the fetch thread while this one is
-            # processed; the partition tasks just woken go first (in-worker latency), then
-            # delivery reports are served once per fetch so that they never pile up.
-            fetch(False)
             if msgs:
+                # Let the partition tasks just woken take the batch first (in-worker
+                # latency), then serve delivery reports once per fetch so that they never
+                # pile up.
                 await asyncio.sleep(0)
                 self._producer.poll(0)
-
-    async def _membership_loop(self) -> None:
-        """Serve the group on the membership thread: rebalance callbacks, and the latest
-        periodic commit the loop queued."""
-        loop = asyncio.get_running_loop()
-        while not self._stopping.is_set():
-            commit = self.committer.take_queued()
-            self.check_membership()  # before the serve that will report the loss
-            errors = await loop.run_in_executor(self._consumer_thread, self._commit_then_serve,
-                                                commit, _SERVE_TIMEOUT_S)
-            self._last_serve = time.monotonic()
-            for err in errors:
-                self._consumer_error(err)
 
     def check_membership(self) -> bool:
         """False (and every task fenced) if the group has not been served for longer than
         max.poll.interval.ms: the member has left the group, and the partitions may be
         another member's already. Checked before records are handed on and before a commit;
         the lost callback follows at the next serve, then the worker rejoins."""
-        idle = time.monotonic() - self._last_serve
-        if idle <= self._max_poll_s:
+        member = self._member
+        idle = time.monotonic() - member.last_served
+        if idle <= member.max_poll_interval_s:
             return True
         self._fence(list(self._tasks), f"the group was not served for {idle:.1f}s "
-                    f"(max.poll.interval.ms {self._max_poll_s * 1000:.0f}): was the event "
-                    "loop blocked?")
+                    f"(max.poll.interval.ms {member.max_poll_interval_s * 1000:.0f}): was "
+                    "the event loop blocked?")
         return False
 
     def _live(self, parts: Iterable[TopicPartition]) -> list[TopicPartition]:
         """The partitions of parts with a task that is not fenced: the ones whose work may
         still be drained and committed."""
         return [tp for tp in parts if tp in self._tasks and not self._tasks[tp].fenced]
-
-    def _on_commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
-        """Membership thread: an asynchronous commit failed (not fenced): resend it."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.committer.commit_failed, offsets)
-
-    def _on_fenced(self, parts: list[TopicPartition]) -> None:
-        """Membership thread: a commit showed that this member was fenced out of the group."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._fence, parts, "a commit was refused: this "
-                                        "member is no longer in the group's generation")
 
     def _fence(self, parts: list[TopicPartition], reason: str) -> None:
         """Suspend these partitions at once: no more output, changelog or commit (a zombie
@@ -323,49 +255,18 @@ class Worker:
                 task.offer(handed_at, list(run))
         self.records_in += len(msgs)
 
-    def _commit_then_serve(self, commit: dict[TopicPartition, int],
-                           timeout: float) -> list[Any]:
-        """On the membership thread: the queued commit first, then serve the group."""
-        if commit:
-            try:
-                self._consumer.commit(commit, asynchronous=True)
-            except StreamcoreError as exc:  # a failed async commit is retried by the next one
-                log.warning("commit failed: %s", exc)
-        return self._consumer.serve(timeout)
-
     def _consumer_error(self, err: Any) -> None:
         fatal = getattr(err, "fatal", lambda: False)()
         if fatal:
             raise FatalError(f"consumer failed: {err}")
         _burst_log.warning(f"consumer:{getattr(err, 'code', lambda: err)()}", "consumer: %s", err)
 
-    # -- rebalance callbacks (membership thread) -----------------------------------------
-    def _call_on_loop(self, coro: Any) -> Any:
-        assert self._loop is not None
-        self._rebalancing_since = time.monotonic()
-        try:
-            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-        finally:
-            self._rebalancing_since = None
-
+    # -- rebalance events (connectors.base.RebalanceListener) ---------------------------
     def _starts_at_end(self, topic: str) -> bool:
         """A topic of a source with starting_offsets="latest" (never an internal topic)."""
         node = self.plan.source_for_topic(topic)
         return node.source is not None and node.kind == OpKind.SOURCE and \
             node.source.starting_offsets == "latest"
-
-    def _on_assign(self, parts: list[TopicPartition]) -> None:
-        self._joined = True  # every completed rebalance calls this, with nothing new or not
-        self._call_on_loop(self._assign(parts))
-
-    def _on_revoke(self, parts: list[TopicPartition]) -> None:
-        offsets = self._call_on_loop(self._revoke(parts, commit=True))
-        if offsets:
-            # Synchronously, here on the membership thread, before the group moves them on.
-            self.committer.commit_revoked(offsets)
-
-    def _on_lost(self, parts: list[TopicPartition]) -> None:
-        self._call_on_loop(self._revoke(parts, commit=False))
 
     async def _assign(self, parts: list[TopicPartition]) -> None:
         if not parts:
@@ -397,11 +298,6 @@ class Worker:
         try:
             for tp in mine:
                 self._tasks[tp].stop_intake()
-            # A fetch in flight may hold records of these partitions from before the revoke:
-            # let it land now, on the suspended tasks that drop them, so that it can never
-            # reach a task created for a later assignment of the same partition.
-            if self._inflight_poll is not None:
-                await asyncio.wait([self._inflight_poll])
             live = self._live(mine)
             if commit and live:
                 await self.committer.prepare(live)
@@ -421,13 +317,8 @@ class Worker:
         return self._producer
 
     @property
-    def consumer(self) -> ConsumerBackend:
-        return self._consumer
-
-    async def on_membership_thread(self, fn: Callable[[], Any]) -> Any:
-        """Run a group call on the membership thread (the only thread that makes them)."""
-        assert self._loop is not None
-        return await self._loop.run_in_executor(self._consumer_thread, fn)
+    def member(self) -> GroupMember:
+        return self._member
 
     async def finish_running(self, tasks: list[PartitionTask], deadline: float) -> None:
         """Wait (until deadline) for these tasks to process what they have taken in."""
@@ -471,13 +362,12 @@ class Worker:
             table.start()
 
     # -- backpressure --------------------------------------------------------------------
-    # Pauses and resumes are on the consumer's data side: called here, at once.
     def _pause(self, tp: TopicPartition) -> None:
-        self._consumer.pause([tp])
+        self._member.pause([tp])
 
     def _resume(self, tp: TopicPartition) -> None:
         if tp in self._tasks:
-            self._consumer.resume([tp])
+            self._member.resume([tp])
 
     # -- operations: DLQ, HTTP endpoints, metrics ---------------------------------------
     def _start_http(self) -> None:
@@ -537,7 +427,7 @@ class Worker:
         return self._rebalancing_since
 
     def high_watermark(self, tp: TopicPartition) -> int | None:
-        return self._consumer.high_watermark(tp)
+        return self._member.high_watermark(tp)
 
     def _exposition(self) -> bytes:
         self.metrics.publish(self.snapshot())
@@ -555,9 +445,6 @@ class Worker:
         record), then leave the group so its partitions move on at once."""
         assert self._loop is not None
         try:
-            if self._inflight_poll is not None:  # let a fetch in flight end before closing
-                with contextlib.suppress(BaseException):
-                    await self._inflight_poll
             if failure is not None and self._live(self._tasks):
                 await self.committer.commit_after_failure(self._live(self._tasks))
             # Everything done is committed (or, after a cancel, left to the next owner):
@@ -567,21 +454,55 @@ class Worker:
                 await self._close_task(tp)
             self.status.report_progress()
             self._stopping.set()
-            await self._loop.run_in_executor(self._consumer_thread, self._consumer.close)
+            await self._member.close()
         except Exception as exc:  # closing must not hide the original failure
             log.warning("error while closing the consumer: %s", exc)
         finally:
             for tp in list(self._tasks):
                 await self._close_task(tp)
-            self._producer.close()
+            await self._producer.stop()
             for table in self._tables.values():
                 table.close()
             if self._http is not None:
                 self._http.stop()
-            self._consumer_thread.shutdown(wait=False)
-            self._fetch_thread.shutdown(wait=False)
             log.info("worker stopped: job=%s%s", self.plan.name,
                      f" ({type(failure).__name__}: {failure})" if failure else "")
+
+
+class _Rebalances(RebalanceListener):
+    """The worker's side of its member's rebalance events."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._w = worker
+
+    async def assigned(self, parts: list[TopicPartition]) -> None:
+        w = self._w
+        w._joined = True  # every completed rebalance calls this, with nothing new or not
+        w._rebalancing_since = time.monotonic()
+        try:
+            await w._assign(parts)
+        finally:
+            w._rebalancing_since = None
+
+    async def revoked(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        w = self._w
+        w._rebalancing_since = time.monotonic()
+        try:
+            return await w._revoke(parts, commit=True)
+        finally:
+            w._rebalancing_since = None
+
+    async def lost(self, parts: list[TopicPartition]) -> None:
+        w = self._w
+        w._rebalancing_since = time.monotonic()
+        try:
+            await w._revoke(parts, commit=False)
+        finally:
+            w._rebalancing_since = None
+
+    def fenced(self, parts: list[TopicPartition]) -> None:
+        self._w._fence(parts, "a commit was refused: this member is no longer in the group's "
+                       "generation")
 
 
 class _Stopped(Exception):

@@ -1,19 +1,22 @@
 """The client backend contract (connectors.base.ClientBackend and the clients it makes), run
-against each backend: confluent-kafka on the local broker, and the in-memory backend of the
-test driver. What the engine relies on is the same on both."""
+against each backend: confluent-kafka and aiokafka on the local broker, and the in-memory
+backend of the test driver. What the engine relies on is the same on all three."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from connectors.aio import AioClients
 from connectors.base import (
     ClientBackend,
-    ConsumerBackend,
+    GroupMember,
     Message,
+    RebalanceListener,
     TopicPartition,
     read_to_end,
 )
@@ -22,19 +25,23 @@ from connectors.memory import MemoryClients, MemoryCluster
 from tests.helpers import unique
 
 
-@pytest.fixture(params=["confluent-kafka", "memory"])
+@pytest.fixture(params=["confluent-kafka", "aiokafka", "memory"])
 def clients(request: pytest.FixtureRequest, bootstrap: str) -> Iterator[ClientBackend]:
     if request.param == "memory":
         yield MemoryClients(MemoryCluster(clock_ms=lambda: int(time.time() * 1000)))
+    elif request.param == "aiokafka":
+        yield AioClients(bootstrap, consumer={"session.timeout.ms": 6000,
+                                              "heartbeat.interval.ms": 500})
     else:
         yield ConfluentClients(bootstrap, consumer={"session.timeout.ms": 6000,
                                                     "heartbeat.interval.ms": 500})
 
 
-def _produce(clients: ClientBackend, topic: str, records: list[tuple[bytes | None, bytes]],
-             partition: int = -1) -> list[Any]:
+async def _produce(clients: ClientBackend, topic: str,
+                   records: list[tuple[bytes | None, bytes]], partition: int = -1) -> list[Any]:
     """Produce and wait for every acknowledgement; return the acknowledged messages."""
     p = clients.producer()
+    await p.start()
     acked: list[Any] = []
 
     def ack(err: Any, msg: Any) -> None:
@@ -45,8 +52,9 @@ def _produce(clients: ClientBackend, topic: str, records: list[tuple[bytes | Non
         p.produce(topic, value, key, partition, ack, None, 0, None)
     deadline = time.monotonic() + 30
     while len(acked) < len(records) and time.monotonic() < deadline:
-        p.poll(0.05)
-    p.close()
+        p.poll(0)
+        await asyncio.sleep(0.01)
+    await p.stop()
     assert len(acked) == len(records)
     return acked
 
@@ -63,13 +71,13 @@ def test_topics_are_created_once_and_never_by_a_lookup(clients: ClientBackend) -
     assert names is not None and missing not in names, "a lookup created the topic"
 
 
-def test_keys_land_where_the_java_partitioner_puts_them(clients: ClientBackend) -> None:
+async def test_keys_land_where_the_java_partitioner_puts_them(clients: ClientBackend) -> None:
     """The in-memory backend and librdkafka (murmur2_random) place keys alike, so a job's
     partitioning in the test driver is the one it has on Kafka."""
     topic = unique("placement")
     clients.create_topics({topic: 4}, {})
     keys = [f"user-{i}".encode() for i in range(40)]
-    acked = _produce(clients, topic, [(k, b"v") for k in keys])
+    acked = await _produce(clients, topic, [(k, b"v") for k in keys])
     placed = {m.key(): m.partition() for m in acked}
     # Partitions of these keys under the Java client's murmur2, computed with Kafka's own
     # algorithm (Utils.toPositive(Utils.murmur2(key)) % 4).
@@ -78,51 +86,100 @@ def test_keys_land_where_the_java_partitioner_puts_them(clients: ClientBackend) 
     assert placed == {k: murmur2_partition(k, 4) for k in keys}
 
 
-def _member_reads(c: ConsumerBackend, assigned: list[TopicPartition],
-                  want: int) -> list[Message]:
+class _Recorder(RebalanceListener):
+    """Records the member's rebalance events; a revoke commits what the test set."""
+
+    def __init__(self) -> None:
+        self.assigned_parts: list[TopicPartition] = []
+        self.revoked_parts: list[TopicPartition] = []
+        self.on_revoke: dict[TopicPartition, int] = {}
+
+    async def assigned(self, parts: list[TopicPartition]) -> None:
+        self.assigned_parts.extend(parts)
+
+    async def revoked(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self.revoked_parts.extend(parts)
+        return {tp: o for tp, o in self.on_revoke.items() if tp in parts}
+
+    async def lost(self, parts: list[TopicPartition]) -> None:
+        self.revoked_parts.extend(parts)
+
+    def fenced(self, parts: list[TopicPartition]) -> None:
+        raise AssertionError(f"fenced {parts}")
+
+
+async def _member_reads(c: GroupMember, listener: _Recorder, want: int) -> list[Message]:
     """Serve the group and read until want messages came (or a minute passed)."""
     got: list[Message] = []
-    deadline = time.monotonic() + 60
-    while len(got) < want and time.monotonic() < deadline:
-        c.serve(0.05)
-        if assigned:
-            got.extend(c.consume(100, 0.1))
+    async with asyncio.TaskGroup() as tg:
+        serving = tg.create_task(c.run())
+        deadline = time.monotonic() + 60
+        while len(got) < want and time.monotonic() < deadline:
+            if listener.assigned_parts:
+                got.extend(m for m in await c.fetch(100, 0.1) if m.error() is None)
+            else:
+                await asyncio.sleep(0.05)
+        serving.cancel()
     return got
 
 
-def test_a_member_reads_from_committed_offsets_and_revokes_at_close(
+async def test_a_member_reads_from_committed_offsets_and_commits_on_revoke(
         clients: ClientBackend) -> None:
     topic, group = unique("member"), unique("g")
     clients.create_topics({topic: 2}, {})
-    _produce(clients, topic, [(None, b"%d" % i) for i in range(10)], partition=0)
-    _produce(clients, topic, [(None, b"%d" % i) for i in range(5)], partition=1)
-    assigned: list[TopicPartition] = []
-    revoked: list[TopicPartition] = []
+    await _produce(clients, topic, [(None, b"%d" % i) for i in range(10)], partition=0)
+    await _produce(clients, topic, [(None, b"%d" % i) for i in range(5)], partition=1)
+    first = _Recorder()
     c = clients.consumer(group)
-    c.subscribe([topic], on_assign=assigned.extend, on_revoke=revoked.extend,
-                on_lost=revoked.extend)
-    got = _member_reads(c, assigned, 15)
-    assert sorted(assigned) == [(topic, 0), (topic, 1)]
+    await c.join([topic], first)
+    got = await _member_reads(c, first, 15)
+    assert sorted(first.assigned_parts) == [(topic, 0), (topic, 1)]
     by_partition = {p: [m.value() for m in got if m.partition() == p] for p in (0, 1)}
     assert by_partition[0] == [b"%d" % i for i in range(10)]  # offset order per partition
-    c.commit({(topic, 0): 4, (topic, 1): 5}, asynchronous=False)
-    c.close()
-    assert sorted(revoked) == [(topic, 0), (topic, 1)]
+    await c.commit({(topic, 0): 2, (topic, 1): 5})
+    first.on_revoke = {(topic, 0): 4}  # committed by the member when it leaves
+    await c.close()
+    assert sorted(first.revoked_parts) == [(topic, 0), (topic, 1)]
 
     # A new member of the group starts at the committed offsets.
+    second = _Recorder()
     again = clients.consumer(group)
-    assigned.clear()
-    again.subscribe([topic], on_assign=assigned.extend, on_revoke=revoked.extend,
-                    on_lost=revoked.extend)
-    rest = _member_reads(again, assigned, 6)
-    again.close()
+    await again.join([topic], second)
+    rest = await _member_reads(again, second, 6)
+    await again.close()
     assert sorted((m.partition(), m.offset()) for m in rest) == [(0, i) for i in range(4, 10)]
 
 
-def test_a_reader_reads_a_partition_to_its_end(clients: ClientBackend) -> None:
+async def test_queued_commits_are_sent_by_the_service_and_forgotten_on_request(
+        clients: ClientBackend) -> None:
+    topic, group = unique("queued"), unique("g")
+    clients.create_topics({topic: 2}, {})
+    await _produce(clients, topic, [(None, b"%d" % i) for i in range(6)], partition=0)
+    await _produce(clients, topic, [(None, b"%d" % i) for i in range(6)], partition=1)
+    rec = _Recorder()
+    c = clients.consumer(group)
+    await c.join([topic], rec)
+    await _member_reads(c, rec, 12)
+    c.commit_soon({(topic, 0): 3, (topic, 1): 3})
+    c.commit_soon({(topic, 0): 5})  # a later one replaces the earlier for its partition
+    c.forget([(topic, 1)])  # e.g. fenced: must never be sent
+    async with asyncio.TaskGroup() as tg:
+        serving = tg.create_task(c.run())
+        await asyncio.sleep(1.0)
+        serving.cancel()
+    await c.close()
+    again, rec2 = clients.consumer(group), _Recorder()
+    await again.join([topic], rec2)
+    rest = await _member_reads(again, rec2, 7)
+    await again.close()
+    assert sorted((m.partition(), m.offset()) for m in rest) == \
+        [(0, 5)] + [(1, i) for i in range(6)]
+
+
+async def test_a_reader_reads_a_partition_to_its_end(clients: ClientBackend) -> None:
     topic = unique("reader")
     clients.create_topics({topic: 1}, {})
-    _produce(clients, topic, [(b"k%d" % (i % 7), b"%d" % i) for i in range(500)], partition=0)
+    await _produce(clients, topic, [(b"k%d" % (i % 7), b"%d" % i) for i in range(500)], partition=0)
     seen: list[bytes | None] = []
     reader = clients.reader()
     try:

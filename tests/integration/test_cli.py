@@ -67,6 +67,21 @@ def test_an_unknown_kafka_setting_exits_2_naming_it(bootstrap: str) -> None:
     assert "no.such.setting" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_setting_the_aiokafka_client_cannot_honour_exits_2_naming_it(bootstrap: str) -> None:
+    r = _run([PASSTHROUGH, "--bootstrap", bootstrap, "--client", "aiokafka",
+              "-X", "queued.max.messages.kbytes=1024"], _job_env(bootstrap))
+    assert r.returncode == 2, r.stderr
+    assert "kafka['queued.max.messages.kbytes']" in r.stderr and "aiokafka" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_an_unknown_client_exits_2_naming_the_field(bootstrap: str) -> None:
+    r = _run([PASSTHROUGH, "--bootstrap", bootstrap], {**_job_env(bootstrap),
+                                                       "STREAMCORE_CLIENT": "kafka-python"})
+    assert r.returncode == 2, r.stderr
+    assert "client" in r.stderr and "aiokafka" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_a_job_module_that_fails_to_import_exits_2_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "broken_job.py"
     bad.write_text("import no_such_module_here\n")

@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 import orjson
+import pytest
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 from streamcore.core.logs import librdkafka_logger
@@ -28,7 +29,8 @@ def _run_until(job: Job, bootstrap: str, out: str, expect: int, **cfg: Any) -> l
     return msgs
 
 
-def test_every_input_produces_its_output_in_per_key_order(bootstrap: str) -> None:
+@pytest.mark.parametrize("client", ["confluent-kafka", "aiokafka"])
+def test_every_input_produces_its_output_in_per_key_order(bootstrap: str, client: str) -> None:
     src, out = unique("e2e-in"), unique("e2e-out")
     make_topics(bootstrap, src, out)
     n, keys = 6000, 37
@@ -40,7 +42,7 @@ def test_every_input_produces_its_output_in_per_key_order(bootstrap: str) -> Non
         .filter(lambda v: v["i"] % 3 != 0)
         .map(lambda v: {**v, "sq": v["i"] * v["i"]})
         .to(KafkaSink(out, key=STR, value=JSON)))
-    msgs = _run_until(job, bootstrap, out, expect=n - n // 3)
+    msgs = _run_until(job, bootstrap, out, expect=n - n // 3, client=client)
 
     values = [orjson.loads(m.value()) for m in msgs]
     expected = {i for i in range(n) if i % 3 != 0}

@@ -297,14 +297,15 @@ async def test_a_graceful_stop_whose_final_commit_is_refused_still_stops_cleanly
     job = Job(unique("fin"))
     job.stream(KafkaSource(src, value=JSON)).to(KafkaSink(out, value=JSON))
     worker = Worker(job, _cfg(bootstrap, tmp_path))
-    real_commit = worker._consumer.commit
+    inner = worker.member.consumer  # type: ignore[attr-defined]
+    real_commit = inner.commit
 
     def refused(offsets: dict[Any, int], *, asynchronous: bool) -> None:
         if not asynchronous:
             raise BrokerUnavailable("commit failed: ILLEGAL_GENERATION (injected)")
         real_commit(offsets, asynchronous=asynchronous)
 
-    worker._consumer.commit = refused  # type: ignore[method-assign]
+    inner.commit = refused
     task = asyncio.create_task(worker.run())
     for _ in range(300):
         if worker.records_in >= 100:

@@ -27,17 +27,20 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
+# The engine's guarantees hold on both Kafka client backends (STREAMCORE_CLIENT).
+CLIENTS = pytest.mark.parametrize("client", ["confluent-kafka", "aiokafka"])
+
 
 def _outputs(bootstrap: str, out: str, expect: int) -> list[dict[str, object]]:
     return [orjson.loads(m.value()) for m in read_topic(bootstrap, out, expect=expect,
                                                         timeout=90, settle=2.0)]
 
 
-def _kill_and_restart(bootstrap: str, *, broken: bool) -> tuple[int, Counter[int],
-                                                                dict[int, int], PacedProducer]:
+def _kill_and_restart(bootstrap: str, *, broken: bool, client: str = "confluent-kafka",
+                      ) -> tuple[int, Counter[int], dict[int, int], PacedProducer]:
     src, out, name = unique("crash-in"), unique("crash-out"), unique("crash")
     make_topics(bootstrap, src, out)
-    env = {"IN": src, "OUT": out, "JOB": name,
+    env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_CLIENT": client,
            # A long linger keeps outputs unacknowledged for a while, so that a commit which
            # does not wait for acknowledgements is caught by the kill.
            "LINGER_MS": "2000", "BREAK_COMMIT_ORDER": "1" if broken else "0"}
@@ -60,8 +63,9 @@ def _kill_and_restart(bootstrap: str, *, broken: bool) -> tuple[int, Counter[int
     return total, seen, at_kill, producer
 
 
-def test_sigkill_mid_stream_loses_nothing(bootstrap: str) -> None:
-    total, seen, at_kill, producer = _kill_and_restart(bootstrap, broken=False)
+@CLIENTS
+def test_sigkill_mid_stream_loses_nothing(bootstrap: str, client: str) -> None:
+    total, seen, at_kill, producer = _kill_and_restart(bootstrap, broken=False, client=client)
     missing = [s for s in range(total) if seen[s] == 0]
     assert not missing, f"{len(missing)} records lost, e.g. {missing[:10]}"
     assert any(off > 0 for off in at_kill.values()), "nothing was committed before the kill"
@@ -81,10 +85,12 @@ def test_crash_check_catches_a_broken_commit_order(bootstrap: str) -> None:
     assert missing, "a commit that ignores acknowledgements lost nothing: the check is blind"
 
 
-def test_sigterm_mid_stream_then_restart_no_loss_no_duplicates(bootstrap: str) -> None:
+@CLIENTS
+def test_sigterm_mid_stream_then_restart_no_loss_no_duplicates(bootstrap: str,
+                                                                client: str) -> None:
     src, out, name = unique("term-in"), unique("term-out"), unique("term")
     make_topics(bootstrap, src, out)
-    env = {"IN": src, "OUT": out, "JOB": name, "LINGER_MS": "50"}
+    env = {"IN": src, "OUT": out, "JOB": name, "LINGER_MS": "50", "STREAMCORE_CLIENT": client}
     with PacedProducer(bootstrap, src, rate=1500) as producer:
         with worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "a"}) as w:
             w.wait_for("assigned")
@@ -105,14 +111,18 @@ def test_sigterm_mid_stream_then_restart_no_loss_no_duplicates(bootstrap: str) -
     assert not dups, f"{len(dups)} duplicates after a graceful stop, e.g. {dups[:10]}"
 
 
-@pytest.mark.parametrize("backlog", [False, True], ids=["caught-up", "backlog"])
-def test_second_worker_joins_and_leaves_mid_stream(bootstrap: str, backlog: bool) -> None:
+@pytest.mark.parametrize(("client", "backlog"), [("confluent-kafka", False),
+                                                 ("confluent-kafka", True),
+                                                 ("aiokafka", False)],
+                         ids=["caught-up", "backlog", "aiokafka-caught-up"])
+def test_second_worker_joins_and_leaves_mid_stream(bootstrap: str, client: str,
+                                                   backlog: bool) -> None:
     """With backlog, records arrive faster than the workers process them, so that the
     rebalances happen while each worker reads full batches on its event loop."""
     src, out, name = unique("reb-in"), unique("reb-out"), unique("reb")
     make_topics(bootstrap, src, out)
     env = {"IN": src, "OUT": out, "JOB": name, "LINGER_MS": "5",
-           "SLOW_US": "100" if backlog else "0"}
+           "SLOW_US": "100" if backlog else "0", "STREAMCORE_CLIENT": client}
     with PacedProducer(bootstrap, src, rate=12000 if backlog else 1000) as producer, \
             worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "a"}) as a:
         a.wait_for("assigned")

@@ -27,6 +27,9 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
+# The engine's guarantees hold on both Kafka client backends (STREAMCORE_CLIENT).
+CLIENTS = pytest.mark.parametrize("client", ["confluent-kafka", "aiokafka"])
+
 
 def _final(bootstrap: str, out: str, expect: int) -> dict[str, dict[str, int]]:
     return latest_per_key(read_topic(bootstrap, out, expect=expect, timeout=90, settle=2.0))
@@ -36,11 +39,13 @@ def _expected(total: int) -> dict[str, dict[str, int]]:
     return totals((f"k{seq % 20}", seq) for seq in range(total))
 
 
-def _kill_and_restart(bootstrap: str, state: Path, *, broken: bool) -> tuple[
+def _kill_and_restart(bootstrap: str, state: Path, *, broken: bool,
+                      client: str = "confluent-kafka") -> tuple[
         dict[str, dict[str, int]], dict[str, dict[str, int]]]:
     src, out, name = unique("skill-in"), unique("skill-out"), unique("skill")
     make_topics(bootstrap, src, out)
     env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(state),
+           "STREAMCORE_CLIENT": client,
            "BREAK_STATE_ORDER": "1" if broken else "0"}
     with PacedProducer(bootstrap, src, rate=1500) as producer:
         with worker_process("stateful.py", bootstrap, env) as w:
@@ -64,8 +69,11 @@ def _kill_and_restart(bootstrap: str, state: Path, *, broken: bool) -> tuple[
     return final, _expected(total)
 
 
-def test_sigkill_stateful_worker_loses_no_update(bootstrap: str, tmp_path: Path) -> None:
-    final, expected = _kill_and_restart(bootstrap, tmp_path / "state", broken=False)
+@CLIENTS
+def test_sigkill_stateful_worker_loses_no_update(bootstrap: str, tmp_path: Path,
+                                                 client: str) -> None:
+    final, expected = _kill_and_restart(bootstrap, tmp_path / "state", broken=False,
+                                        client=client)
     assert final.keys() == expected.keys()
     lost = {k: (final[k], e) for k, e in expected.items()
             if final[k]["n"] < e["n"] or final[k]["sum"] < e["sum"]}
@@ -81,11 +89,12 @@ def test_state_crash_check_catches_commits_ahead_of_the_changelog(
     assert lost, "committing ahead of the state lost nothing: the crash check is blind"
 
 
-def test_partitions_migrate_between_workers_with_their_state(bootstrap: str,
-                                                              tmp_path: Path) -> None:
+@CLIENTS
+def test_partitions_migrate_between_workers_with_their_state(bootstrap: str, tmp_path: Path,
+                                                              client: str) -> None:
     src, out, name = unique("mig-in"), unique("mig-out"), unique("mig")
     make_topics(bootstrap, src, out)
-    env: dict[str, Any] = {"IN": src, "OUT": out, "JOB": name}
+    env: dict[str, Any] = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_CLIENT": client}
     with PacedProducer(bootstrap, src, rate=800) as producer, \
             worker_process("stateful.py", bootstrap,
                            {**env, "STREAMCORE_STATE_DIR": str(tmp_path / "a")}) as a:

@@ -29,6 +29,7 @@ def test_durations_accept_seconds_and_units() -> None:
     ({"inbox_high": 10, "inbox_low": 20}, "inbox_low"),
     ({"log_level": "LOUD"}, "log_level"),
     ({"group": " "}, "group"),
+    ({"client": "kafka-python"}, "client"),
     ({"consumer": {"enable.auto.commit": True}}, "consumer['enable.auto.commit']"),
     ({"kafka": {"group.id": "x"}}, "kafka['group.id']"),
 ])
@@ -138,3 +139,21 @@ def test_unknown_streamcore_variables_are_reported() -> None:
     assert unknown_env({"STREAMCORE_BOOTSTRAP": "x", "STREAMCORE_COMIT_INTERVAL": "1s",
                         "STREAMCORE_PRESET": "default", "OTHER": "1"}) == \
         ["STREAMCORE_COMIT_INTERVAL"]
+
+
+def test_aiokafka_settings_translate_librdkafka_names_and_refuse_the_rest() -> None:
+    from connectors.aio import aio_settings
+
+    consumer = aio_settings("consumer", {"client.id": "me", "linger.ms": 7},
+                            {"fetch.wait.max.ms": 5})
+    assert consumer == {"client_id": "me", "fetch_max_wait_ms": 5}  # linger is the producer's
+    producer = aio_settings("producer", {"client.id": "me"},
+                            {"linger.ms": "7", "enable.idempotence": "true", "acks": "all"})
+    assert producer == {"client_id": "me", "linger_ms": 7, "enable_idempotence": True,
+                        "acks": "all"}
+    with pytest.raises(ConfigError) as info:
+        aio_settings("consumer", {}, {"queued.max.messages.kbytes": 1024})
+    assert info.value.field == "consumer['queued.max.messages.kbytes']"
+    with pytest.raises(ConfigError) as info:
+        aio_settings("producer", {}, {"linger.ms": "soon"})
+    assert info.value.field == "producer['linger.ms']"

@@ -1,0 +1,212 @@
+"""A :class:`~connectors.base.GroupMember` made of a blocking
+:class:`~connectors.base.ConsumerBackend` and two threads: the threads a blocking client needs
+stay here, and the engine sees an asyncio member.
+
+* The **membership thread** makes every group call: serve, commits, close. librdkafka blocks
+  even an asynchronous commit while a rebalance callback runs, and the callback waits for the
+  event loop; so periodic commits are queued (:meth:`ThreadedMember.commit_soon`) and sent
+  by this thread between serves of the group. A rebalance callback hands its event to the
+  event loop and waits for the listener to complete it; a revoke's offsets are committed
+  synchronously right there, before the group moves the partitions on (DESIGN.md section 4,
+  invariant 3).
+* The **fetch thread** waits for records when there are none. While a backlog lasts, records
+  are read straight on the event loop with ``timeout=0``: no thread handoff and no GIL
+  contention (connectors.base).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
+
+from connectors.base import (
+    ConsumerBackend,
+    GroupMember,
+    Message,
+    RebalanceListener,
+    TopicPartition,
+)
+from streamcore.core.errors import FatalError, StreamcoreError
+from streamcore.core.logs import BurstLogger
+
+__all__ = ["ThreadedMember"]
+
+log = logging.getLogger("streamcore.kafka")
+_burst_log = BurstLogger(log)
+# How long one serve of the group may block the membership thread: a queued periodic commit
+# waits at most this long.
+_SERVE_TIMEOUT_S = 0.02
+T = TypeVar("T")
+
+
+class ThreadedMember(GroupMember):
+    def __init__(self, consumer: ConsumerBackend) -> None:
+        self.consumer = consumer
+        self.max_poll_interval_s = consumer.max_poll_interval_s
+        self.last_served = time.monotonic()
+        self._membership = concurrent.futures.ThreadPoolExecutor(1, "sc-consumer")
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(1, "sc-fetch")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: RebalanceListener | None = None
+        self._queued: dict[TopicPartition, int] = {}  # the next asynchronous commit
+        self._backlog = False  # the last fetch was full: read the next one on the loop
+        self._fetching: asyncio.Future[list[Message]] | None = None  # on the fetch thread
+        # Clear while a fetch is out: a revoke waits for it (see _taken).
+        self._fetch_idle = asyncio.Event()
+        self._fetch_idle.set()
+        self._commit_failed: Callable[[dict[TopicPartition, int]], None] | None = None
+
+    # -- the group -----------------------------------------------------------------------
+    async def join(self, topics: Sequence[str], listener: RebalanceListener, *,
+                   start_at_end: Callable[[str], bool] = lambda topic: False) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._listener = listener
+        self.consumer.subscribe(
+            topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_lost, start_at_end=start_at_end, on_fenced=self._on_fenced)
+        self.last_served = time.monotonic()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            commit, self._queued = self._queued, {}
+            if time.monotonic() - self.last_served > self.max_poll_interval_s:
+                commit = {}  # the member has left the group: nothing may land any more
+            errors = await loop.run_in_executor(self._membership, self._commit_then_serve,
+                                                commit)
+            self.last_served = time.monotonic()
+            for err in errors:
+                if getattr(err, "fatal", lambda: False)():
+                    raise FatalError(f"consumer failed: {err}")
+                code = err.code() if hasattr(err, "code") else err
+                _burst_log.warning(f"consumer:{code}", "consumer: %s", err)
+
+    def _commit_then_serve(self, commit: dict[TopicPartition, int]) -> list[Any]:
+        """Membership thread: the queued commit first, then serve the group."""
+        if commit:
+            try:
+                self.consumer.commit(commit, asynchronous=True)
+            except StreamcoreError as exc:  # a failed async commit is retried by the next one
+                log.warning("commit failed: %s", exc)
+        return self.consumer.serve(_SERVE_TIMEOUT_S)
+
+    def commit_soon(self, offsets: dict[TopicPartition, int]) -> None:
+        self._queued.update(offsets)
+
+    def forget(self, parts: Iterable[TopicPartition]) -> None:
+        for tp in parts:
+            self._queued.pop(tp, None)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if offsets:
+            await asyncio.get_running_loop().run_in_executor(
+                self._membership, lambda: self.consumer.commit(offsets, asynchronous=False))
+
+    async def close(self) -> None:
+        try:
+            if self._fetching is not None:  # a fetch of a cancelled caller: let it end first
+                with contextlib.suppress(BaseException):
+                    await self._fetching
+            await asyncio.get_running_loop().run_in_executor(self._membership,
+                                                             self.consumer.close)
+        finally:
+            self._membership.shutdown(wait=False)
+            self._fetcher.shutdown(wait=False)
+
+    # -- rebalance callbacks (membership thread) ----------------------------------------
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run an event of the listener on the event loop and wait for its completion."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _on_assign(self, parts: list[TopicPartition]) -> None:
+        assert self._listener is not None
+        self._on_loop(self._listener.assigned(parts))
+
+    async def _taken(self, event: Coroutine[Any, Any, T]) -> T:
+        """A revoke or loss, after the fetch in flight (if any) has landed.
+
+        That fetch may hold records of these partitions from before the event: they must
+        reach the engine's tasks now, which still belong to this assignment, and never a
+        task made for a later assignment of the same partition. The engine dispatches a
+        fetch's records without an await in between, so once the fetch returned they are
+        there."""
+        try:
+            await self._fetch_idle.wait()
+        except BaseException:
+            event.close()
+            raise
+        return await event
+
+    def _on_revoke(self, parts: list[TopicPartition]) -> None:
+        assert self._listener is not None
+        offsets = self._on_loop(self._taken(self._listener.revoked(parts)))
+        self._queued = {tp: o for tp, o in self._queued.items() if tp not in parts}
+        if not offsets:
+            return
+        try:  # synchronously, here, before the group moves the partitions on
+            self.consumer.commit(offsets, asynchronous=False)
+            log.info("committed revoked partitions at %s", _fmt(offsets))
+        except StreamcoreError as exc:
+            # The next owner starts from the previous commit: duplicates, never loss.
+            log.warning("commit on revoke failed: %s", exc)
+
+    def _on_lost(self, parts: list[TopicPartition]) -> None:
+        assert self._listener is not None
+        self._on_loop(self._taken(self._listener.lost(parts)))
+
+    def _on_fenced(self, parts: list[TopicPartition]) -> None:
+        if self._loop is not None and self._listener is not None:
+            self._loop.call_soon_threadsafe(self._listener.fenced, parts)
+
+    def observe_commits(self, seconds: Callable[[float], None]) -> None:
+        self.consumer.observe_commits(seconds)
+
+    def observe_connectivity(self, connected: Callable[[bool], None]) -> None:
+        self.consumer.observe_connectivity(connected)
+
+    def observe_commit_failures(self,
+                                failed: Callable[[dict[TopicPartition, int]], None]) -> None:
+        self._commit_failed = failed
+        self.consumer.observe_commit_failures(self._on_commit_failed)
+
+    def _on_commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
+        if self._loop is not None and self._commit_failed is not None:
+            self._loop.call_soon_threadsafe(self._commit_failed, offsets)
+
+    # -- the data side -------------------------------------------------------------------
+    async def fetch(self, max_records: int, max_wait: float) -> list[Message]:
+        msgs: list[Message] = []
+        if self._backlog:
+            # Read what the client has already fetched, here on the loop thread (it runs no
+            # callbacks): no handoff to another thread while a backlog lasts.
+            msgs = self.consumer.consume(max_records, 0)
+        if not msgs:
+            self._fetching = asyncio.get_running_loop().run_in_executor(
+                self._fetcher, self.consumer.consume, max_records, max_wait)
+            self._fetch_idle.clear()
+            try:
+                msgs = await self._fetching
+            finally:
+                self._fetching = None
+                self._fetch_idle.set()
+        self._backlog = len(msgs) >= max_records
+        return msgs
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        self.consumer.pause(partitions)
+
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        self.consumer.resume(partitions)
+
+    def high_watermark(self, tp: TopicPartition) -> int | None:
+        return self.consumer.high_watermark(tp)
+
+
+def _fmt(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))
