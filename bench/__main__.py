@@ -5,7 +5,7 @@ Each run gets a freshly started local broker (it slows down as it fills, DESIGN.
 and runs the system under test as its own process; this process produces the input and
 measures the output with an independent consumer. Ratios compare runs of the same invocation.
 
-    python -m bench [--w1-records 500000] [--repeat 2] [--only w1|w2|w3]
+    python -m bench [--w1-records 500000] [--repeat 2] [--only w1|w2|w3] [--client aiokafka]
 """
 
 from __future__ import annotations
@@ -65,8 +65,10 @@ def _start(system: str, mode: str, bootstrap: str, src: str, out: str,
            log: Path, extra_env: dict[str, str] | None = None,
            group: str | None = None) -> subprocess.Popen[bytes]:
     group = group or f"bench-{uuid.uuid4().hex[:8]}"
+    aio = os.environ.get("STREAMCORE_CLIENT") == "aiokafka"
     if system == "raw":
-        cmd = [sys.executable, "-m", "bench.raw_loop", src, out, group, mode, bootstrap]
+        loop = "bench.raw_aio" if aio else "bench.raw_loop"
+        cmd = [sys.executable, "-m", loop, src, out, group, mode, bootstrap]
         env = dict(os.environ)
     else:
         cmd = [sys.executable, "-m", "streamcore.cli", "run", "bench/jobs.py:job",
@@ -311,7 +313,14 @@ def main() -> int:
                     help="W1 client settings: equal on both sides, each side's defaults, or both")
     ap.add_argument("--only", choices=("w1", "w2", "w3"))
     ap.add_argument("--restore-records", type=int, default=1_000_000)
+    ap.add_argument("--client", choices=("confluent-kafka", "aiokafka"),
+                    default="confluent-kafka",
+                    help="aiokafka: streamcore on its aiokafka backend against the raw "
+                         "aiokafka loop (W1 and W3, equal settings)")
     args = ap.parse_args()
+    if args.client == "aiokafka":
+        os.environ["STREAMCORE_CLIENT"] = "aiokafka"
+        args.settings = "equal"
     rows: list[str] = []
     if args.only in (None, "w1"):
         for variant in ("equal", "defaults") if args.settings == "both" else (args.settings,):

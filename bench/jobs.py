@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
-from bench.workload import add_order, enrich, keep, settings
+from bench.workload import add_order, enrich, keep, settings, streamcore_aio_settings
 from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
 
 _mode = os.environ.get("BENCH_MODE", "w1")
 _w3 = _mode == "w3"
-_producer, _consumer = settings(_mode)
+_aio = os.environ.get("STREAMCORE_CLIENT") == "aiokafka"
+_producer, _consumer = streamcore_aio_settings(_mode) if _aio else settings(_mode)
 job = Job(os.environ.get("BENCH_JOB", "bench"), config=WorkerConfig(
     producer=_producer,
     consumer=_consumer,

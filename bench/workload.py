@@ -30,6 +30,26 @@ def settings(mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return PRODUCER_W1, CONSUMER_W1
 
 
+# The aiokafka runs (--client aiokafka): the same on both sides, as close to the above as
+# aiokafka goes on the local broker (no idempotence: DESIGN.md section 9; no lz4 package).
+AIO_PRODUCER_W1: dict[str, Any] = {"linger_ms": 20, "acks": "all"}
+AIO_CONSUMER_W1: dict[str, Any] = {"fetch_max_wait_ms": 100}
+
+
+def aio_settings(mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """aiokafka keyword arguments of a run, for the raw aiokafka loop."""
+    linger = 0 if mode == "w3" else 20
+    return ({**AIO_PRODUCER_W1, "linger_ms": linger},
+            {"fetch_max_wait_ms": 5 if mode == "w3" else 100})
+
+
+def streamcore_aio_settings(mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same settings for streamcore's aiokafka backend, by their librdkafka names."""
+    producer, consumer = aio_settings(mode)
+    return ({"linger.ms": producer["linger_ms"], "acks": "all"},
+            {"fetch.wait.max.ms": consumer["fetch_max_wait_ms"]})
+
+
 def record(i: int) -> bytes:
     """About 100 bytes of JSON; one in ten is a bot that the filter drops."""
     return orjson.dumps({"id": i, "user": f"u{i % 5000}", "kind": "bot" if i % 10 == 0
