@@ -132,6 +132,11 @@ class MemoryCluster:
             self._cond.notify_all()
             return msg
 
+    def atomically(self) -> threading.Condition:
+        """``with cluster.atomically():`` appends inside become visible to readers together
+        (one fetch can take them all)."""
+        return self._cond
+
     def end(self, tp: TopicPartition) -> int:
         parts = self.topics.get(tp[0])
         return len(parts[tp[1]]) if parts is not None and tp[1] < len(parts) else 0

@@ -84,6 +84,9 @@ class WorkerConfig:
     progress_interval: float | str = 10.0
     poll_batch: int = 1000  # records per consume() call
     poll_timeout: float | str = 0.1
+    # Each fetched batch goes through the stateless steps one step at a time (one call per
+    # step per batch); False: record at a time (see streamcore.runtime.batches).
+    batch_execution: bool = True
     inbox_high: int = 20_000  # records queued for one partition before it is paused
     inbox_low: int = 5_000  # ... and resumed
     log_level: str = "INFO"
@@ -127,6 +130,9 @@ class WorkerConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        if not isinstance(self.batch_execution, bool):
+            raise ConfigError("batch_execution", f"must be True or False, got "
+                              f"{self.batch_execution!r}")
         if self.inbox_low >= self.inbox_high:
             raise ConfigError("inbox_low", f"must be below inbox_high ({self.inbox_high})")
         if self.http_port is not None and (
@@ -213,6 +219,12 @@ class WorkerConfig:
                 continue
             if f.name == "http_port" and raw.strip().lower() in ("", "none", "off"):
                 values[f.name] = None
+            elif f.name == "batch_execution":
+                flag = raw.strip().lower()
+                if flag not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ConfigError(f.name, f"STREAMCORE_{f.name.upper()}={raw!r} is not "
+                                      "true or false")
+                values[f.name] = flag in ("true", "1", "yes", "on")
             elif f.name in ("poll_batch", "inbox_high", "inbox_low", "http_port",
                             "state_cache_entries"):
                 try:

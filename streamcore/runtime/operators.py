@@ -25,9 +25,11 @@ def _noop(key: Any, value: Any, ts: int) -> None:
     return None
 
 
-def compile_chain(plan: PhysicalPlan, source: Node, ctx: PartitionContext) -> Emit:
+def compile_chain(plan: PhysicalPlan, source: Node, ctx: PartitionContext,
+                  start: Node | None = None) -> Emit:
     """The entry closure for records of source (a root of one of the plan's sub-topologies),
-    for the partition described by ctx."""
+    for the partition described by ctx; with start, the closure of that node below source
+    (what takes the records after a fused run, streamcore.runtime.batches)."""
     kids = plan.children
     built: dict[int, Emit] = {}
     lanes_by_node: dict[int, list[AsyncLane]] = {}  # lanes at or below each node
@@ -60,7 +62,7 @@ def compile_chain(plan: PhysicalPlan, source: Node, ctx: PartitionContext) -> Em
                                    plan)
         return built[node.id]
 
-    return entry(source)
+    return entry(start or source)
 
 
 def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]],

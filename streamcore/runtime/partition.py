@@ -36,13 +36,14 @@ from streamcore.core.errors import (
 )
 from streamcore.core.logs import BurstLogger
 from streamcore.core.serde import BYTES, KEY
-from streamcore.plan.graph import Node
+from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
-from streamcore.runtime.context import GlobalTableView, PartitionContext, StepFailed
+from streamcore.runtime.batches import FusedRun, SinkColumns, decode, fusable_run
+from streamcore.runtime.context import Emit, GlobalTableView, PartitionContext, StepFailed
 from streamcore.runtime.operators import compile_chain
 from streamcore.runtime.progress import LatencyHistogram
 from streamcore.runtime.state import PartitionStores
-from streamcore.runtime.tracking import OffsetTracker
+from streamcore.runtime.tracking import Batch, OffsetTracker
 
 __all__ = ["PartitionTask", "TaskState"]
 
@@ -85,6 +86,7 @@ class PartitionTask:
         make_stores: Callable[[int], PartitionStores] | None = None,
         new_reader: Callable[[], PartitionReader] | None = None,
         tables: Mapping[int, GlobalTableView] | None = None,
+        batch_execution: bool = True,
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
@@ -99,6 +101,7 @@ class PartitionTask:
         self.ctx.failed = self._on_failed
         try:
             self._chain = compile_chain(plan, source, self.ctx)
+            self._batched = _Batched(plan, source, self.ctx) if batch_execution else None
         except BaseException:
             self.close_stores()
             raise
@@ -282,7 +285,12 @@ class PartitionTask:
             handed_at, msgs = inbox.popleft()
             batch = self.tracker.open(handed_at)
             ctx.batch = batch
-            for m in msgs:
+            if self._batched is not None:
+                kept = await self._take_batch(msgs, batch, vde, kde, ts_of)
+                if kept < len(msgs):  # stopping: the rest of the batch is the next owner's
+                    self._queued -= len(msgs) - kept
+                    msgs = msgs[:kept]
+            for m in msgs if self._batched is None else ():
                 ctx.msg = m
                 # try costs nothing until something raises (Python 3.11).
                 try:
@@ -335,6 +343,81 @@ class PartitionTask:
                 self._resume(self.tp)
             # Let the poll loop and other partitions run between batches.
             await asyncio.sleep(0)
+
+    async def _take_batch(self, msgs: list[Message], batch: Batch,
+                          vde: Callable[[bytes], Any], kde: Callable[[bytes], Any] | None,
+                          ts_of: Callable[[Any], int] | None) -> int:
+        """Batch-at-a-time (streamcore.runtime.batches): decode, the fused steps over the
+        whole batch, then each surviving record to what follows, in order, with the policy of
+        each failed record applied at its place. Returns how many of msgs were taken (fewer
+        when the task stops while waiting for room in the producer)."""
+        b = self._batched
+        assert b is not None
+        ctx = self.ctx
+        cols = decode(msgs, vde, kde, ts_of)
+        b.run.apply(cols)
+        failed = cols.failed
+        order = sorted(failed)
+        nf, fi = len(order), 0
+        serialized = b.sink.serialize(cols) if b.sink is not None else None
+        if serialized is not None:
+            assert b.sink is not None
+            vs, ks = serialized
+            topic, with_headers, counter = b.sink.topic, b.sink.headers, b.counter
+            producer = ctx.producer
+            produce, held, ack = producer.produce, ctx.outbox.held, batch.ack
+            for i, k, v, t in zip(cols.idx, ks, vs, cols.tss, strict=True):
+                while fi < nf and order[fi] < i:
+                    self._record_failed(msgs[order[fi]], failed[order[fi]])
+                    fi += 1
+                m = msgs[i]
+                h = m.headers() if with_headers else None
+                batch.pending += 1
+                counter.n += 1
+                if not held:  # Outbox.send, inlined (as the sink's closure does)
+                    try:
+                        produce(topic, v, k, -1, ack, None, t, h)
+                        continue
+                    except BufferError:
+                        pass
+                    except Exception as exc:
+                        batch.seal((m.offset() or 0) - 1)
+                        raise producer.delivery_error(topic, exc) from exc
+                held.append((topic, v, k, -1, ack, t, h))
+                ctx.blocked = True
+                ctx.msg = m
+                if await self._unblocked(batch):
+                    return i + 1
+        else:
+            tail = b.tail
+            for i, k, v, t in zip(cols.idx, cols.keys, cols.values, cols.tss, strict=True):
+                while fi < nf and order[fi] < i:
+                    self._record_failed(msgs[order[fi]], failed[order[fi]])
+                    fi += 1
+                m = ctx.msg = msgs[i]
+                try:
+                    tail(k, v, t)
+                except StepFailed as step_failed:
+                    self._record_failed(m, step_failed)
+                except Exception:
+                    batch.seal((m.offset() or 0) - 1)  # as record-at-a-time: see below
+                    raise
+                if ctx.blocked and await self._unblocked(batch):
+                    return i + 1
+        while fi < nf:
+            ctx.msg = msgs[order[fi]]
+            self._record_failed(msgs[order[fi]], failed[order[fi]])
+            fi += 1
+        if ctx.blocked:  # a dead-letter write waits for room like any output
+            await ctx.wait_unblocked()
+            ctx.batch = batch
+        return len(msgs)
+
+    async def _unblocked(self, batch: Batch) -> bool:
+        """Wait for room in the producer; True if the task is stopping meanwhile."""
+        await self.ctx.wait_unblocked()
+        self.ctx.batch = batch
+        return self._closing
 
     def fence(self) -> None:
         """This member may no longer own the partition (a lost membership or a fenced
@@ -396,6 +479,31 @@ class PartitionTask:
         if self.ctx.outbox.held:
             self.ctx.blocked = True
         self.dlq_records += 1
+
+
+class _Batched:
+    """What batch-at-a-time execution of one partition's chain needs: the fused run, and
+    either a sink that ends it (written from columns) or the closure of what follows."""
+
+    def __init__(self, plan: PhysicalPlan, source: Node, ctx: PartitionContext) -> None:
+        steps, after = fusable_run(plan, source)
+        self.run = FusedRun(steps)
+        self.sink: SinkColumns | None = None
+        self.tail: Emit = _nowhere
+        if after is None:
+            return
+        is_sink = after.kind == OpKind.TO or (after.kind == OpKind.REPARTITION
+                                              and after is not source)
+        # Compiling a sink adds its counter to ctx.sinks (last): the columns path counts
+        # its outputs on the same counter.
+        self.tail = compile_chain(plan, source, ctx, start=after)
+        if is_sink:
+            self.counter = ctx.sinks[-1]
+            self.sink = SinkColumns(after, self.counter.topic)
+
+
+def _nowhere(key: Any, value: Any, ts: int) -> None:
+    return None
 
 
 def _last_frames(exc: BaseException, n: int = 3) -> str:

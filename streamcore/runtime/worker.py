@@ -279,7 +279,8 @@ class Worker:
                 inbox_high=self.config.inbox_high, inbox_low=self.config.inbox_low,
                 pause=self._pause, resume=self._resume, latency=self.latency,
                 e2e=self.e2e_latency, errors=self.errors, make_stores=self._make_stores,
-                new_reader=self._new_reader, tables=self._tables)
+                new_reader=self._new_reader, tables=self._tables,
+                batch_execution=self.config.batch_execution)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")

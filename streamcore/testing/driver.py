@@ -175,10 +175,12 @@ class TestDriver:
     def send_many(self, topic: str, records: Iterable[Any], *,
                   key: Any = None, timestamp: int | None = None) -> None:
         """Write records (values, or (key, value) pairs when key is None and a record is a
-        tuple), then let the job process them all."""
-        for rec in records:
-            k, v = rec if key is None and isinstance(rec, tuple) else (key, rec)
-            self._append(topic, v, k, timestamp, None, None)
+        tuple), then let the job process them all. They are written together: the job
+        fetches them in as few batches as its poll_batch allows."""
+        with self.cluster.atomically():
+            for rec in records:
+                k, v = rec if key is None and isinstance(rec, tuple) else (key, rec)
+                self._append(topic, v, k, timestamp, None, None)
         self._settle()
 
     def _append(self, topic: str, value: Any, key: Any, timestamp: int | None,

@@ -1,0 +1,142 @@
+"""Batch-at-a-time execution (streamcore.runtime.batches) emits exactly what record-at-a-time
+execution emits: the same outputs in the same order, the same dead-letter records among them,
+the same failure under on_error="fail" and the same committed offsets, on random chains of
+stateless steps with random failures (hypothesis), on the test driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
+from streamcore.testing import TestDriver
+
+T0 = 1_700_000_000_000
+POLICIES = ("skip", "dead_letter", "fail")
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # map, filter, key_by, peek, with_timestamps
+    a: int  # the step's parameter
+    fails_on: int  # raises on values divisible by this (0: never)
+    policy: str | None  # None: the job's policy
+
+
+steps = st.builds(
+    Step, st.sampled_from(["map", "filter", "key_by", "peek", "with_timestamps"]),
+    st.integers(2, 7), st.sampled_from([0, 0, 5, 7, 11]),
+    st.sampled_from([None, *POLICIES]))
+
+
+def _fn(step: Step) -> Any:
+    def check(v: int) -> None:
+        if step.fails_on and v % step.fails_on == 0:
+            raise ValueError(f"{step.kind} refuses {v}")
+
+    if step.kind == "map":
+        def map_(v: int) -> int:
+            check(v)
+            return v * step.a + 1
+        return map_
+    if step.kind == "filter":
+        def filter_(v: int) -> bool:
+            check(v)
+            return v % step.a != 0
+        return filter_
+    if step.kind == "key_by":
+        def key_by(v: int) -> str:
+            check(v)
+            return f"k{v % step.a}"
+        return key_by
+    if step.kind == "peek":
+        def peek(v: int) -> None:
+            check(v)
+        return peek
+
+    def with_ts(v: int) -> int:
+        check(v)
+        return T0 + v * step.a
+    return with_ts
+
+
+def _job(chain: list[Step], policy: str, tail: str, batch: bool) -> Job:
+    job = Job("prop", on_error=policy, config=WorkerConfig(batch_execution=batch,
+                                                         commit_interval="100ms"))
+    s = job.stream(KafkaSource("in", key=STR, value=JSON))
+    for step in chain:
+        kw = {} if step.policy is None else {"on_error": step.policy}
+        s = getattr(s, step.kind)(_fn(step), **kw)
+    if tail == "aggregate":  # a stateful step after the fused run (a closure per record)
+        s = s.key_by(lambda v: f"k{v % 3}").aggregate(
+            lambda: 0, lambda total, v: total + v, name="sum").to_stream()
+    elif tail == "fan-out":  # two sinks after the run
+        s.to(KafkaSink("side", key=STR, value=JSON))
+    s.to(KafkaSink("out", key=STR, value=JSON))
+    return job
+
+
+def _run(chain: list[Step], policy: str, tail: str, inputs: list[Any], batch: bool,
+         ) -> dict[str, Any]:
+    with TestDriver(_job(chain, policy, tail, batch), partitions=2, start_ms=T0) as d:
+        d.send_many("in", [(f"u{i % 4}", v) for i, v in enumerate(inputs)])
+        d.advance_time("1s")
+        failure = d.exception()
+        return {
+            "out": [(r.partition, r.key, r.value, r.timestamp) for r in d.read("out")],
+            "side": [(r.partition, r.key, r.value) for r in d.read("side")]
+            if tail == "fan-out" else [],
+            "dlq": [(r.partition, r.value, dict(r.headers or [])
+                     .get("streamcore.error.step")) for r in d.read("prop-dlq")]
+            if "prop-dlq" in d.cluster.topics else [],
+            "failure": None if failure is None else (type(failure).__name__, str(failure)),
+            "committed": d.committed("in"),
+        }
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chain=st.lists(steps, min_size=1, max_size=5),
+       policy=st.sampled_from(POLICIES),
+       tail=st.sampled_from(["sink", "sink", "aggregate", "fan-out"]),
+       inputs=st.lists(st.integers(1, 200), min_size=1, max_size=60))
+def test_batch_execution_equals_record_execution(chain: list[Step], policy: str, tail: str,
+                                                 inputs: list[int]) -> None:
+    assert _run(chain, policy, tail, inputs, batch=True) == \
+        _run(chain, policy, tail, inputs, batch=False)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_failure_in_the_middle_of_a_batch_is_handled_at_its_place(policy: str) -> None:
+    """One fetched batch of 10, the map failing on the 5th: outputs before it, its policy at
+    its place (the DLQ write, the skip, or the stop with nothing from it on written)."""
+    chain = [Step("map", 1, 0, None), Step("filter", 1000, 0, None)]
+    results = {}
+    for batch in (True, False):
+        job = Job("mid", on_error=policy, config=WorkerConfig(batch_execution=batch))
+
+        def fn(v: int) -> int:
+            if v == 5:
+                raise ValueError("five")
+            return v * 10
+
+        (job.stream(KafkaSource("in", value=JSON)).map(fn).filter(_fn(chain[1]))
+            .to(KafkaSink("out", value=JSON)))
+        with TestDriver(job) as d:
+            d.send_many("in", list(range(1, 11)))
+            d.advance_time("1s")
+            out = [r.value for r in d.read("out")]
+            dlq = [r.value for r in d.read("mid-dlq")] if "mid-dlq" in d.cluster.topics \
+                else []
+            results[batch] = (out, dlq, type(d.exception()).__name__, d.committed("in"))
+    assert results[True] == results[False]
+    out, dlq, failure, committed = results[True]
+    if policy == "fail":
+        assert out == [10, 20, 30, 40] and failure == "UserFunctionError"
+        assert committed in ({}, {0: 4})  # never past the failing record (offset 4)
+    else:
+        assert out == [10, 20, 30, 40, 60, 70, 80, 90, 100]
+        assert dlq == ([b"5"] if policy == "dead_letter" else [])
