@@ -1,4 +1,5 @@
-"""What a job reads from and writes to: Kafka source and sink descriptions.
+"""What a job reads from and writes to: Kafka source and sink descriptions (the Kafka
+connector's :class:`~connectors.spec.Source` and :class:`~connectors.spec.Sink`).
 
 These are plain frozen descriptions; the engine turns them into client calls. They are
 re-exported by :mod:`streamcore`.
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from connectors.spec import Sink, Source
 from streamcore.core.errors import JobDefinitionError
 from streamcore.core.serde import BYTES, KEY, Serde
 
@@ -19,7 +21,7 @@ _STARTING = ("earliest", "latest")
 
 
 @dataclass(frozen=True, kw_only=True, init=False)
-class KafkaSource:
+class KafkaSource(Source):
     """Records from one or more topics, or from topics matching a regex (``pattern=``).
 
     ``timestamp`` extracts the event time (epoch milliseconds) from the decoded value; the
@@ -73,7 +75,7 @@ class KafkaSource:
 
 
 @dataclass(frozen=True, kw_only=True, init=False)
-class KafkaSink:
+class KafkaSink(Sink):
     """Records to one topic. The record's key (from the source or ``key_by``) is the Kafka key,
     so one key always lands on one partition, in order. The default key serde (``KEY``)
     writes bytes as they are, a str as UTF-8 and anything else as JSON. Input headers pass

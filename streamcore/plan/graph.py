@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.kafka import KafkaSink, KafkaSource
+from connectors.spec import Sink, Source
 
 __all__ = ["Node", "OpKind"]
 
@@ -45,8 +45,8 @@ class Node:
     parents: tuple[Node, ...] = ()
     fn: Callable[..., Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    source: KafkaSource | None = None
-    sink: KafkaSink | None = None
+    source: Source | None = None
+    sink: Sink | None = None
     id: int = field(default_factory=lambda: next(_ids))
 
     def describe(self) -> str:

@@ -18,8 +18,8 @@ from connectors.base import Message, Outbox, ProducerBackend
 from statestore.cache import StateCache
 from streamcore.runtime.tracking import Batch
 
-__all__ = ["AsyncLane", "Emit", "GlobalTableView", "OpenState", "PartitionContext",
-           "SinkCounter", "StepFailed"]
+__all__ = ["AsyncLane", "Emit", "GlobalTableView", "OpenState", "OperatorHooks",
+           "PartitionContext", "SinkCounter", "StepFailed"]
 
 Emit = Callable[[Any, Any, int], None]
 
@@ -52,9 +52,33 @@ class SinkCounter:
 OpenState = Callable[[str, Callable[[Any], bytes], Callable[[bytes], Any]], StateCache]
 
 
+class OperatorHooks:
+    """What an operator asks to be called at besides its records (it registers when it is
+    compiled). Each hook runs on the event loop, inside the partition task's processing
+    (``batch_end``) or between batches (the others), never concurrently with a record; it
+    may emit downstream through the operator's own closure, with ``ctx.batch`` set to the
+    batch whose offsets its outputs hold back.
+
+    * ``batch_end()``: a fetched batch has been through the chain.
+    * ``commit()``: a commit (continuous mode) or the end of an epoch (epoch mode) is about
+      to take the done offsets: emit what must be in it. State stores flush after it.
+    * ``timer(now_ms)``: processing time has passed; called at least every
+      ``TIMER_INTERVAL_S`` by the worker's clock (the test driver's manual clock included).
+    * ``watermark(ms)``: the partition's event-time watermark advanced.
+    """
+
+    __slots__ = ("batch_end", "commit", "timer", "watermark")
+
+    def __init__(self) -> None:
+        self.batch_end: list[Callable[[], None]] = []
+        self.commit: list[Callable[[], None]] = []
+        self.timer: list[Callable[[int], None]] = []
+        self.watermark: list[Callable[[int], None]] = []
+
+
 class PartitionContext:
-    __slots__ = ("batch", "blocked", "failed", "lanes", "msg", "open_state", "outbox",
-                 "partition", "producer", "sinks", "tables", "topic")
+    __slots__ = ("batch", "blocked", "failed", "hooks", "lanes", "msg", "open_state",
+                 "outbox", "partition", "producer", "sinks", "tables", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
                  open_state: OpenState | None = None,
@@ -68,6 +92,7 @@ class PartitionContext:
         self.batch: Batch | None = None
         self.lanes: list[AsyncLane] = []
         self.sinks: list[SinkCounter] = []
+        self.hooks = OperatorHooks()
         # Outputs the producer had no room for (a broker outage), in order; see Outbox.
         self.outbox = Outbox(producer)
         # A lane is full or the outbox holds records: the intake waits before the next record.

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from connectors.base import Message, PartitionReader, ProducerBackend, TopicPartition
-from connectors.kafka import KafkaSource
+from connectors.spec import Source
 from statestore.base import StoreLocked
 from statestore.cache import StateCache
 from streamcore.core.errors import (
@@ -106,7 +106,7 @@ class PartitionTask:
             self.close_stores()
             raise
         spec = source.source
-        assert isinstance(spec, KafkaSource)
+        assert isinstance(spec, Source)
         self._spec = spec
         self._inbox: deque[tuple[float, list[Message]]] = deque()
         self._queued = 0
@@ -167,9 +167,42 @@ class PartitionTask:
         return off
 
     def flush_state(self) -> None:
-        """Start flushing the stores' dirty keys to RocksDB and the changelog (commit time)."""
-        if self.stores is not None and not self.fenced:
+        """Commit time: the operators' commit hooks, then start flushing the stores' dirty
+        keys to RocksDB and the changelog."""
+        if self.fenced:
+            return
+        self._run_hooks(self.ctx.hooks.commit)
+        if self.stores is not None:
             self.stores.flush(self.processed_offset(), self.ctx.producer)
+
+    def on_time(self, now_ms: int) -> None:
+        """Processing time passed: the operators' timer hooks (worker's clock)."""
+        if self.state is TaskState.RUNNING and not self.fenced:
+            self._run_hooks(self.ctx.hooks.timer, now_ms)
+
+    def on_watermark(self, watermark_ms: int) -> None:
+        """The partition's event-time watermark advanced: the operators' watermark hooks."""
+        if self.state is TaskState.RUNNING and not self.fenced:
+            self._run_hooks(self.ctx.hooks.watermark, watermark_ms)
+
+    def _run_hooks(self, hooks: list[Any], *args: Any) -> None:
+        """Run hooks. Between batches, their outputs are held by a batch of their own, sealed
+        at the last offset taken, so that later offsets wait for their acknowledgement (what
+        they emit derives from records already taken); while the task waits inside a batch,
+        by that batch."""
+        if not hooks:
+            return
+        current = self.ctx.batch
+        if current is not None and not current.sealed:  # the task waits inside a batch
+            for hook in hooks:
+                hook(*args)
+            return
+        batch = self.ctx.batch = self.tracker.open(time.perf_counter())
+        try:
+            for hook in hooks:
+                hook(*args)
+        finally:
+            batch.seal(self.last_offset if self.last_offset is not None else -1)
 
     def state_settled(self) -> bool:
         """Every processed record's state change is acknowledged by the changelog."""
@@ -329,6 +362,9 @@ class PartitionTask:
                         break
             last = msgs[-1].offset()
             assert last is not None
+            if ctx.hooks.batch_end:
+                for hook in ctx.hooks.batch_end:
+                    hook()
             batch.seal(last)
             n = len(msgs)
             self._latency.record(perf() - handed_at, n)

@@ -55,6 +55,7 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("streamcore.worker")
 _burst_log = BurstLogger(log)
+TIMER_INTERVAL_S = 0.1  # operators' timer hooks run at least this often
 
 
 class Worker:
@@ -157,6 +158,7 @@ class Worker:
                 tg.create_task(self.committer.run(), name="commit")
                 tg.create_task(self._progress_loop(), name="progress")
                 tg.create_task(self._heartbeat_loop(), name="heartbeat")
+                tg.create_task(self._timer_loop(), name="timers")
                 await self._stopping.wait()
                 await poll  # 1. stop intake at the source
                 live = self._live(self._tasks)
@@ -387,6 +389,14 @@ class Worker:
     @property
     def http_port(self) -> int | None:
         return self._http.port if self._http is not None else None
+
+    async def _timer_loop(self) -> None:
+        """Processing time for the operators' timer hooks (runtime.context.OperatorHooks)."""
+        while True:
+            await self.clock.sleep(TIMER_INTERVAL_S)
+            now = self.clock.now_ms()
+            for task in list(self._tasks.values()):
+                task.on_time(now)
 
     async def _heartbeat_loop(self) -> None:
         while True:
