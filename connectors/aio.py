@@ -92,8 +92,10 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
     "session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "fetch_max_wait_ms": 100}
 _PRODUCER_DEFAULTS: dict[str, Any] = {"acks": "all", "linger_ms": 5,
                                       "enable_idempotence": False}
-# Records queued in the producer before produce() answers BufferError (the Outbox holds more).
-_PRODUCER_QUEUE = 100_000
+# Records queued in the producer before produce() answers BufferError (the Outbox holds more,
+# and the partition waits for room). Small: orjson hands out bytes with a 4 KB allocation,
+# which a long queue keeps alive (100k queued records held 400 MB).
+_PRODUCER_QUEUE = 5_000
 
 
 def aio_settings(section: str, common: Mapping[str, Any],
