@@ -87,10 +87,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
+_ASSIGNED = re.compile(r"\bassigned (\d+|\S+\[\d+\])")
+
+
 def _wait_assigned(log: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "assigned" in log.read_text(errors="replace"):
+        # The raw loops print "assigned 4", streamcore "assigned w3-in[0], ..."; aiokafka's
+        # own "Revoking previously assigned partitions set()" comes before the group is joined.
+        if _ASSIGNED.search(log.read_text(errors="replace")):
             return
         if proc.poll() is not None:
             raise RuntimeError(f"benchmark process exited:\n{log.read_text()[-2000:]}")
