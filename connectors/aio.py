@@ -467,7 +467,9 @@ class AioClients(ClientBackend):
     def consumer(self, group: str) -> AioMember:
         return AioMember(self._bootstrap, group, self._consumer)
 
-    def producer(self) -> AioProducer:
+    def producer(self, transactional_id: str | None = None) -> AioProducer:
+        if transactional_id is not None:
+            raise NotImplementedError("epoch mode needs the confluent-kafka client")
         return AioProducer(self._bootstrap, self._producer)
 
     def reader(self) -> PartitionReader:

@@ -165,6 +165,17 @@ class GroupMember(ABC):
     async def close(self) -> None:
         """Leave the group: the listener's ``revoked`` runs for what is still assigned."""
 
+    def seek(self, offsets: dict[TopicPartition, int]) -> None:
+        """Read these assigned partitions again from these offsets (epoch mode, after an
+        abort). Only while no fetch is in flight: records fetched before the seek are then
+        never returned after it. Optional: epoch mode refuses a backend without it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot seek")
+
+    def group_metadata(self) -> Any:
+        """The group's metadata for ``send_offsets_to_transaction`` (its generation, so that
+        a member fenced out of the group cannot commit). Optional, as :meth:`seek`."""
+        raise NotImplementedError(f"{type(self).__name__} has no group metadata")
+
     def observe_commits(self, seconds: Callable[[float], None]) -> None:  # noqa: B027
         """Have every asynchronous commit's latency reported to seconds (any thread).
         Optional: a backend that cannot measure it ignores this."""
@@ -272,6 +283,14 @@ class ConsumerBackend(ABC):
         """The partition's high watermark as last seen in a fetch (no request; None if not
         known yet). Non-blocking and callable from any thread."""
 
+    def seek(self, offsets: dict[TopicPartition, int]) -> None:
+        """As :meth:`GroupMember.seek` (data side)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot seek")
+
+    def group_metadata(self) -> Any:
+        """As :meth:`GroupMember.group_metadata`."""
+        raise NotImplementedError(f"{type(self).__name__} has no group metadata")
+
 
 class ProducerBackend(ABC):
     """A producer whose delivery reports run on the caller's thread inside :meth:`poll`.
@@ -281,6 +300,33 @@ class ProducerBackend(ABC):
 
     async def start(self) -> None:  # noqa: B027
         """Connect (a backend whose client needs the event loop starts it here)."""
+
+    # -- transactions (epoch mode). Blocking: the engine calls them on a worker thread. A
+    # backend without transactions keeps these defaults and epoch mode refuses it.
+    transactional: bool = False
+
+    def init_transactions(self, timeout: float) -> None:
+        """Register the transactional id, fencing any earlier producer with the same id and
+        aborting its open transaction."""
+        raise NotImplementedError(f"{type(self).__name__} has no transactions")
+
+    def begin_transaction(self) -> None:
+        raise NotImplementedError
+
+    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int],
+                                    group_metadata: Any, timeout: float) -> None:
+        """Commit these next-offsets-to-read for the group with the transaction."""
+        raise NotImplementedError
+
+    def commit_transaction(self, timeout: float) -> None:
+        """Deliver everything produced in the transaction and commit it (with its offsets).
+        Raises :class:`~streamcore.core.errors.TransactionAborted` when the transaction
+        must be aborted and retried, :class:`~streamcore.core.errors.ProducerFenced` when
+        another producer took over the transactional id or the group moved on."""
+        raise NotImplementedError
+
+    def abort_transaction(self, timeout: float) -> None:
+        raise NotImplementedError
 
     async def stop(self) -> None:
         """Release the client from the event loop."""
@@ -422,7 +468,9 @@ class ClientBackend(ABC):
         """A member of group (the application id)."""
 
     @abstractmethod
-    def producer(self) -> ProducerBackend: ...
+    def producer(self, transactional_id: str | None = None) -> ProducerBackend:
+        """The worker's producer; with a transactional id, a transactional one (epoch
+        mode; a backend without transactions raises NotImplementedError)."""
 
     @abstractmethod
     def reader(self) -> PartitionReader:

@@ -26,7 +26,14 @@ from connectors.base import (
     TopicPartition,
 )
 from connectors.threaded import ThreadedMember
-from streamcore.core.errors import BrokerUnavailable, ConfigError, DeliveryFailed, RebalanceError
+from streamcore.core.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DeliveryFailed,
+    ProducerFenced,
+    RebalanceError,
+    TransactionAborted,
+)
 from streamcore.core.logs import BurstLogger, librdkafka_logger
 
 __all__ = [
@@ -64,6 +71,10 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
 
 # A commit refused with these means the member is no longer in the group's generation.
 _FENCED = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID})
+# A transactional producer that another one with its transactional id replaced. (A group
+# that moved on, ILLEGAL_GENERATION, only aborts the epoch: the member rejoins.)
+_PRODUCER_FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
+                              KafkaError.INVALID_PRODUCER_EPOCH})
 
 
 def consumer_settings(bootstrap: str, group: str, common: Mapping[str, Any],
@@ -318,6 +329,16 @@ class ConfluentConsumer(ConsumerBackend):
         finally:
             self._d.close()
 
+    def seek(self, offsets: dict[TopicPartition, int]) -> None:
+        for (t, p), o in offsets.items():
+            try:  # the reader fetches; a seek also drops what it had fetched past o
+                self._d.seek(CTP(t, p, o))
+            except KafkaException as exc:
+                raise RebalanceError(f"cannot seek {t}[{p}] to {o}: {exc}") from exc
+
+    def group_metadata(self) -> Any:
+        return self._c.consumer_group_metadata()  # the member's: it holds the generation
+
     def high_watermark(self, tp: TopicPartition) -> int | None:
         try:
             _low, high = self._d.get_watermark_offsets(CTP(*tp), cached=True)
@@ -358,8 +379,25 @@ class ConfluentReader(PartitionReader):
         self._c.close()
 
 
+def _txn_error(what: str, transactional_id: str | None, exc: KafkaException) -> Exception:
+    """A transactional call's failure as the engine's error: fenced (fatal), or abort and
+    retry the epoch."""
+    err = exc.args[0] if exc.args else None
+    code = err.code() if isinstance(err, KafkaError) else None
+    text = err.str() if isinstance(err, KafkaError) else str(exc)
+    if code in _PRODUCER_FENCED or (isinstance(err, KafkaError) and err.fatal()):
+        return ProducerFenced(
+            f"{what} failed for transactional id {transactional_id!r}: {text}. Another "
+            "worker registered this transactional id (the same worker id or "
+            "transactional_id): this one stops and writes nothing more")
+    return TransactionAborted(f"{what} failed for transactional id {transactional_id!r}: "
+                              f"{text}")
+
+
 class ConfluentProducer(ProducerBackend):
     def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.transactional_id: str | None = settings.get("transactional.id")
+        self.transactional = self.transactional_id is not None
         try:
             self._p = Producer(dict(settings))
         except KafkaException as exc:
@@ -380,6 +418,40 @@ class ConfluentProducer(ProducerBackend):
         if isinstance(exc, KafkaException) and exc.args:
             return DeliveryFailed(topic, str(exc.args[0].str()))
         return DeliveryFailed(topic, f"{type(exc).__name__}: {exc}")
+
+    # -- transactions (epoch mode) ---------------------------------------------------------
+    def _txn(self, what: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except KafkaException as exc:
+            raise _txn_error(what, self.transactional_id, exc) from exc
+
+    def init_transactions(self, timeout: float) -> None:
+        self._txn("init_transactions", lambda: self._p.init_transactions(timeout))
+
+    def begin_transaction(self) -> None:
+        self._txn("begin_transaction", self._p.begin_transaction)
+
+    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int],
+                                    group_metadata: Any, timeout: float) -> None:
+        parts = [CTP(t, p, o) for (t, p), o in offsets.items()]
+        self._txn("send_offsets_to_transaction",
+                  lambda: self._p.send_offsets_to_transaction(parts, group_metadata, timeout))
+
+    def commit_transaction(self, timeout: float) -> None:
+        for attempt in range(3):
+            try:
+                self._p.commit_transaction(timeout)
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if (isinstance(err, KafkaError) and err.retriable() and attempt < 2
+                        and not err.txn_requires_abort() and not err.fatal()):
+                    continue  # the same commit again, as librdkafka documents
+                raise _txn_error("commit_transaction", self.transactional_id, exc) from exc
+
+    def abort_transaction(self, timeout: float) -> None:
+        self._txn("abort_transaction", lambda: self._p.abort_transaction(timeout))
 
     def poll(self, timeout: float) -> int:  # replaced per instance in __init__
         return int(self._p.poll(timeout))
@@ -409,9 +481,11 @@ class ConfluentClients(ClientBackend):
         return ThreadedMember(ConfluentConsumer(
             consumer_settings(self._bootstrap, group, self._kafka, self._consumer)))
 
-    def producer(self) -> ConfluentProducer:
-        return ConfluentProducer(producer_settings(self._bootstrap, self._kafka,
-                                                   self._producer))
+    def producer(self, transactional_id: str | None = None) -> ConfluentProducer:
+        settings = producer_settings(self._bootstrap, self._kafka, self._producer)
+        if transactional_id is not None:
+            settings["transactional.id"] = transactional_id
+        return ConfluentProducer(settings)
 
     def reader(self) -> ConfluentReader:
         return ConfluentReader(reader_settings(self._bootstrap, self._kafka))

@@ -5,8 +5,10 @@ It exists for :class:`streamcore.testing.TestDriver`: a job runs with the same o
 the same commit protocol, in milliseconds and without a broker. What it models: partitions
 with offsets, keys placed by the Java client's murmur2 partitioner, committed offsets per
 group, positions that resume from them, pause/resume, and acknowledgements that the test
-can hold back or fail. What it does not: replication, transactions, retention, several
-members of one group (the one member gets every partition).
+can hold back or fail, and transactions read as read_committed: a transaction's records are
+in the log at once but readable only once it commits (never, if it aborts), and no reader
+passes an open transaction (the last stable offset). What it does not: replication,
+retention, several members of one group (the one member gets every partition).
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from connectors.base import (
     TopicPartition,
 )
 from connectors.threaded import ThreadedMember
-from streamcore.core.errors import BrokerUnavailable, DeliveryFailed
+from streamcore.core.errors import (
+    BrokerUnavailable,
+    DeliveryFailed,
+    ProducerFenced,
+    TransactionAborted,
+)
 
 __all__ = ["MemoryClients", "MemoryCluster", "MemoryMessage", "murmur2_partition"]
 
@@ -38,7 +45,8 @@ __all__ = ["MemoryClients", "MemoryCluster", "MemoryMessage", "murmur2_partition
 class MemoryMessage:
     """One record of an in-memory partition (the :class:`~connectors.base.Message` shape)."""
 
-    __slots__ = ("_headers", "_key", "_offset", "_partition", "_timestamp", "_topic", "_value")
+    __slots__ = ("_headers", "_key", "_offset", "_partition", "_timestamp", "_topic", "_value",
+                 "txn")
 
     def __init__(self, topic: str, partition: int, offset: int, key: bytes | None,
                  value: bytes | None, timestamp: int,
@@ -46,6 +54,7 @@ class MemoryMessage:
         self._topic, self._partition, self._offset = topic, partition, offset
         self._key, self._value, self._timestamp = key, value, timestamp
         self._headers = headers
+        self.txn = COMMITTED  # or OPEN / ABORTED: written in a transaction not committed
 
     def topic(self) -> str:
         return self._topic
@@ -74,6 +83,9 @@ class MemoryMessage:
     def __repr__(self) -> str:
         return (f"MemoryMessage({self._topic}[{self._partition}]@{self._offset}, "
                 f"key={self._key!r}, value={self._value!r})")
+
+
+COMMITTED, OPEN, ABORTED = 0, 1, 2
 
 
 def murmur2_partition(key: bytes, partitions: int) -> int:
@@ -113,6 +125,8 @@ class MemoryCluster:
     topics: dict[str, list[list[MemoryMessage]]] = field(default_factory=dict)
     committed: dict[tuple[str, TopicPartition], int] = field(default_factory=dict)
     configs: dict[str, dict[str, str]] = field(default_factory=dict)
+    # transactional id -> the producer that registered it last (earlier ones are fenced)
+    txn_owners: dict[str, Any] = field(default_factory=dict)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def create_topic(self, name: str, partitions: int | None = None,
@@ -123,14 +137,27 @@ class MemoryCluster:
                 self.configs[name] = dict(config or {})
 
     def append(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
-               timestamp: int, headers: list[tuple[str, bytes]] | None) -> MemoryMessage:
+               timestamp: int, headers: list[tuple[str, bytes]] | None,
+               txn: int = COMMITTED) -> MemoryMessage:
         with self._cond:
             log = self.topics[topic][partition]
             msg = MemoryMessage(topic, partition, len(log), key, value,
                                 timestamp or self.clock_ms(), headers)
+            msg.txn = txn
             log.append(msg)
             self._cond.notify_all()
             return msg
+
+    def end_transaction(self, msgs: list[MemoryMessage], outcome: int,
+                        offsets: dict[tuple[str, TopicPartition], int]) -> None:
+        """Commit (with the group offsets) or abort a transaction's records at once."""
+        with self._cond:
+            for m in msgs:
+                m.txn = outcome
+            if outcome == COMMITTED:
+                for key, off in offsets.items():
+                    self.committed[key] = max(off, self.committed.get(key, 0))
+            self._cond.notify_all()
 
     def atomically(self) -> threading.Condition:
         """``with cluster.atomically():`` appends inside become visible to readers together
@@ -140,6 +167,16 @@ class MemoryCluster:
     def end(self, tp: TopicPartition) -> int:
         parts = self.topics.get(tp[0])
         return len(parts[tp[1]]) if parts is not None and tp[1] < len(parts) else 0
+
+    def stable_end(self, tp: TopicPartition) -> int:
+        """The last stable offset: where a read_committed reader stops (the first record of
+        an open transaction, else the end)."""
+        with self._cond:
+            log = self.topics.get(tp[0], [[]] * (tp[1] + 1))[tp[1]]
+            for m in log:
+                if m.txn == OPEN:
+                    return m.offset()
+            return len(log)
 
     def read(self, positions: dict[TopicPartition, int], skip: set[TopicPartition],
              max_records: int, timeout: float) -> list[MemoryMessage]:
@@ -160,7 +197,17 @@ class MemoryCluster:
                 continue
             log = self.topics[tp[0]][tp[1]]
             batch = log[pos:pos + max_records - len(out)]
-            if batch:
+            if any(m.txn != COMMITTED for m in batch):  # read_committed
+                readable = []
+                for m in batch:
+                    if m.txn == OPEN:
+                        break  # the last stable offset: nothing after it yet
+                    if m.txn == COMMITTED:
+                        readable.append(m)
+                    pos += 1  # aborted records are skipped
+                positions[tp] = pos
+                out.extend(readable)
+            elif batch:
                 out.extend(batch)
                 positions[tp] = pos + len(batch)
             if len(out) >= max_records:
@@ -268,6 +315,15 @@ class MemoryConsumer(ConsumerBackend):
     def high_watermark(self, tp: TopicPartition) -> int | None:
         return self._cluster.end(tp)
 
+    def seek(self, offsets: dict[TopicPartition, int]) -> None:
+        with self._lock:
+            for tp, off in offsets.items():
+                if tp in self._positions:
+                    self._positions[tp] = off
+
+    def group_metadata(self) -> Any:
+        return self._group
+
 
 class MemoryProducer(ProducerBackend):
     """A record reaches the cluster when produced (readable at once, as on a broker that
@@ -276,8 +332,12 @@ class MemoryProducer(ProducerBackend):
     :meth:`release`; with ``fail`` set, they never reach the cluster and their
     acknowledgements report that error."""
 
-    def __init__(self, cluster: MemoryCluster) -> None:
+    def __init__(self, cluster: MemoryCluster, transactional_id: str | None = None) -> None:
         self._cluster = cluster
+        self.transactional_id = transactional_id
+        self.transactional = transactional_id is not None
+        self._txn: list[MemoryMessage] | None = None  # the open transaction's records
+        self._txn_offsets: dict[tuple[str, TopicPartition], int] = {}
         self._held: list[tuple[str, int, bytes | None, bytes | None, int,
                                list[tuple[str, bytes]] | None, DeliveryCallback]] = []
         self._reports: list[tuple[DeliveryCallback, Any, MemoryMessage]] = []
@@ -285,6 +345,7 @@ class MemoryProducer(ProducerBackend):
         self.hold = False
         self.fail: str | None = None
         self.dead = False  # a crashed process: nothing more reaches the cluster
+        self.abort_commits = 0  # transaction commits still to fail (abortable)
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
@@ -310,7 +371,13 @@ class MemoryProducer(ProducerBackend):
             failed = MemoryMessage(topic, partition, -1, key, value, timestamp, headers)
             self._reports.append((on_delivery, self.fail, failed))
             return
-        msg = self._cluster.append(topic, partition, key, value, timestamp, headers)
+        if self._txn is None:
+            if self.transactional:
+                raise RuntimeError("produce outside a transaction")  # as librdkafka refuses
+            msg = self._cluster.append(topic, partition, key, value, timestamp, headers)
+        else:
+            msg = self._cluster.append(topic, partition, key, value, timestamp, headers, OPEN)
+            self._txn.append(msg)
         self._reports.append((on_delivery, None, msg))
 
     def release(self) -> None:
@@ -321,6 +388,51 @@ class MemoryProducer(ProducerBackend):
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
         return DeliveryFailed(topic, f"{type(exc).__name__}: {exc}")
+
+    # -- transactions ----------------------------------------------------------------------
+    def _check_owner(self, what: str) -> None:
+        if self.dead:
+            raise TransactionAborted(f"{what}: the process is gone")
+        if self._cluster.txn_owners.get(self.transactional_id or "") is not self:
+            raise ProducerFenced(f"{what} failed for transactional id "
+                                 f"{self.transactional_id!r}: another producer registered it")
+
+    def init_transactions(self, timeout: float) -> None:
+        tid = self.transactional_id or ""
+        previous = self._cluster.txn_owners.get(tid)
+        if previous is not None and previous is not self and previous._txn is not None:
+            previous._abort()  # the new owner aborts what the old one left open
+        self._cluster.txn_owners[tid] = self
+
+    def begin_transaction(self) -> None:
+        self._check_owner("begin_transaction")
+        self._txn, self._txn_offsets = [], {}
+
+    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int],
+                                    group_metadata: Any, timeout: float) -> None:
+        self._check_owner("send_offsets_to_transaction")
+        for tp, off in offsets.items():
+            self._txn_offsets[(str(group_metadata), tp)] = off
+
+    def commit_transaction(self, timeout: float) -> None:
+        self._check_owner("commit_transaction")
+        if self.fail is not None:
+            raise TransactionAborted(f"commit_transaction: {self.fail}")
+        if self.abort_commits > 0:
+            self.abort_commits -= 1
+            raise TransactionAborted("commit_transaction: the coordinator aborted it "
+                                     "(injected)")
+        self.release()
+        self._cluster.end_transaction(self._txn or [], COMMITTED, self._txn_offsets)
+        self._txn = None
+
+    def abort_transaction(self, timeout: float) -> None:
+        self._abort()
+
+    def _abort(self) -> None:
+        self._held.clear()
+        self._cluster.end_transaction(self._txn or [], ABORTED, {})
+        self._txn = None
 
     def poll(self, timeout: float) -> int:
         if self.dead or not self._reports:
@@ -373,8 +485,8 @@ class MemoryClients(ClientBackend):
         self.last_consumer = MemoryConsumer(self.cluster, group)
         return ThreadedMember(self.last_consumer)
 
-    def producer(self) -> MemoryProducer:
-        self.last_producer = MemoryProducer(self.cluster)
+    def producer(self, transactional_id: str | None = None) -> MemoryProducer:
+        self.last_producer = MemoryProducer(self.cluster, transactional_id)
         return self.last_producer
 
     def reader(self) -> MemoryReader:

@@ -207,6 +207,12 @@ class ThreadedMember(GroupMember):
     def high_watermark(self, tp: TopicPartition) -> int | None:
         return self.consumer.high_watermark(tp)
 
+    def seek(self, offsets: dict[TopicPartition, int]) -> None:
+        self.consumer.seek(offsets)
+
+    def group_metadata(self) -> Any:
+        return self.consumer.group_metadata()
+
 
 def _fmt(offsets: dict[TopicPartition, int]) -> str:
     return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))

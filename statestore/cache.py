@@ -88,11 +88,34 @@ class StateCache:
         self._dirty.clear()
         for k, vb in changes:
             changelog(k, vb)
+        self._trim()
+        return len(changes)
+
+    def stage(self, changelog: Callable[[bytes, bytes | None], None]) -> list[Change]:
+        """Epoch mode: hand the dirty keys to ``changelog`` (in the epoch's transaction) and
+        return them, without writing the store: :meth:`apply` writes them once the
+        transaction has committed; :meth:`clear` forgets them if it aborted."""
+        values, dumps = self._values, self._dumps
+        changes: list[Change] = [(k, None if values[k] is None else dumps(values[k]))
+                                 for k in self._dirty]
+        self._dirty.clear()
+        for k, vb in changes:
+            changelog(k, vb)
+        return changes
+
+    def apply(self, changes: list[Change]) -> None:
+        """Write staged changes to the store (one atomic batch), then trim the cache."""
+        if changes:
+            self.store.write(changes)
+        if not self._dirty:
+            self._trim()
+
+    def _trim(self) -> None:
+        values = self._values
         excess = len(values) - self._max
         if excess > 0:  # everything is clean now: drop the least recently used
             for k in list(itertools.islice(values, excess)):
                 del values[k]
-        return len(changes)
 
     def clear(self) -> None:
         """Forget cached values and unflushed writes (the partition is being abandoned)."""

@@ -11,6 +11,7 @@ from streamcore.api.config import WorkerConfig
 from streamcore.api.job import Job, Stream
 from streamcore.api.query import StreamingQuery
 from streamcore.api.stream import Table
+from streamcore.api.triggers import Trigger, available_now, continuous, once, processing_time
 from streamcore.core.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -18,11 +19,13 @@ from streamcore.core.errors import (
     DeserializationError,
     FatalError,
     JobDefinitionError,
+    ProducerFenced,
     RebalanceError,
     RetriableError,
     SerializationError,
     StateError,
     StreamcoreError,
+    TransactionAborted,
     UserFunctionError,
 )
 from streamcore.core.serde import BYTES, JSON, KEY, STR, Serde
@@ -43,6 +46,7 @@ __all__ = [
     "JobDefinitionError",
     "KafkaSink",
     "KafkaSource",
+    "ProducerFenced",
     "RebalanceError",
     "RetriableError",
     "RocksDBSettings",
@@ -53,7 +57,13 @@ __all__ = [
     "StreamcoreError",
     "StreamingQuery",
     "Table",
+    "TransactionAborted",
+    "Trigger",
     "UserFunctionError",
     "WorkerConfig",
     "__version__",
+    "available_now",
+    "continuous",
+    "once",
+    "processing_time",
 ]

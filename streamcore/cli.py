@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--bootstrap", help="Kafka bootstrap servers "
                      "(env STREAMCORE_BOOTSTRAP_SERVERS)")
     run.add_argument("--group", help="consumer group (default: the job name)")
+    run.add_argument("--mode", choices=("continuous", "epoch"),
+                     help="continuous (at-least-once, default) or epoch (exactly-once "
+                          "transactions per epoch; env STREAMCORE_TRIGGER)")
+    run.add_argument("--trigger", help="epoch mode's trigger: an interval (100ms, the "
+                                       "default), once or available_now")
     run.add_argument("--client", choices=CLIENTS,
                      help="Kafka client library (default confluent-kafka; env STREAMCORE_CLIENT)")
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
@@ -139,6 +144,16 @@ def _config(args: argparse.Namespace, job: Any) -> WorkerConfig:
         cli["group"] = args.group
     if args.client:
         cli["client"] = args.client
+    if args.mode == "continuous":
+        if args.trigger and args.trigger.strip().lower() != "continuous":
+            raise ConfigError("trigger", f"--trigger {args.trigger} needs --mode epoch")
+        cli["trigger"] = "continuous"
+    elif args.mode == "epoch" or args.trigger:
+        trigger = args.trigger or "100ms"
+        if trigger.strip().lower() == "continuous":
+            raise ConfigError("trigger", "--mode epoch needs an epoch trigger: an interval, "
+                              "once or available_now")
+        cli["trigger"] = trigger
     if args.log_level:
         cli["log_level"] = args.log_level
     if args.commit_interval:

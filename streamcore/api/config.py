@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from statestore.rocksdb import RocksDBSettings
+from streamcore.api.triggers import Trigger, parse_trigger
+from streamcore.core.durations import parse_duration
 from streamcore.core.errors import ConfigError
 
 __all__ = ["CLIENTS", "OTHER_ENV", "PRESETS", "WorkerConfig", "parse_duration", "unknown_env"]
 
 # The Kafka client libraries a worker can run on (WorkerConfig.client, --client).
 CLIENTS = ("confluent-kafka", "aiokafka")
-
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 # librdkafka settings that the engine must own: changing them would void at-least-once.
 _RESERVED = {
@@ -56,28 +54,19 @@ OTHER_ENV = {
 }
 
 
-def parse_duration(value: float | int | str, field_name: str) -> float:
-    """Seconds from 1.5, "100ms", "10s", "1m" or "2h"; ConfigError naming field_name if not."""
-    if isinstance(value, bool):
-        raise ConfigError(field_name, f"expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ConfigError(field_name, f"{value!r} is not a duration like 100ms, 10s or 1m")
-        seconds = float(m.group(1)) * _UNIT[m.group(2)]
-    if seconds < 0:
-        raise ConfigError(field_name, f"must not be negative, got {value!r}")
-    return seconds
-
-
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     """Everything a worker needs besides the job. Durations accept seconds or "100ms"/"10s"."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
     client: str = "confluent-kafka"  # or "aiokafka" (pure asyncio; see the README)
+    # continuous (at-least-once), or epochs in Kafka transactions: "100ms", once,
+    # available_now (streamcore.api.triggers). --mode/--trigger, STREAMCORE_TRIGGER.
+    trigger: Trigger | str = "continuous"
+    max_epoch_records: int = 100_000  # available_now: records per epoch at most
+    # Epoch mode's transactional.id; None: "{group}-{worker id}", the worker id kept in the
+    # state directory so that a restarted worker fences its previous incarnation.
+    transactional_id: str | None = None
     group: str | None = None  # consumer group; defaults to the job name
     commit_interval: float | str = 0.1
     shutdown_timeout: float | str = 30.0  # drain deadline on SIGTERM and on revoke
@@ -112,6 +101,12 @@ class WorkerConfig:
             host, _, port = hp.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError("bootstrap_servers", f"{hp!r} is not host:port")
+        object.__setattr__(self, "trigger", parse_trigger(self.trigger))
+        if self.trigger.epochs and self.client != "confluent-kafka":  # type: ignore[union-attr]
+            raise ConfigError("client", "epoch mode needs the confluent-kafka client (aiokafka's "
+                              "transactional producer cannot start on the local broker)")
+        if self.transactional_id is not None and not str(self.transactional_id).strip():
+            raise ConfigError("transactional_id", "must not be empty")
         if self.client not in CLIENTS:
             raise ConfigError("client", f"must be one of {', '.join(CLIENTS)}, "
                               f"got {self.client!r}")
@@ -126,7 +121,8 @@ class WorkerConfig:
                               f"must be 'rocksdb' or 'memory', got {self.state_backend!r}")
         if not isinstance(self.rocksdb, RocksDBSettings):
             raise ConfigError("rocksdb", "must be a RocksDBSettings")
-        for name in ("poll_batch", "inbox_high", "inbox_low", "state_cache_entries"):
+        for name in ("poll_batch", "inbox_high", "inbox_low", "state_cache_entries",
+                     "max_epoch_records"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
@@ -169,6 +165,12 @@ class WorkerConfig:
     @property
     def startup_timeout_s(self) -> float:
         return float(self.startup_timeout)
+
+    @property
+    def trigger_spec(self) -> Trigger:
+        """The trigger, typed (a Trigger after __post_init__)."""
+        assert isinstance(self.trigger, Trigger)
+        return self.trigger
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as a dict for logs and /progress, secrets masked."""
@@ -226,7 +228,7 @@ class WorkerConfig:
                                       "true or false")
                 values[f.name] = flag in ("true", "1", "yes", "on")
             elif f.name in ("poll_batch", "inbox_high", "inbox_low", "http_port",
-                            "state_cache_entries"):
+                            "state_cache_entries", "max_epoch_records"):
                 try:
                     values[f.name] = int(raw)
                 except ValueError:

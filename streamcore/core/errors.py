@@ -4,14 +4,16 @@
      ├── ConfigError               bad configuration; start-up stops, the message names the field
      ├── JobDefinitionError        the job graph is invalid (caught when the job is built)
      ├── RetriableError            transient; the engine retries with backoff, then escalates
-     │    └── BrokerUnavailable    the broker cannot be reached right now
+     │    ├── BrokerUnavailable    the broker cannot be reached right now
+     │    └── TransactionAborted   an epoch's transaction was aborted; the epoch is retried
      └── FatalError                the worker stops without committing the failing offset
           ├── DeliveryFailed       the broker rejected an output or changelog record
           ├── DeserializationError an input record could not be decoded
           ├── SerializationError   a sink's serde refused an output (a configuration mistake)
           ├── UserFunctionError    a user function raised
           ├── StateError           a state store could not be opened, restored or written
-          └── RebalanceError       a partition could not be handed over cleanly
+          ├── RebalanceError       a partition could not be handed over cleanly
+          └── ProducerFenced       another worker took over the transactional id (epoch mode)
 
 Retriable and fatal errors are kept apart so that a caller never has to inspect a message to
 decide whether to retry. Every fatal error that concerns one input record carries its source
@@ -27,11 +29,13 @@ __all__ = [
     "DeserializationError",
     "FatalError",
     "JobDefinitionError",
+    "ProducerFenced",
     "RebalanceError",
     "RetriableError",
     "SerializationError",
     "StateError",
     "StreamcoreError",
+    "TransactionAborted",
     "UserFunctionError",
 ]
 
@@ -104,3 +108,13 @@ class StateError(FatalError):
 
 class RebalanceError(FatalError):
     """Partitions could not be revoked or assigned cleanly."""
+
+
+class TransactionAborted(RetriableError):
+    """An epoch's transaction could not be committed and was aborted: its outputs, state
+    changes and offsets are discarded, and the epoch runs again from the committed offsets."""
+
+
+class ProducerFenced(FatalError):
+    """Another producer registered this worker's transactional id, or the group moved on
+    (epoch mode): this worker is a zombie and must write nothing more."""

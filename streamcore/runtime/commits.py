@@ -48,9 +48,34 @@ class CommitProtocol(ABC):
 
     commits: int  # commits made so far (metrics)
 
+    async def start(self) -> None:  # noqa: B027
+        """Before the worker joins its group (epoch mode registers its transactional id)."""
+
+    def close(self) -> None:  # noqa: B027
+        """After the worker left its group."""
+
     @abstractmethod
     async def run(self) -> None:
-        """The periodic commits, until cancelled."""
+        """The periodic commits (or epochs), until cancelled."""
+
+    async def hand_over(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """A revoke: finish these partitions' work; return the offsets the member must
+        commit before the group moves them on."""
+        await self.prepare(parts)
+        return self.done_offsets(parts, only_moved=False)
+
+    async def on_lost(self, parts: list[TopicPartition]) -> None:  # noqa: B027
+        """These partitions are someone else's already (nothing of theirs is committed)."""
+
+    async def finish(self, parts: list[TopicPartition]) -> None:
+        """A graceful stop, polling stopped: finish what is in flight and commit all of it.
+        A refused or failed commit is logged (the next owner repeats work), never raised:
+        the stop itself succeeds."""
+        await self.prepare(parts)
+        try:
+            await self.commit(self.done_offsets(parts, only_moved=False))
+        except StreamcoreError as exc:
+            log.warning("final commit failed: %s", exc)
 
     @abstractmethod
     def commit_due(self) -> None:

@@ -87,6 +87,8 @@ class PartitionTask:
         new_reader: Callable[[], PartitionReader] | None = None,
         tables: Mapping[int, GlobalTableView] | None = None,
         batch_execution: bool = True,
+        gate: asyncio.Event | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
@@ -125,6 +127,11 @@ class PartitionTask:
         self.first_offset: int | None = None
         self.last_offset: int | None = None
         self._offered = -1  # last offset taken into the inbox
+        self.start_offset: int | None = None  # first offset offered (where reading began)
+        # Epoch mode: closed while an epoch ends; the task takes no new batch meanwhile.
+        self._gate = gate
+        self._on_batch = on_batch  # epoch mode: records taken, for an epoch's size bound
+        self.busy = False  # a batch is being processed (taken, not yet sealed)
         self.fenced = False  # the group may have given the partition to another member
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -241,6 +248,8 @@ class PartitionTask:
                                "offset %d, not after %d", *self.tp, first, self._offered)
             return
         last = msgs[-1].offset()
+        if self.start_offset is None:
+            self.start_offset = first
         self._offered = last if last is not None else self._offered
         self._inbox.append((handed_at, msgs))
         self._queued += len(msgs)
@@ -315,6 +324,11 @@ class PartitionTask:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            gate = self._gate
+            if gate is not None and not gate.is_set():  # an epoch is ending
+                await gate.wait()
+                continue
+            self.busy = True
             handed_at, msgs = inbox.popleft()
             batch = self.tracker.open(handed_at)
             ctx.batch = batch
@@ -374,6 +388,9 @@ class PartitionTask:
                 self.first_offset = msgs[0].offset()
             self.last_offset = last
             self._queued -= n
+            self.busy = False
+            if self._on_batch is not None:
+                self._on_batch(n)
             if self.paused and self._queued <= self._low:
                 self.paused = False
                 self._resume(self.tp)
@@ -454,6 +471,46 @@ class PartitionTask:
         await self.ctx.wait_unblocked()
         self.ctx.batch = batch
         return self._closing
+
+    # -- epoch mode (streamcore.runtime.epochs) ------------------------------------------
+    @property
+    def waiting_for_epoch(self) -> bool:
+        """Epoch mode: the gate is closed (an epoch is ending, or is full): queued records
+        wait for the next epoch."""
+        return self._gate is not None and not self._gate.is_set()
+
+    def idle(self) -> bool:
+        """Nothing in progress: no batch half-way, no async call out, no output held."""
+        return not self.busy and not any(len(lane) for lane in self.ctx.lanes) \
+            and not self.ctx.blocked
+
+    def stage_epoch(self) -> None:
+        """The end of an epoch: the commit hooks, then the stores' changes to their
+        changelogs (in the epoch's transaction)."""
+        self._run_hooks(self.ctx.hooks.commit)
+        if self.stores is not None:
+            self.stores.stage(self.ctx.producer)
+
+    def epoch_committed(self, offset: int | None) -> None:
+        """The epoch's transaction committed (with offset as this partition's next offset)."""
+        if self.stores is not None:
+            self.stores.apply_staged()
+        if offset is not None:
+            self.committed = max(self.committed, offset)
+
+    def rewind_to(self) -> int | None:
+        """The epoch aborted: forget what this task took since the last commit (its inbox,
+        its uncommitted state) and return the offset to read again from (None: nothing was
+        read yet)."""
+        target = self.committed if self.committed >= 0 else self.start_offset
+        self._drop_inbox()
+        self.tracker = OffsetTracker()
+        if self.stores is not None:
+            self.stores.discard()
+        if target is not None:
+            self._offered = target - 1
+            self.last_offset = target - 1 if target > 0 else None
+        return target
 
     def fence(self) -> None:
         """This member may no longer own the partition (a lost membership or a fenced

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.base import Message, Outbox, PartitionReader, ProducerBackend, read_to_end
-from statestore.base import Store, StoreCorrupt
+from statestore.base import Change, Store, StoreCorrupt
 from statestore.cache import StateCache
 from statestore.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
 from statestore.memory import MemoryStore
@@ -114,6 +114,7 @@ class PartitionStores:
         self.slots: list[StoreSlot] = []
         self.inflight: Flush | None = None
         self.durable = -1  # highest input offset whose state changes are acknowledged
+        self._staged: list[tuple[StoreSlot, list[Change]]] = []  # epoch mode, uncommitted
 
     def open(self, step: str, changelog: str, dumps: Callable[[Any], bytes],
              loads: Callable[[bytes], Any]) -> StateCache:
@@ -193,6 +194,45 @@ class PartitionStores:
             slot.cache.flush(send)
         self.inflight = f
         self.settle()
+
+    # -- 3'. epoch mode: stage, then apply or discard ----------------------------------------
+    def stage(self, producer: ProducerBackend) -> None:
+        """End of an epoch: the dirty keys go to the changelogs, in the epoch's transaction;
+        the stores are written only once it commits (:meth:`apply_staged`)."""
+        f = Flush(-1, producer)
+        part = self.partition
+        for slot in self.slots:
+            topic = slot.changelog
+
+            def send(key: bytes, value: bytes | None, topic: str = topic) -> None:
+                f.pending += 1
+                f.outbox.send(topic, value, key, part, f.ack, 0, None)
+            self._staged.append((slot, slot.cache.stage(send)))
+        self.inflight = f
+
+    def staged_sent(self) -> bool:
+        """Every staged changelog record is with the producer (none held for room)."""
+        return self.inflight is None or self.inflight.outbox.retry()
+
+    def apply_staged(self) -> None:
+        """The epoch's transaction committed: write its changes to the stores (one batch
+        each) and checkpoint them at the changelog ends the commit acknowledged."""
+        f, self.inflight = self.inflight, None
+        for slot, changes in self._staged:
+            slot.cache.apply(changes)
+            end = f.ends.get(slot.changelog) if f is not None else None
+            if end is not None and end > slot.end:
+                slot.end = end
+                self._checkpoint(slot)
+        self._staged = []
+
+    def discard(self) -> None:
+        """The epoch's transaction aborted: forget its changes (cached, staged, dirty); the
+        stores still hold the last committed epoch, and reads reload from them."""
+        for slot in self.slots:
+            slot.cache.clear()
+        self._staged = []
+        self.inflight = None
 
     def settle(self) -> bool:
         """Complete the in-flight flush if it is acknowledged; True when none is pending.

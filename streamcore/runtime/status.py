@@ -154,13 +154,19 @@ class WorkerStatus:
         at a failure or a stop, are not counted)."""
         return self._retired_processed + sum(t.processed for t in list(self._w.tasks.values()))
 
-    def report_progress(self) -> dict[str, Any]:
+    def report_epoch(self, epoch: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Epoch mode: one report per committed epoch, in the same shape, with its batchId,
+        its rows and its durations by phase."""
+        return self.report_progress(epoch=epoch, seconds=seconds)
+
+    def report_progress(self, *, epoch: dict[str, Any] | None = None,
+                        seconds: float | None = None) -> dict[str, Any]:
         now = time.monotonic()
         since, before = self._progress_mark
         processed = self.processed()
         self._progress_mark = (now, processed)
-        elapsed = max(now - since, 1e-9)
-        rows = processed - before
+        elapsed = max(now - since if seconds is None else seconds, 1e-9)
+        rows = processed - before if epoch is None else int(epoch["numInputRows"])
         report: dict[str, Any] = {
             "id": self._w.plan.name,
             "runId": self._w.run_id,
@@ -181,7 +187,13 @@ class WorkerStatus:
             "commits": self._w.commits,
             "rebalances": self._w.rebalances,
         }
-        self._progress_id += 1
+        if epoch is not None:
+            report.update(epoch)
+            report["mode"] = "epoch"
+            report["trigger"] = self._w.config.trigger_spec.describe()
+        else:
+            self._progress_id += 1
+            report["mode"] = "continuous"
         self.last_progress = report
         if self._w.on_progress is not None:
             self._w.on_progress(report)
@@ -204,11 +216,16 @@ def progress_fields(report: dict[str, Any]) -> dict[str, Any]:
         "commits": report["commits"],
         "p50Ms": report["inWorkerLatencyMs"]["p50"],
         "p99Ms": report["inWorkerLatencyMs"]["p99"],
+        **({"epoch": report["batchId"], "epochMs": report["durationMs"]["total"]}
+           if report.get("mode") == "epoch" else {}),
     }
 
 
 def progress_line(f: dict[str, Any]) -> str:
     """The log line of a report's progress_fields."""
+    if "epoch" in f:
+        return (f"epoch {f['epoch']} committed: {f['rows']} rows in {f['epochMs']} ms, "
+                f"{f['partitions']} partitions, {f['queued']} queued")
     return (f"progress: {f['rows']} rows ({f['rowsPerSecond']}/s), {f['partitions']} partitions "
             f"({f['running']} running, {f['paused']} paused), {f['queued']} queued, "
             f"{f['commits']} commits, in-worker p99 {f['p99Ms']} ms")

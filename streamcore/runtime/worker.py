@@ -20,7 +20,7 @@ import logging
 import operator
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from streamcore.plan.logical import LogicalPlan
 from streamcore.plan.physical import plan
 from streamcore.runtime import startup
 from streamcore.runtime.commits import CommitProtocol, ContinuousCommits
+from streamcore.runtime.epochs import EpochCommits, transactional_id
 from streamcore.runtime.partition import PartitionTask, TaskState
 from streamcore.runtime.progress import LatencyHistogram
 from streamcore.runtime.state import PartitionStores
@@ -77,7 +78,10 @@ class Worker:
         self.clock = clock or SystemClock()
         self.clients = clients or startup.clients_for(config)
         self._member = self.clients.consumer(self.group)
-        self._producer = self.clients.producer()
+        self._epochs = config.trigger_spec.epochs
+        self.transactional_id = transactional_id(
+            self.group, Path(config.state_dir), config.transactional_id) if self._epochs else None
+        self._producer = self.clients.producer(self.transactional_id)
         self._tasks: dict[TopicPartition, PartitionTask] = {}
         self._running: dict[TopicPartition, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
@@ -93,7 +97,14 @@ class Worker:
         self.errors: dict[tuple[str, str, str], int] = {}  # (kind, policy, step) -> count
         self.metrics = WorkerMetrics(job.name)
         self.status = WorkerStatus(self)
-        self.committer: CommitProtocol = ContinuousCommits(self)
+        self.committer: CommitProtocol = EpochCommits(self) if self._epochs \
+            else ContinuousCommits(self)
+        # Closed while the committer seeks the partitions back (epoch mode, after an abort).
+        self._fetch_gate = asyncio.Event()
+        self._fetch_gate.set()
+        self._fetch_parked = asyncio.Event()
+        self.last_records_at = 0.0  # clock time (s) of the last fetch that brought records
+        self._poll_running = False
         self._http: StatusServer | None = None
         self.heartbeat = time.monotonic()
         self._rebalancing_since: float | None = None
@@ -143,6 +154,10 @@ class Worker:
         topics = self.plan.subscription()
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         await self._producer.start()
+        await self.committer.start()
+        if self.transactional_id is not None:
+            log.info("epoch mode, trigger %s, transactional id %s",
+                     self.config.trigger_spec.describe(), self.transactional_id)
         self._member.observe_commits(self.commit_latency.record)
         self._member.observe_connectivity(self._set_connected)
         self._member.observe_commit_failures(self.committer.commit_failed)
@@ -161,16 +176,10 @@ class Worker:
                 tg.create_task(self._timer_loop(), name="timers")
                 await self._stopping.wait()
                 await poll  # 1. stop intake at the source
-                live = self._live(self._tasks)
-                await self.committer.prepare(live)  # 2. finish what is in flight; the acks
-                try:  # 3. commit everything done, queued or not
-                    await self.committer.commit(
-                        self.committer.done_offsets(live, only_moved=False))
-                except StreamcoreError as exc:
-                    # Refused (the group moved the partitions meanwhile: a rebalance raced
-                    # the stop) or unreachable: the next owner reads these records again.
-                    # Duplicates, never loss; the stop itself still succeeds.
-                    log.warning("final commit failed: %s", exc)
+                # 2. finish what is in flight, wait for the acknowledgements, 3. commit all
+                # of it (epoch mode: the running epoch). A refused commit (a rebalance raced
+                # the stop) is logged: the next owner reads those records again.
+                await self.committer.finish(self._live(self._tasks))
                 raise _Stopped
         except* _Stopped:
             pass
@@ -187,16 +196,30 @@ class Worker:
 
     # -- polling -------------------------------------------------------------------------
     async def _poll_loop(self) -> None:
+        self._poll_running = True
+        try:
+            await self._poll()
+        finally:
+            self._poll_running = False
+            self._fetch_parked.set()  # nothing fetches any more: a seek may go on
+
+    async def _poll(self) -> None:
         fetch = self._member.fetch
         n, timeout = self.config.poll_batch, self.config.poll_timeout_s
         tasks = self._tasks
         perf = time.perf_counter
+        gate, parked = self._fetch_gate, self._fetch_parked
         while True:
+            if not gate.is_set():  # the committer seeks the partitions back meanwhile
+                parked.set()
+                await gate.wait()
+                parked.clear()
             # No await between the fetch and the dispatch: a member may rely on it (a revoke
             # waits for the fetch in flight, knowing its records are then with the tasks).
             msgs = await fetch(n, timeout)
             self.last_poll = time.monotonic()
             if msgs and self.check_membership():
+                self.last_records_at = self.clock.now_ms() / 1000
                 self._dispatch(msgs, tasks, perf())
             if self._stopping.is_set():
                 return  # what was just dispatched is drained by the caller
@@ -282,7 +305,10 @@ class Worker:
                 pause=self._pause, resume=self._resume, latency=self.latency,
                 e2e=self.e2e_latency, errors=self.errors, make_stores=self._make_stores,
                 new_reader=self._new_reader, tables=self._tables,
-                batch_execution=self.config.batch_execution)
+                batch_execution=self.config.batch_execution,
+                gate=self.committer.gate if isinstance(self.committer, EpochCommits) else None,
+                on_batch=self.committer.taken if isinstance(self.committer, EpochCommits)
+                else None)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
@@ -303,8 +329,9 @@ class Worker:
                 self._tasks[tp].stop_intake()
             live = self._live(mine)
             if commit and live:
-                await self.committer.prepare(live)
-                offsets = self.committer.done_offsets(live, only_moved=False)
+                offsets = await self.committer.hand_over(live)
+            elif not commit:
+                await self.committer.on_lost(mine)
         finally:
             for tp in mine:
                 await self._close_task(tp)
@@ -322,6 +349,28 @@ class Worker:
     @property
     def member(self) -> GroupMember:
         return self._member
+
+    @contextlib.asynccontextmanager
+    async def fetch_parked(self) -> AsyncIterator[None]:
+        """Inside, the poll loop is parked between fetches: everything fetched so far has
+        been handed to the tasks, and nothing more is fetched until the end of the block."""
+        self._fetch_gate.clear()
+        try:
+            if self._poll_running:
+                await self._fetch_parked.wait()
+            yield
+        finally:
+            self._fetch_gate.set()
+
+    def caught_up(self, quiet: float) -> bool:
+        """Every assigned partition is running, has processed everything fetched, and no
+        fetch has brought a record for quiet seconds (the trigger once/available_now)."""
+        if not self._joined or not self._tasks:
+            return False
+        if self.clock.now_ms() / 1000 - self.last_records_at < quiet:
+            return False
+        return all(t.state is TaskState.RUNNING and not t.queued and t.idle()
+                   for t in self._tasks.values())
 
     async def finish_running(self, tasks: list[PartitionTask], deadline: float) -> None:
         """Wait (until deadline) for these tasks to process what they have taken in."""
@@ -446,6 +495,8 @@ class Worker:
 
     # -- progress ------------------------------------------------------------------------
     async def _progress_loop(self) -> None:
+        if self._epochs:
+            return  # one report per epoch (streamcore.runtime.epochs)
         while True:
             await self.clock.sleep(self.config.progress_interval_s)
             self.status.report_progress()
@@ -472,6 +523,7 @@ class Worker:
             for tp in list(self._tasks):
                 await self._close_task(tp)
             await self._producer.stop()
+            self.committer.close()
             for table in self._tables.values():
                 table.close()
             if self._http is not None:

@@ -18,9 +18,17 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from connectors.memory import MemoryClients, MemoryCluster, MemoryConsumer, murmur2_partition
+from connectors.memory import (
+    ABORTED,
+    OPEN,
+    MemoryClients,
+    MemoryCluster,
+    MemoryConsumer,
+    murmur2_partition,
+)
 from streamcore.api.config import WorkerConfig, parse_duration
 from streamcore.api.job import Job
+from streamcore.api.triggers import Trigger
 from streamcore.core.clock import ManualClock
 from streamcore.core.errors import ConfigError
 from streamcore.core.serde import INTERNAL_KEY, Serde
@@ -91,7 +99,8 @@ class TestDriver:
     __test__ = False  # not a pytest test class, whatever its name says
 
     def __init__(self, job: Job, *, partitions: int = 1, config: WorkerConfig | None = None,
-                 start_ms: int = 1_700_000_000_000, timeout: float = 10.0) -> None:
+                 trigger: Trigger | str | None = None, start_ms: int = 1_700_000_000_000,
+                 timeout: float = 10.0) -> None:
         if partitions < 1:
             raise ConfigError("partitions", f"must be at least 1, got {partitions}")
         self.job = job
@@ -104,6 +113,8 @@ class TestDriver:
         # it, as a lost disk would: the restart restores it from the changelogs).
         self.config = replace(base, http_port=None, state_dir=self._tmp,
                               state_backend="memory")
+        if trigger is not None:  # epoch mode: epochs end as the manual clock passes
+            self.config = replace(self.config, trigger=trigger)
         self._timeout = timeout
         self._read_from: dict[tuple[str, int], int] = {}
         self._loop = asyncio.new_event_loop()
@@ -233,7 +244,8 @@ class TestDriver:
 
     # -- output ----------------------------------------------------------------------------
     def read(self, topic: str) -> list[Record]:
-        """Records written to topic since the last read of it (acknowledged ones only), in
+        """Records written to topic since the last read of it (acknowledged ones only, and
+        as a read_committed consumer sees them: in epoch mode, committed epochs only), in
         partition then offset order, decoded with the serdes of the sink that writes it."""
         parts = self.cluster.topics.get(topic)
         if parts is None:
@@ -241,15 +253,20 @@ class TestDriver:
         key_serde, value_serde = self._sink_serdes(topic)
         out: list[Record] = []
         for p, log in enumerate(parts):
-            start = self._read_from.get((topic, p), 0)
+            start = end = self._read_from.get((topic, p), 0)
             for m in log[start:]:
+                if m.txn == OPEN:
+                    break  # read_committed: nothing past an open transaction
+                end += 1
+                if m.txn == ABORTED:
+                    continue
                 k, v = m.key(), m.value()
                 out.append(Record(
                     key=None if k is None else key_serde.deserialize(k),
                     value=None if v is None else value_serde.deserialize(v),
                     timestamp=m.timestamp()[1], headers=list(m.headers() or []),
                     partition=p, offset=m.offset()))
-            self._read_from[(topic, p)] = len(log)
+            self._read_from[(topic, p)] = end
         return out
 
     def store(self, step: str) -> StoreView:
@@ -278,6 +295,16 @@ class TestDriver:
         if consumer is not None:
             consumer.fail_commits = fail
         self._settle()
+
+    def abort_next_epoch(self, times: int = 1) -> None:
+        """Epoch mode: the next ``times`` transaction commits fail as the broker can make
+        them fail (abortable): each epoch is aborted and runs again."""
+        assert self._clients is not None and self._clients.last_producer is not None
+        self._clients.last_producer.abort_commits = times
+
+    def stopped(self) -> bool:
+        """The job has stopped (an error, or a trigger that stops by itself)."""
+        return self._run is not None and self._run.done()
 
     def exception(self) -> BaseException | None:
         """The error the job stopped with, if it did."""
@@ -349,8 +376,8 @@ class TestDriver:
         for table in list(w.tables.values()):
             if any(pos < self.cluster.end(tp) for tp, pos in dict(table.positions).items()):
                 return False
-        return all(t.state is TaskState.RUNNING and not t.queued and t.tracker.all_sealed()
-                   for t in list(w.tasks.values()))
+        return all(t.state is TaskState.RUNNING and (not t.queued or t.waiting_for_epoch)
+                   and t.tracker.all_sealed() for t in list(w.tasks.values()))
 
     def _describe(self) -> str:
         w = self._worker
@@ -361,7 +388,9 @@ class TestDriver:
 
 
 def _caught_up(consumer: MemoryConsumer, cluster: MemoryCluster) -> bool:
-    return all(pos >= cluster.end(tp) for tp, pos in consumer.positions().items())
+    # Up to the last stable offset: in epoch mode, what an open transaction wrote (to a
+    # repartition topic, say) is read once the epoch commits.
+    return all(pos >= cluster.stable_end(tp) for tp, pos in consumer.positions().items())
 
 
 _RAW = Serde("raw", lambda b: b, lambda b: b)

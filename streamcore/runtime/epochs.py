@@ -1,0 +1,350 @@
+"""Epoch mode: exactly-once micro-batches in Kafka transactions (DESIGN.md section 4).
+
+The partition tasks process records as they arrive, as in continuous mode, but every output
+and changelog record goes to a transactional producer. An epoch ends when its trigger fires
+(every interval, or when what was available is read); ending it is a barrier:
+
+  1. close the gate: no task takes a new batch; wait until every task is idle (no batch
+     half-way, no map_async call out, no output held for room);
+  2. stage: the operators' commit hooks, then each store's changes to its changelog (in the
+     transaction; RocksDB is not written yet);
+  3. wait until the producer has every record acknowledged (delivery reports are served on
+     the event loop: a failed delivery stops the worker, as in continuous mode);
+  4. send the input offsets (each task's last processed offset + 1) to the transaction with
+     the group's metadata, and commit it: outputs, changelogs and offsets at once; a member
+     that is no longer in the group's generation cannot commit;
+  5. post-commit: apply the staged changes to RocksDB (one batch per store) and checkpoint;
+     begin the next transaction; open the gate.
+
+If step 4 fails with an abortable error, the transaction is aborted, every store forgets its
+uncommitted changes, and every partition is read again from its committed offset (the fetch
+loop is parked meanwhile, so that no record fetched before the seek arrives after it): the
+epoch runs again with the same id and, the job being deterministic, the same results. A
+fenced producer (another worker registered the transactional id) stops the worker.
+
+A revoke ends the epoch (the revoked partitions' offsets included) before the partitions
+move; a loss aborts it. A graceful stop finishes and commits the running epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from connectors.base import TopicPartition
+from streamcore.core.errors import (
+    ConfigError,
+    StreamcoreError,
+    TransactionAborted,
+)
+from streamcore.runtime.commits import CommitProtocol, fmt_offsets
+from streamcore.runtime.partition import PartitionTask, TaskState
+
+if TYPE_CHECKING:
+    from streamcore.runtime.worker import Worker
+
+__all__ = ["EpochCommits", "transactional_id"]
+
+log = logging.getLogger("streamcore.epochs")
+_TXN_TIMEOUT_S = 30.0
+
+
+def transactional_id(group: str, state_dir: Path, configured: str | None) -> str:
+    """The worker's transactional id: configured, or "{group}-{worker id}" with the worker id
+    kept in the state directory, so that a restarted worker has the same id (and fences its
+    previous incarnation, aborting what it left open) while two workers never share one
+    (they cannot share a state directory either)."""
+    if configured is not None:
+        return configured
+    path = state_dir / group / ".worker-id"
+    try:
+        worker = path.read_text().strip()
+    except FileNotFoundError:
+        worker = ""
+    if not worker:
+        worker = uuid.uuid4().hex[:12]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(worker)
+        tmp.replace(path)
+    return f"{group}-{worker}"
+
+
+class EpochCommits(CommitProtocol):
+    """Exactly-once for Kafka-to-Kafka jobs: one transaction per epoch (see the module)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._w = worker
+        self.commits = 0
+        self.aborts = 0
+        self.epoch_id = 0
+        self.trigger = worker.config.trigger_spec
+        self.gate = asyncio.Event()  # closed while an epoch ends (PartitionTask waits)
+        self.gate.set()
+        self._lock = asyncio.Lock()  # one epoch end at a time: trigger, revoke, stop
+        self._txn_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-txn")
+        self._in_txn = False
+        self._epoch_started = time.monotonic()
+        self._epoch_rows = 0  # records processed in the running epoch (at its start)
+        self._rows_mark = 0
+        self.last_epoch: dict[str, Any] = {}
+        # available_now: records taken in the running epoch, and its bound
+        self._taken = 0
+        self._limit = worker.config.max_epoch_records if self.trigger.kind == "available_now" \
+            else None
+        self._full = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        producer = self._w.producer
+        if not producer.transactional:
+            raise ConfigError("trigger", "epoch mode needs a transactional producer; the "
+                              f"{self._w.clients.name} client has none")
+        await self._blocking(producer.init_transactions, _TXN_TIMEOUT_S)
+        self._begin()
+
+    def close(self) -> None:
+        self._txn_thread.shutdown(wait=False)
+
+    def taken(self, n: int) -> None:
+        """A task took n records into the running epoch (PartitionTask's on_batch). Past
+        the epoch's bound the gate closes: no task takes more until the epoch ends."""
+        self._taken += n
+        if self._limit is not None and self._taken >= self._limit:
+            self.gate.clear()
+            self._full.set()
+
+    def _begin(self) -> None:
+        self._w.producer.begin_transaction()
+        self._in_txn = True
+        self._taken = 0
+        self._full.clear()
+        self._epoch_started = time.monotonic()
+        self._rows_mark = self._w.status.processed()
+
+    async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._txn_thread, fn, *args)
+
+    # -- the trigger -------------------------------------------------------------------------
+    async def run(self) -> None:
+        t = self.trigger
+        while True:
+            if t.kind == "processing_time":
+                await self._w.clock.sleep(t.interval_s)
+                await self.end_epoch()
+                continue
+            # once / available_now: an epoch ends when what is available has been read (or,
+            # for available_now, when the epoch holds max_epoch_records records)
+            caught_up = await self._until_caught_up_or_full()
+            await self.end_epoch()
+            if caught_up or t.kind == "once":
+                log.info("trigger %s: every available record is processed; stopping",
+                         t.describe())
+                self._w.stop()
+                return
+
+    async def _until_caught_up_or_full(self) -> bool:
+        """True when everything available is processed; False when the epoch is full."""
+        w, t = self._w, self.trigger
+        while True:
+            await w.clock.sleep(0.05)
+            if self._full.is_set():
+                return False
+            if w.caught_up(t.quiet):
+                return True
+
+    # -- the epoch barrier ---------------------------------------------------------------
+    async def end_epoch(self, revoked: Iterable[TopicPartition] = ()) -> None:
+        """Steps 1 to 5 of the module docstring. Raises a fenced producer or a failed
+        delivery (fatal); an aborted transaction is retried by the next epoch."""
+        async with self._lock:
+            w = self._w
+            self.gate.clear()
+            t0 = time.monotonic()
+            try:
+                tasks = [t for t in w.tasks.values() if not t.fenced]
+                await self._quiesce(tasks)  # 1.
+                t1 = time.monotonic()
+                live = [t for t in tasks if t.state in (TaskState.RUNNING, TaskState.SUSPENDED)]
+                for t in live:  # 2.
+                    t.stage_epoch()
+                await self._acknowledged(live)  # 3.
+                offsets = {t.tp: t.last_offset + 1 for t in live
+                           if t.last_offset is not None and t.last_offset + 1 > t.committed}
+                rows = w.status.processed() - self._rows_mark
+                if not offsets and rows == 0 and not self._changelogged(live):
+                    self._discard_staged(live)
+                    return  # nothing happened: keep the transaction open, no empty commit
+                try:  # 4.
+                    if offsets:
+                        metadata = w.member.group_metadata()
+                        await self._blocking(w.producer.send_offsets_to_transaction, offsets,
+                                             metadata, _TXN_TIMEOUT_S)
+                    await self._blocking(w.producer.commit_transaction, _TXN_TIMEOUT_S)
+                except TransactionAborted as exc:
+                    self._in_txn = False
+                    await self._abort(live, f"the epoch's commit failed: {exc}")
+                    return
+                t2 = time.monotonic()
+                for t in live:  # 5.
+                    t.epoch_committed(offsets.get(t.tp))
+                self.commits += 1
+                w.commit_latency.record(t2 - t1)
+                self._report(offsets, rows, process_s=t0 - self._epoch_started,
+                             barrier_s=t1 - t0, commit_s=t2 - t1)
+                self.epoch_id += 1
+                self._begin()
+            finally:
+                if not self._full.is_set():
+                    self.gate.set()
+
+    async def _quiesce(self, tasks: list[PartitionTask]) -> None:
+        """Until no task has work half-way (a revoked task has finished and stopped)."""
+        # Polling: idleness is several conditions of several tasks, with no event for all.
+        while not all(t.idle() for t in tasks if t.state is TaskState.RUNNING):  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        suspended = [t for t in tasks if t.state is TaskState.SUSPENDED]
+        if suspended:
+            await self._w.finish_running(suspended,
+                                         time.monotonic() + self._w.config.shutdown_timeout_s)
+
+    async def _acknowledged(self, live: list[PartitionTask]) -> None:
+        """Until every record of the epoch is acknowledged, delivery reports served here."""
+        producer = self._w.producer
+        while True:
+            producer.poll(0)
+            for t in live:
+                if t.tracker.failure is not None:
+                    raise t.tracker.failure
+                if t.stores is not None and t.stores.inflight is not None \
+                        and t.stores.inflight.failure is not None:
+                    raise t.stores.inflight.failure
+            if producer.in_flight() == 0 and all(
+                    t.stores is None or t.stores.staged_sent() for t in live):
+                return
+            await asyncio.sleep(0.001)
+
+    @staticmethod
+    def _changelogged(live: list[PartitionTask]) -> bool:
+        """Some store wrote its changelog in this epoch (a hook may change state with no
+        input record)."""
+        return any(t.stores is not None and t.stores.inflight is not None
+                   and t.stores.inflight.ends for t in live)
+
+    @staticmethod
+    def _discard_staged(live: list[PartitionTask]) -> None:
+        for t in live:
+            if t.stores is not None:
+                t.stores.apply_staged()  # nothing was staged: a no-op that clears the flush
+
+    async def _abort(self, live: list[PartitionTask], reason: str,
+                     gone: Iterable[TopicPartition] = ()) -> None:
+        """Abort the transaction; every task forgets its uncommitted work and reads again
+        from its committed offset (the fetch loop parked meanwhile)."""
+        w = self._w
+        self.aborts += 1
+        log.warning("epoch %d aborted (%s); it runs again from the committed offsets",
+                    self.epoch_id, reason)
+        try:
+            await self._blocking(w.producer.abort_transaction, _TXN_TIMEOUT_S)
+        except TransactionAborted as exc:
+            log.warning("abort_transaction: %s", exc)
+        async with w.fetch_parked():
+            seek: dict[TopicPartition, int] = {}
+            skip = set(gone)
+            for t in live:
+                target = t.rewind_to()
+                if target is not None and t.state is TaskState.RUNNING and t.tp not in skip:
+                    seek[t.tp] = target
+            if seek:
+                w.member.seek(seek)
+                log.info("read again from %s", fmt_offsets(seek))
+        self._begin()
+
+    async def abort_epoch(self, reason: str, gone: Iterable[TopicPartition] = ()) -> None:
+        """A loss: abort the running epoch; the partitions kept read again from their
+        committed offsets (gone: partitions no longer assigned, not sought)."""
+        async with self._lock:
+            self.gate.clear()
+            try:
+                tasks = [t for t in self._w.tasks.values()]
+                await self._quiesce([t for t in tasks if not t.fenced])
+                if self._in_txn:
+                    self._in_txn = False
+                    await self._abort(tasks, reason, gone)
+            finally:
+                self.gate.set()
+
+    def _report(self, offsets: dict[TopicPartition, int], rows: int, *, process_s: float,
+                barrier_s: float, commit_s: float) -> None:
+        self.last_epoch = {
+            "batchId": self.epoch_id,
+            "numInputRows": rows,
+            "durationMs": {"process": round(process_s * 1000, 1),
+                           "barrier": round(barrier_s * 1000, 1),
+                           "commit": round(commit_s * 1000, 1),
+                           "total": round((process_s + barrier_s + commit_s) * 1000, 1)},
+            "committedOffsets": {f"{t}[{p}]": o for (t, p), o in sorted(offsets.items())},
+        }
+        self._w.status.report_epoch(self.last_epoch, process_s + barrier_s + commit_s)
+
+    # -- CommitProtocol --------------------------------------------------------------------
+    def commit_due(self) -> None:
+        """Epochs end by their trigger (run), never by the commit interval."""
+
+    def commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
+        """Offsets are committed in transactions, never by the member."""
+
+    def forget(self, parts: Iterable[TopicPartition]) -> None:
+        self._w.member.forget(parts)
+
+    async def prepare(self, parts: list[TopicPartition]) -> None:
+        w = self._w
+        tasks = [w.tasks[tp] for tp in parts if tp in w.tasks]
+        for t in tasks:
+            t.stop_intake()
+        await w.finish_running(tasks, time.monotonic() + w.config.shutdown_timeout_s)
+
+    def done_offsets(self, parts: Iterable[TopicPartition], *, raise_failure: bool = True,
+                     only_moved: bool = True) -> dict[TopicPartition, int]:
+        return {}  # the transaction carries them
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        await self.end_epoch()
+
+    async def hand_over(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """A revoke: those partitions stop taking records; the epoch ends now with their
+        offsets (and everyone else's) in its transaction; nothing is left for the member to
+        commit."""
+        await self.prepare(parts)
+        await self.end_epoch()
+        return {}
+
+    async def on_lost(self, parts: list[TopicPartition]) -> None:
+        await self.abort_epoch("partitions lost: " + ", ".join(f"{t}[{p}]" for t, p in parts),
+                               gone=parts)
+
+    async def finish(self, parts: list[TopicPartition]) -> None:
+        """A graceful stop: finish and commit the running epoch (never abort it)."""
+        await self.prepare(parts)
+        try:
+            await self.end_epoch()
+        except StreamcoreError as exc:
+            if not isinstance(exc, TransactionAborted):
+                raise
+            log.warning("final epoch aborted: %s", exc)
+
+    async def commit_after_failure(self, parts: list[TopicPartition]) -> None:
+        """After a fatal error nothing of the running epoch may be committed: abort it."""
+        if self._in_txn:
+            self._in_txn = False
+            try:
+                await self._blocking(self._w.producer.abort_transaction, 10.0)
+            except StreamcoreError as exc:
+                log.warning("abort after failure: %s", exc)

@@ -1,0 +1,138 @@
+"""Epoch mode's semantics on the test driver (the in-memory backend reads as read_committed):
+an epoch's outputs, state and offsets become visible together at its end; an aborted epoch
+leaves everything as before it and runs again to the same results; a crash at any point of
+an epoch loses nothing and duplicates nothing; once and available_now stop by themselves."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from streamcore import (
+    JSON,
+    STR,
+    ConfigError,
+    Job,
+    KafkaSink,
+    KafkaSource,
+    WorkerConfig,
+    available_now,
+    once,
+    processing_time,
+)
+from streamcore.testing import TestDriver
+
+T0 = 1_700_000_000_000
+
+
+def _totals(name: str = "ep") -> Job:
+    """A running total per user: a repartition, a store and a sink."""
+    job = Job(name)
+    (job.stream(KafkaSource("in", value=JSON))
+        .key_by(lambda v: v["user"])
+        .aggregate(lambda: 0, lambda t, v: t + v["amount"], name="per-user")
+        .to_stream()
+        .to(KafkaSink("out", key=STR, value=JSON)))
+    return job
+
+
+def _passthrough(name: str = "pt") -> Job:
+    job = Job(name)
+    job.stream(KafkaSource("in", value=JSON)).to(KafkaSink("out", value=JSON))
+    return job
+
+
+def test_outputs_and_offsets_become_visible_together_at_the_end_of_an_epoch() -> None:
+    with TestDriver(_passthrough(), trigger=processing_time("100ms"), start_ms=T0) as d:
+        d.send_many("in", [{"i": i} for i in range(5)])
+        assert d.read("out") == [] and d.committed("in") == {}  # the epoch is open
+        d.advance_time("99ms")
+        assert d.read("out") == [] and d.committed("in") == {}
+        d.advance_time("1ms")
+        assert [r.value["i"] for r in d.read("out")] == list(range(5))
+        assert d.committed("in") == {0: 5}
+        report = d.worker.last_progress
+        assert report is not None and report["batchId"] == 0 and report["numInputRows"] == 5
+        assert report["mode"] == "epoch" and set(report["durationMs"]) >= {"process", "commit"}
+        d.advance_time("100ms")  # an epoch with nothing in it commits nothing
+        assert d.worker.last_progress["batchId"] == 0  # type: ignore[index]
+        d.send("in", {"i": 5})
+        d.advance_time("100ms")
+        assert [r.value["i"] for r in d.read("out")] == [5]
+        assert d.worker.last_progress["batchId"] == 1  # type: ignore[index]
+
+
+def test_an_aborted_epoch_leaves_state_and_offsets_as_before_and_runs_again() -> None:
+    with TestDriver(_totals(), partitions=2, trigger=processing_time("100ms")) as d:
+        d.send_many("in", [{"user": u, "amount": 1} for u in "abab"])
+        d.advance_time("200ms")  # two epochs: the repartition's records, then the totals
+        assert sorted((r.key, r.value) for r in d.read("out")) == \
+            [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+        committed, epoch = d.committed("in"), d.worker.last_progress["batchId"]  # type: ignore[index]
+        d.send_many("in", [{"user": "a", "amount": 10}])
+        d.abort_next_epoch()
+        d.advance_time("100ms")
+        assert d.committed("in") == committed, "an aborted epoch moved the offsets"
+        assert d.read("out") == []
+        assert d.store("per-user")["a"] == 2, "an aborted epoch left its state behind"
+        assert d.worker.committer.aborts == 1  # type: ignore[attr-defined]
+        d.advance_time("300ms")  # the epoch again, then the one after the repartition
+        assert [(r.key, r.value) for r in d.read("out")] == [("a", 12)]
+        assert d.store("per-user")["a"] == 12
+        assert d.worker.last_progress["batchId"] > epoch  # type: ignore[index]
+        assert d.exception() is None
+
+
+def test_crashes_at_random_points_of_epochs_give_exact_outputs_and_state() -> None:
+    rng = random.Random(7)
+    sent: Counter[str] = Counter()
+    with TestDriver(_totals(), partitions=2, trigger=processing_time("100ms")) as d:
+        seq = 0
+        for _ in range(10):
+            for _ in range(rng.randint(1, 6)):
+                user = rng.choice("abcd")
+                d.send("in", {"user": user, "amount": 1, "seq": seq})
+                sent[user] += 1
+                seq += 1
+                if rng.random() < 0.5:
+                    d.advance_time(f"{rng.randint(1, 150)}ms")
+            d.crash()
+        d.advance_time("1s")
+        outputs = d.read("out")
+        assert dict(d.store("per-user")) == dict(sent)
+        last = {r.key: r.value for r in outputs}
+        assert last == dict(sent)
+        # Exactly once: per user, the outputs are 1, 2, ..., n with none twice.
+        for user, n in sent.items():
+            assert [r.value for r in outputs if r.key == user] == list(range(1, n + 1))
+
+
+@pytest.mark.parametrize("trigger", [once(), available_now()], ids=["once", "available_now"])
+def test_once_and_available_now_stop_by_themselves_with_everything_processed(
+        trigger: Any) -> None:
+    # Batches of 5 records; an available_now epoch takes batches until it holds 7 or more.
+    job = Job("pt", config=WorkerConfig(max_epoch_records=7, poll_batch=5))
+    job.stream(KafkaSource("in", value=JSON)).to(KafkaSink("out", value=JSON))
+    with TestDriver(job, partitions=2, trigger=trigger) as d:
+        d.send_many("in", [{"i": i} for i in range(20)])
+        for _ in range(100):
+            if d.stopped():
+                break
+            d.advance_time("100ms")
+        assert d.stopped(), "the trigger did not stop the query"
+        assert d.exception() is None
+        assert sorted(r.value["i"] for r in d.read("out")) == list(range(20))
+        assert sum(d.committed("in").values()) == 20
+        epochs = d.worker.committer.commits
+        if trigger.kind == "once":
+            assert epochs == 1
+        else:
+            assert epochs == 2  # 10 records (two batches of 5), then the other 10
+
+
+def test_epoch_mode_is_refused_with_a_client_that_has_no_transactions() -> None:
+    with pytest.raises(ConfigError, match="client"):
+        WorkerConfig(trigger="100ms", client="aiokafka")
