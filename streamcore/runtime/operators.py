@@ -26,12 +26,16 @@ def _noop(key: Any, value: Any, ts: int) -> None:
 
 
 def compile_chain(plan: PhysicalPlan, source: Node, ctx: PartitionContext,
-                  start: Node | None = None) -> Emit:
+                  start: Node | None = None, built: dict[int, Emit] | None = None) -> Emit:
     """The entry closure for records of source (a root of one of the plan's sub-topologies),
     for the partition described by ctx; with start, the closure of that node below source
-    (what takes the records after a fused run, streamcore.runtime.batches)."""
+    (what takes the records after a fused run, streamcore.runtime.batches).
+
+    built maps node ids to their closures: pass the dict of an earlier compile of the same
+    chain to get its closures back rather than new ones (a stateful step compiled twice
+    would open its store twice)."""
     kids = plan.children
-    built: dict[int, Emit] = {}
+    built = {} if built is None else built
     lanes_by_node: dict[int, list[AsyncLane]] = {}  # lanes at or below each node
 
     def fanout(node: Node) -> Emit:

@@ -102,8 +102,10 @@ class PartitionTask:
                                     tables=tables)
         self.ctx.failed = self._on_failed
         try:
-            self._chain = compile_chain(plan, source, self.ctx)
-            self._batched = _Batched(plan, source, self.ctx) if batch_execution else None
+            built: dict[int, Emit] = {}  # node id -> closure, shared by both compiles
+            self._chain = compile_chain(plan, source, self.ctx, built=built)
+            self._batched = _Batched(plan, source, self.ctx, built) if batch_execution \
+                else None
         except BaseException:
             self.close_stores()
             raise
@@ -578,21 +580,23 @@ class _Batched:
     """What batch-at-a-time execution of one partition's chain needs: the fused run, and
     either a sink that ends it (written from columns) or the closure of what follows."""
 
-    def __init__(self, plan: PhysicalPlan, source: Node, ctx: PartitionContext) -> None:
+    def __init__(self, plan: PhysicalPlan, source: Node, ctx: PartitionContext,
+                 built: dict[int, Emit]) -> None:
         steps, after = fusable_run(plan, source)
         self.run = FusedRun(steps)
         self.sink: SinkColumns | None = None
         self.tail: Emit = _nowhere
         if after is None:
             return
-        is_sink = after.kind == OpKind.TO or (after.kind == OpKind.REPARTITION
-                                              and after is not source)
-        # Compiling a sink adds its counter to ctx.sinks (last): the columns path counts
-        # its outputs on the same counter.
-        self.tail = compile_chain(plan, source, ctx, start=after)
-        if is_sink:
-            self.counter = ctx.sinks[-1]
-            self.sink = SinkColumns(after, self.counter.topic)
+        # The closures compiled for the whole chain: never a second copy of a step.
+        self.tail = compile_chain(plan, source, ctx, start=after, built=built)
+        if after.kind == OpKind.TO or (after.kind == OpKind.REPARTITION and after is not source):
+            assert after.sink is not None
+            topic = plan.repartition_topic(after) if after.kind == OpKind.REPARTITION \
+                else after.sink.topic
+            # The sink's closure counts its outputs there; the columns path counts on it too.
+            self.counter = next(c for c in ctx.sinks if c.topic == topic)
+            self.sink = SinkColumns(after, topic)
 
 
 def _nowhere(key: Any, value: Any, ts: int) -> None:
