@@ -26,6 +26,7 @@ inside :meth:`ProducerBackend.poll`, so they run on the loop thread and need no 
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -47,6 +48,7 @@ __all__ = [
     "read_to_end",
 ]
 
+log = logging.getLogger("streamcore.kafka")
 TopicPartition = tuple[str, int]
 PartitionsCallback = Callable[[list[TopicPartition]], None]
 
@@ -447,6 +449,12 @@ class PartitionReader(ABC):
         """Up to max_records messages, waiting at most timeout seconds for the first one.
         Errors are raised, not returned."""
 
+    def position(self, tp: TopicPartition) -> int | None:
+        """The client's next offset to read of tp, or None if it cannot tell. It can be past
+        the last record returned: transaction markers (epoch mode's changelogs) and aborted
+        records take offsets that no read returns."""
+        return None
+
     @abstractmethod
     def end_offset(self, tp: TopicPartition) -> int:
         """The partition's high watermark, asked of the broker now. The local broker
@@ -515,6 +523,7 @@ def read_to_end(reader: PartitionReader, starts: dict[TopicPartition, int],
     if not starts:
         return position
     ends = {tp: reader.end_offset(tp) for tp in position}
+    warned = False
     while not stop():
         if all(position[tp] == ends[tp] for tp in position):
             return position  # exactly at a watermark the broker reported right
@@ -526,8 +535,22 @@ def read_to_end(reader: PartitionReader, starts: dict[TopicPartition, int],
                 continue  # short of the (lower-bound) end: read on
             ends = {tp: reader.end_offset(tp) for tp in position}
             continue
-        # A quiet fetch: done if every partition is at or past its (lower-bound) end.
+        # A quiet fetch: done if every partition is at or past its (lower-bound) end. The
+        # client's position counts the transaction markers after the last record.
+        _to_client_positions(reader, position)
         ends = {tp: reader.end_offset(tp) for tp in position}
         if all(position[tp] >= ends[tp] for tp in position):
             return position
+        if not warned:
+            warned = True
+            log.info("reading %s to its end waits for an open transaction (its producer "
+                     "must commit, abort or be replaced)", ", ".join(
+                         f"{t}[{p}]" for (t, p) in position if position[(t, p)] < ends[(t, p)]))
     return position
+
+
+def _to_client_positions(reader: PartitionReader, position: dict[TopicPartition, int]) -> None:
+    for tp in position:
+        pos = reader.position(tp)
+        if pos is not None and pos > position[tp]:
+            position[tp] = pos

@@ -368,6 +368,13 @@ class ConfluentReader(PartitionReader):
                 raise BrokerUnavailable(f"reading {m.topic()}[{m.partition()}] failed: {err}")
         return [m for m in msgs if m.error() is None]
 
+    def position(self, tp: TopicPartition) -> int | None:
+        try:
+            (pos,) = self._c.position([CTP(*tp)])
+        except KafkaException:
+            return None
+        return int(pos.offset) if pos.offset >= 0 else None
+
     def end_offset(self, tp: TopicPartition) -> int:
         try:
             _low, high = self._c.get_watermark_offsets(CTP(*tp), timeout=10, cached=False)
@@ -387,9 +394,10 @@ def _txn_error(what: str, transactional_id: str | None, exc: KafkaException) -> 
     text = err.str() if isinstance(err, KafkaError) else str(exc)
     if code in _PRODUCER_FENCED or (isinstance(err, KafkaError) and err.fatal()):
         return ProducerFenced(
-            f"{what} failed for transactional id {transactional_id!r}: {text}. Another "
-            "worker registered this transactional id (the same worker id or "
-            "transactional_id): this one stops and writes nothing more")
+            f"this worker was fenced: {what} failed for transactional id "
+            f"{transactional_id!r}: {text}. Another worker registered this transactional id "
+            "(the same worker id or transactional_id): this one stops and writes nothing "
+            "more")
     return TransactionAborted(f"{what} failed for transactional id {transactional_id!r}: "
                               f"{text}")
 

@@ -463,6 +463,9 @@ class MemoryReader(PartitionReader):
         return list(self._cluster.read(self._positions, set(), max_records,
                                        min(timeout, 0.01)))
 
+    def position(self, tp: TopicPartition) -> int | None:
+        return self._positions.get(tp)
+
     def end_offset(self, tp: TopicPartition) -> int:
         return self._cluster.end(tp)
 

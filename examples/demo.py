@@ -1,10 +1,13 @@
-"""`make demo`: the example job end to end on the local broker, in about 30 seconds.
+"""`make demo`: the example job end to end on the local broker, in about a minute.
 
 1. start the local broker (or reuse a running one), create fresh topics;
 2. start `streamcore run examples/clicks.py:job` as a worker process;
 3. feed synthetic page views for 15 s while reading the job's output;
 4. print a few outputs, a summary and the stateful step's counts per section (which must add
-   up to the clicks); stop the worker (SIGTERM) and the broker.
+   up to the clicks); stop the worker (SIGTERM);
+5. the same job again in epoch mode (`--mode epoch`: exactly-once, one Kafka transaction per
+   100 ms epoch) on fresh topics, read as read_committed, with its epoch latency; then stop
+   the broker.
 """
 
 from __future__ import annotations
@@ -42,10 +45,23 @@ def main() -> int:
     was_running = broker.status(run_dir) is not None
     info = broker.start(run_dir)
     print(f"broker: {info.bootstrap} ({'reused' if was_running else 'started'})")
+    try:
+        rc = _run(info.bootstrap, [])
+        if rc == 0:
+            print("\n--- the same job in epoch mode (exactly-once, 100 ms epochs) ---")
+            rc = _run(info.bootstrap, ["--mode", "epoch", "--trigger", "100ms"])
+        return rc
+    finally:
+        if not was_running:
+            broker.stop(run_dir)
+            print("broker stopped")
+
+
+def _run(bootstrap: str, mode_args: list[str]) -> int:
+    """One worker run of the example job on fresh topics, fed and watched."""
     tag = uuid.uuid4().hex[:6]
     views, clicks, sections = f"pageviews-{tag}", f"clicks-{tag}", f"sections-{tag}"
-    create_topics(info.bootstrap, {views: PARTITIONS, clicks: PARTITIONS,
-                                   sections: PARTITIONS})
+    create_topics(bootstrap, {views: PARTITIONS, clicks: PARTITIONS, sections: PARTITIONS})
     env = {**os.environ, "PAGEVIEWS_TOPIC": views, "CLICKS_TOPIC": clicks,
            "SECTIONS_TOPIC": sections, "DEMO_JOB": f"demo-{tag}",
            "STREAMCORE_LOG_LEVEL": "WARNING",
@@ -55,12 +71,13 @@ def main() -> int:
         http_port = s.getsockname()[1]
     worker = subprocess.Popen(
         [sys.executable, "-m", "streamcore.cli", "run", "examples/clicks.py:job",
-         "--bootstrap", info.bootstrap, "--preset", "low_latency",
-         "--http-port", str(http_port), "--http-host", "127.0.0.1"], cwd=ROOT, env=env)
+         "--bootstrap", bootstrap, "--preset", "low_latency",
+         "--http-port", str(http_port), "--http-host", "127.0.0.1", *mode_args],
+        cwd=ROOT, env=env)
     try:
         _wait_ready(http_port, worker)
-        rc, expected = _feed_and_watch(info.bootstrap, views, clicks, worker)
-        rc = rc or _show_section_counts(info.bootstrap, sections, expected)
+        rc, expected = _feed_and_watch(bootstrap, views, clicks, worker)
+        rc = rc or _show_section_counts(bootstrap, sections, expected)
         _show_metrics(http_port)
         return rc
     finally:
@@ -68,9 +85,6 @@ def main() -> int:
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)
         print(f"worker stopped (exit code {worker.returncode})")
-        if not was_running:
-            broker.stop(run_dir)
-            print("broker stopped")
 
 
 def _feed_and_watch(bootstrap: str, views: str, clicks: str,
@@ -78,9 +92,10 @@ def _feed_and_watch(bootstrap: str, views: str, clicks: str,
     """Feed page views, read clicks; return (exit code, clicks expected)."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2,
                          "logger": librdkafka_logger()})
+    # read_committed (librdkafka's default): epoch mode's outputs appear when epochs commit
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-reader",
                          "fetch.wait.max.ms": 5, "fetch.queue.backoff.ms": 1,
-                         "logger": librdkafka_logger()})
+                         "isolation.level": "read_committed", "logger": librdkafka_logger()})
     consumer.assign([TopicPartition(clicks, p, 0) for p in range(PARTITIONS)])
     latency = LatencyHistogram()
     sent = expected = received = 0

@@ -77,12 +77,16 @@ def produce(bootstrap: str, topic: str, records: Iterable[tuple[Any, Any, int | 
 
 
 def read_topic(bootstrap: str, topic: str, *, expect: int, partitions: int = 4,
-               timeout: float = 60.0, settle: float = 1.0) -> list[Any]:
+               timeout: float = 60.0, settle: float = 1.0,
+               committed_only: bool = False) -> list[Any]:
     """Every message of topic from the start, by manual assignment (no group join), until
-    expect messages have arrived and nothing more comes for settle seconds."""
+    expect messages have arrived and nothing more comes for settle seconds. committed_only:
+    as a read_committed consumer (epoch mode's outputs; the local broker still shows aborted
+    transactions' records, DESIGN.md section 9)."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("verify"), "logger": _LOG,
                   "enable.auto.commit": False, "fetch.wait.max.ms": 100,
-                  "isolation.level": "read_uncommitted"})
+                  "isolation.level": "read_committed" if committed_only
+                  else "read_uncommitted"})
     c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     out: list[Any] = []
     deadline = time.monotonic() + timeout

@@ -5,12 +5,14 @@
 * :func:`processing_time` (``"100ms"`` by default): epochs. The records of an epoch, their
   outputs, their state changes and their input offsets are committed in one Kafka
   transaction when the interval has passed (exactly-once for Kafka-to-Kafka jobs).
-* :func:`once`: one epoch over the records available at start, then stop.
+* :func:`once`: one epoch over the records available at start, then stop. A job with a
+  repartition needs more: what an epoch writes to a repartition topic is read by the next,
+  so epochs follow until one finds nothing to commit.
 * :func:`available_now`: every record available at start, in epochs of at most
-  ``WorkerConfig.max_epoch_records`` records, then stop.
+  ``WorkerConfig.max_epoch_records`` records, then stop (the same way).
 
 "Available at start" is what the worker can read until a fetch brings nothing new for
-``Trigger.quiet`` (0.5 s): the local broker under-reports end offsets (DESIGN.md section 9),
+``Trigger.quiet`` (1 s): the local broker under-reports end offsets (DESIGN.md section 9),
 so a quiet read is the end that works on every broker.
 """
 
@@ -31,7 +33,7 @@ _KINDS = ("continuous", "processing_time", "once", "available_now")
 class Trigger:
     kind: str
     interval_s: float = 0.1  # processing_time's epoch interval
-    quiet: float = 0.5  # once / available_now: no new record for this long is the end
+    quiet: float = 1.0  # once / available_now: no new record for this long is the end
 
     @property
     def epochs(self) -> bool:

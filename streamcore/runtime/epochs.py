@@ -140,10 +140,11 @@ class EpochCommits(CommitProtocol):
                 await self.end_epoch()
                 continue
             # once / available_now: an epoch ends when what is available has been read (or,
-            # for available_now, when the epoch holds max_epoch_records records)
+            # for available_now, when the epoch holds max_epoch_records records). What an
+            # epoch wrote to a repartition topic is read by the next one: the query stops
+            # once an epoch finds everything read and nothing to commit.
             caught_up = await self._until_caught_up_or_full()
-            await self.end_epoch()
-            if caught_up or t.kind == "once":
+            if not await self.end_epoch() and caught_up:
                 log.info("trigger %s: every available record is processed; stopping",
                          t.describe())
                 self._w.stop()
@@ -160,9 +161,10 @@ class EpochCommits(CommitProtocol):
                 return True
 
     # -- the epoch barrier ---------------------------------------------------------------
-    async def end_epoch(self, revoked: Iterable[TopicPartition] = ()) -> None:
-        """Steps 1 to 5 of the module docstring. Raises a fenced producer or a failed
-        delivery (fatal); an aborted transaction is retried by the next epoch."""
+    async def end_epoch(self) -> bool:
+        """Steps 1 to 5 of the module docstring; True if the epoch committed something.
+        Raises a fenced producer or a failed delivery (fatal); an aborted transaction is
+        retried by the next epoch."""
         async with self._lock:
             w = self._w
             self.gate.clear()
@@ -180,7 +182,7 @@ class EpochCommits(CommitProtocol):
                 rows = w.status.processed() - self._rows_mark
                 if not offsets and rows == 0 and not self._changelogged(live):
                     self._discard_staged(live)
-                    return  # nothing happened: keep the transaction open, no empty commit
+                    return False  # nothing happened: keep the transaction open
                 try:  # 4.
                     if offsets:
                         metadata = w.member.group_metadata()
@@ -190,7 +192,7 @@ class EpochCommits(CommitProtocol):
                 except TransactionAborted as exc:
                     self._in_txn = False
                     await self._abort(live, f"the epoch's commit failed: {exc}")
-                    return
+                    return False
                 t2 = time.monotonic()
                 for t in live:  # 5.
                     t.epoch_committed(offsets.get(t.tp))
@@ -200,6 +202,7 @@ class EpochCommits(CommitProtocol):
                              barrier_s=t1 - t0, commit_s=t2 - t1)
                 self.epoch_id += 1
                 self._begin()
+                return True
             finally:
                 if not self._full.is_set():
                     self.gate.set()

@@ -297,6 +297,7 @@ class Worker:
         if not parts:
             return
         self.rebalances += 1
+        self.last_records_at = self.clock.now_ms() / 1000  # "quiet since" starts here
         log.info("assigned %s", _fmt(parts))
         for tp in parts:
             task = PartitionTask(

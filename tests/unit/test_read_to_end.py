@@ -56,3 +56,23 @@ def test_an_under_reported_watermark_is_read_past_until_a_quiet_fetch() -> None:
     ends = read_to_end(reader, {TP: 0}, lambda msgs: seen.extend(m.offset() for m in msgs))
     assert ends == {TP: 50} and seen == list(range(50))
     assert reader.waits == [0.3]
+
+
+class _TransactionalReader(_Reader):
+    """A transactional changelog: its last offset is a commit marker, which takes an offset
+    that no read returns; the client's position moves past it."""
+
+    def __init__(self, records: int) -> None:
+        super().__init__(true_end=records, reported_end=records + 1, batch=10)
+
+    def position(self, tp: TopicPartition) -> int | None:
+        return self.pos + 1 if self.pos >= self.true_end else self.pos
+
+
+def test_a_commit_marker_after_the_last_record_is_the_end() -> None:
+    """Epoch mode writes changelogs in transactions. Before: the end (51) was never reached
+    by offsets of records (last one 49), so restoring such a changelog never finished."""
+    reader = _TransactionalReader(records=50)
+    ends = read_to_end(reader, {TP: 0}, lambda msgs: None)
+    assert ends == {TP: 51}
+    assert reader.waits == [0.3]
