@@ -43,6 +43,7 @@ from streamcore.core.errors import (
     StreamcoreError,
     TransactionAborted,
 )
+from streamcore.plan.graph import OpKind
 from streamcore.runtime.commits import CommitProtocol, fmt_offsets
 from streamcore.runtime.partition import PartitionTask, TaskState
 
@@ -106,6 +107,13 @@ class EpochCommits(CommitProtocol):
         if not producer.transactional:
             raise ConfigError("trigger", "epoch mode needs a transactional producer; the "
                               f"{self._w.clients.name} client has none")
+        side_effects = [n.describe() for n in self._w.plan.nodes
+                        if n.kind in (OpKind.MAP_ASYNC, OpKind.FOREACH, OpKind.PEEK)]
+        if side_effects:
+            # Their calls are not in the transaction: a retried epoch calls them again.
+            log.warning("epoch mode: the outputs, state and offsets of this job are "
+                        "exactly-once; the calls of %s are at-least-once (an aborted or "
+                        "crashed epoch runs them again)", ", ".join(side_effects))
         await self._blocking(producer.init_transactions, _TXN_TIMEOUT_S)
         self._begin()
 

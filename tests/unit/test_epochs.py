@@ -136,3 +136,13 @@ def test_once_and_available_now_stop_by_themselves_with_everything_processed(
 def test_epoch_mode_is_refused_with_a_client_that_has_no_transactions() -> None:
     with pytest.raises(ConfigError, match="client"):
         WorkerConfig(trigger="100ms", client="aiokafka")
+
+
+def test_steps_with_side_effects_are_named_at_start_as_at_least_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    job = Job("fx")
+    job.stream(KafkaSource("in", value=JSON)).peek(print, name="audit").to(
+        KafkaSink("out", value=JSON))
+    with TestDriver(job, trigger=processing_time("100ms")):
+        pass
+    assert any("at-least-once" in r.message and "audit" in r.message for r in caplog.records)
