@@ -493,6 +493,12 @@ class ClientBackend(ABC):
     def partition_count(self, topic: str) -> int:
         """The number of partitions of topic (0 if it does not exist)."""
 
+    def committed_offsets(self, group: str,
+                          parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The group's committed offsets of parts (-1: none), asked of the cluster now.
+        Blocking. Optional: epoch mode's recovery of epoch ids needs it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read committed offsets")
+
     @abstractmethod
     def create_topics(self, topics: dict[str, int], config: dict[str, str]) -> None:
         """Create each topic with its partition count and config; existing ones are left

@@ -506,3 +506,15 @@ class ConfluentClients(ClientBackend):
 
     def create_topics(self, topics: dict[str, int], config: dict[str, str]) -> None:
         admin.create_topics(self._bootstrap, topics, config=config, kafka=self._kafka)
+
+    def committed_offsets(self, group: str,
+                          parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        c = Consumer({**reader_settings(self._bootstrap, self._kafka), "group.id": group})
+        try:
+            done = c.committed([CTP(t, p) for t, p in parts], timeout=30)
+        except KafkaException as exc:
+            raise BrokerUnavailable(f"cannot read the committed offsets of {group}: "
+                                    f"{exc}") from exc
+        finally:
+            c.close()
+        return {(tp.topic, tp.partition): int(tp.offset) for tp in done}

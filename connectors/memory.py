@@ -505,3 +505,7 @@ class MemoryClients(ClientBackend):
     def create_topics(self, topics: dict[str, int], config: dict[str, str]) -> None:
         for name, n in topics.items():
             self.cluster.create_topic(name, n, config)
+
+    def committed_offsets(self, group: str,
+                          parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.cluster.committed.get((group, tp), -1) for tp in parts}

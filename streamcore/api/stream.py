@@ -252,6 +252,20 @@ class Stream:
             raise JobDefinitionError(f"to() takes a KafkaSink, got {sink!r}")
         self._job._add(Node(OpKind.TO, (self._node,), sink=sink))
 
+    def foreach_batch(self, fn: Callable[[list[Any], int], None], *,
+                      name: str | None = None) -> None:
+        """Epoch mode: call fn(records, epoch_id) once per epoch, before the epoch commits,
+        with the epoch's records that reach this step (``.key``, ``.value``,
+        ``.timestamp``), as Spark's foreachBatch. A crashed or aborted epoch is given again
+        with the same epoch_id, so fn can be idempotent (write keyed by epoch_id). fn
+        raising stops the query (the epoch is not committed). Continuous mode refuses it
+        at start-up."""
+        _check_fn(fn, "foreach_batch")
+        if _is_async(fn):
+            raise JobDefinitionError("foreach_batch() takes a plain function; it runs on a "
+                                     "worker thread at the end of each epoch")
+        self._then(OpKind.FOREACH_BATCH, fn, label=name)
+
     def foreach(self, fn: Callable[[Any], None], *, on_error: str | None = None,
                 name: str | None = None) -> None:
         """Call fn(value) for every record (at least once). An async fn is awaited in order."""

@@ -32,6 +32,7 @@ class OpKind:
     BRANCH = "branch"  # one node per branch output; params["index"] says which
     TO = "to"
     FOREACH = "foreach"
+    FOREACH_BATCH = "foreach_batch"  # fn(records, epoch_id) once per epoch (epoch mode)
     # Stateful and internal steps (params["name"] is the stable step name).
     REPARTITION = "repartition"  # a sink to an internal topic and the source reading it back
     AGGREGATE = "aggregate"  # reduce, aggregate, count, update_state_by_key: params["update"]
@@ -67,7 +68,7 @@ class Node:
 
     @property
     def terminal(self) -> bool:
-        return self.kind in (OpKind.TO, OpKind.FOREACH)
+        return self.kind in (OpKind.TO, OpKind.FOREACH, OpKind.FOREACH_BATCH)
 
     @property
     def name(self) -> str | None:

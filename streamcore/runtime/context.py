@@ -12,16 +12,24 @@ import asyncio
 import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from connectors.base import Message, Outbox, ProducerBackend
 from statestore.cache import StateCache
 from streamcore.runtime.tracking import Batch
 
-__all__ = ["AsyncLane", "Emit", "GlobalTableView", "OpenState", "OperatorHooks",
-           "PartitionContext", "SinkCounter", "StepFailed"]
+__all__ = ["AsyncLane", "BatchRecord", "Emit", "GlobalTableView", "OpenState",
+           "OperatorHooks", "PartitionContext", "SinkCounter", "StepFailed"]
 
 Emit = Callable[[Any, Any, int], None]
+
+
+class BatchRecord(NamedTuple):
+    """A record as foreach_batch gives it."""
+
+    key: Any
+    value: Any
+    timestamp: int
 
 
 class GlobalTableView(Protocol):
@@ -77,8 +85,8 @@ class OperatorHooks:
 
 
 class PartitionContext:
-    __slots__ = ("batch", "blocked", "failed", "hooks", "lanes", "msg", "open_state",
-                 "outbox", "partition", "producer", "sinks", "tables", "topic")
+    __slots__ = ("batch", "blocked", "collected", "failed", "hooks", "lanes", "msg",
+                 "open_state", "outbox", "partition", "producer", "sinks", "tables", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
                  open_state: OpenState | None = None,
@@ -93,6 +101,8 @@ class PartitionContext:
         self.lanes: list[AsyncLane] = []
         self.sinks: list[SinkCounter] = []
         self.hooks = OperatorHooks()
+        # foreach_batch node id -> the running epoch's records that reached it
+        self.collected: dict[int, list[BatchRecord]] = {}
         # Outputs the producer had no room for (a broker outage), in order; see Outbox.
         self.outbox = Outbox(producer)
         # A lane is full or the outbox holds records: the intake waits before the next record.

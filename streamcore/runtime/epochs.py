@@ -37,9 +37,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from connectors.base import TopicPartition
 from streamcore.core.errors import (
     ConfigError,
+    FatalError,
     StreamcoreError,
     TransactionAborted,
 )
@@ -50,7 +53,7 @@ from streamcore.runtime.partition import PartitionTask, TaskState
 if TYPE_CHECKING:
     from streamcore.runtime.worker import Worker
 
-__all__ = ["EpochCommits", "transactional_id"]
+__all__ = ["EpochCommits", "EpochLog", "transactional_id"]
 
 log = logging.getLogger("streamcore.epochs")
 _TXN_TIMEOUT_S = 30.0
@@ -77,6 +80,44 @@ def transactional_id(group: str, state_dir: Path, configured: str | None) -> str
     return f"{group}-{worker}"
 
 
+class EpochLog:
+    """Epoch ids that survive a restart: a small file next to the worker id. Before a
+    transaction commits, the epoch and its offsets are written as pending; after, as
+    committed. A worker that restarts with an epoch pending asks the group for its committed
+    offsets: equal to the pending ones, the epoch committed (the next is one more); else it
+    did not, and the epoch runs again with the same id (what foreach_batch relies on)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _write(self, data: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(data))
+        tmp.replace(self.path)
+
+    def pending(self, epoch: int, offsets: dict[TopicPartition, int]) -> None:
+        self._write({"pending": epoch, "offsets": [[t, p, o] for (t, p), o in offsets.items()]})
+
+    def committed(self, epoch: int) -> None:
+        self._write({"committed": epoch})
+
+    def next_epoch(self, committed_offsets: Callable[[list[TopicPartition]],
+                                                     dict[TopicPartition, int]]) -> int:
+        """The id of the first epoch of this run. Blocking (asks the group if needed)."""
+        try:
+            data = orjson.loads(self.path.read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return 0
+        if "committed" in data:
+            return int(data["committed"]) + 1
+        epoch = int(data["pending"])
+        offsets = {(t, int(p)): int(o) for t, p, o in data["offsets"]}
+        if offsets and committed_offsets(list(offsets)) == offsets:
+            return epoch + 1  # it committed before the worker stopped
+        return epoch  # it did not: it runs again under the same id
+
+
 class EpochCommits(CommitProtocol):
     """Exactly-once for Kafka-to-Kafka jobs: one transaction per epoch (see the module)."""
 
@@ -85,6 +126,8 @@ class EpochCommits(CommitProtocol):
         self.commits = 0
         self.aborts = 0
         self.epoch_id = 0
+        self._log = EpochLog(Path(worker.config.state_dir) / worker.group / ".epoch")
+        self._batch_steps = [n for n in worker.plan.nodes if n.kind == OpKind.FOREACH_BATCH]
         self.trigger = worker.config.trigger_spec
         self.gate = asyncio.Event()  # closed while an epoch ends (PartitionTask waits)
         self.gate.set()
@@ -115,6 +158,9 @@ class EpochCommits(CommitProtocol):
                         "exactly-once; the calls of %s are at-least-once (an aborted or "
                         "crashed epoch runs them again)", ", ".join(side_effects))
         await self._blocking(producer.init_transactions, _TXN_TIMEOUT_S)
+        w = self._w
+        self.epoch_id = await self._blocking(self._log.next_epoch, lambda parts: (
+            w.clients.committed_offsets(w.group, parts)))
         self._begin()
 
     def close(self) -> None:
@@ -191,6 +237,8 @@ class EpochCommits(CommitProtocol):
                 if not offsets and rows == 0 and not self._changelogged(live):
                     self._discard_staged(live)
                     return False  # nothing happened: keep the transaction open
+                await self._foreach_batch(live)
+                self._log.pending(self.epoch_id, offsets)
                 try:  # 4.
                     if offsets:
                         metadata = w.member.group_metadata()
@@ -202,6 +250,7 @@ class EpochCommits(CommitProtocol):
                     await self._abort(live, f"the epoch's commit failed: {exc}")
                     return False
                 t2 = time.monotonic()
+                self._log.committed(self.epoch_id)
                 for t in live:  # 5.
                     t.epoch_committed(offsets.get(t.tp))
                 self.commits += 1
@@ -214,6 +263,23 @@ class EpochCommits(CommitProtocol):
             finally:
                 if not self._full.is_set():
                     self.gate.set()
+
+    async def _foreach_batch(self, live: list[PartitionTask]) -> None:
+        """Each foreach_batch step's fn(records, epoch_id), on the transaction thread, with
+        the epoch's records in partition order. A raise stops the query uncommitted."""
+        for node in self._batch_steps:
+            records = [r for t in sorted(live, key=lambda t: t.tp)
+                       for r in t.ctx.collected.get(node.id, ())]
+            assert node.fn is not None
+            try:
+                await self._blocking(node.fn, records, self.epoch_id)
+            except Exception as exc:
+                raise FatalError(
+                    f"step {node.describe()!r} raised {type(exc).__name__}: {exc} in epoch "
+                    f"{self.epoch_id}; the epoch is not committed and runs again with the "
+                    "same id when the query restarts") from exc
+            for t in live:
+                t.ctx.collected.get(node.id, []).clear()
 
     async def _quiesce(self, tasks: list[PartitionTask]) -> None:
         """Until no task has work half-way (a revoked task has finished and stopped)."""

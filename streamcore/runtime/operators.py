@@ -15,7 +15,14 @@ from streamcore.core.errors import JobDefinitionError, SerializationError
 from streamcore.core.serde import BYTES, INTERNAL_KEY, KEY
 from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
-from streamcore.runtime.context import AsyncLane, Emit, PartitionContext, SinkCounter, StepFailed
+from streamcore.runtime.context import (
+    AsyncLane,
+    BatchRecord,
+    Emit,
+    PartitionContext,
+    SinkCounter,
+    StepFailed,
+)
 from streamcore.runtime.tracking import Batch
 
 __all__ = ["compile_chain"]
@@ -154,6 +161,13 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
                 raise StepFailed(step, policy, exc) from exc
             down(key, value, new_ts)
         return with_timestamps
+    if k == OpKind.FOREACH_BATCH:
+        collected = ctx.collected.setdefault(node.id, [])
+        add = collected.append
+
+        def foreach_batch(key: Any, value: Any, ts: int) -> None:
+            add(BatchRecord(key, value, ts))  # given to fn at the end of the epoch
+        return foreach_batch
     if k == OpKind.FOREACH:
         def foreach(key: Any, value: Any, ts: int) -> None:
             try:

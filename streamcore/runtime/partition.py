@@ -506,6 +506,8 @@ class PartitionTask:
         read yet)."""
         target = self.committed if self.committed >= 0 else self.start_offset
         self._drop_inbox()
+        for records in self.ctx.collected.values():
+            records.clear()
         self.tracker = OffsetTracker()
         if self.stores is not None:
             self.stores.discard()

@@ -79,6 +79,9 @@ class Worker:
         self.clients = clients or startup.clients_for(config)
         self._member = self.clients.consumer(self.group)
         self._epochs = config.trigger_spec.epochs
+        if not self._epochs and any(n.kind == OpKind.FOREACH_BATCH for n in self.plan.nodes):
+            raise ConfigError("trigger", "foreach_batch runs once per epoch: it needs epoch "
+                              "mode (--mode epoch, or WorkerConfig(trigger='100ms'))")
         self.transactional_id = transactional_id(
             self.group, Path(config.state_dir), config.transactional_id) if self._epochs else None
         self._producer = self.clients.producer(self.transactional_id)

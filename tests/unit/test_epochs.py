@@ -146,3 +146,65 @@ def test_steps_with_side_effects_are_named_at_start_as_at_least_once(
     with TestDriver(job, trigger=processing_time("100ms")):
         pass
     assert any("at-least-once" in r.message and "audit" in r.message for r in caplog.records)
+
+
+def _batches_job(calls: list[tuple[int, list[int]]], fail_on: int | None = None) -> Job:
+    def write(records: list[Any], epoch_id: int) -> None:
+        values = [r.value["i"] for r in records]
+        if fail_on is not None and fail_on in values:
+            raise RuntimeError("the warehouse is down")
+        calls.append((epoch_id, values))
+
+    job = Job("fb")
+    job.stream(KafkaSource("in", value=JSON)).foreach_batch(write, name="warehouse")
+    return job
+
+
+def test_foreach_batch_gets_each_epoch_once_and_a_retried_epoch_with_its_id() -> None:
+    calls: list[tuple[int, list[int]]] = []
+    with TestDriver(_batches_job(calls), trigger=processing_time("100ms")) as d:
+        d.send_many("in", [{"i": i} for i in range(3)])
+        d.advance_time("100ms")
+        d.send_many("in", [{"i": i} for i in range(3, 5)])
+        d.abort_next_epoch()
+        d.advance_time("100ms")  # fn runs, then the commit fails: the epoch runs again
+        d.advance_time("100ms")
+        assert d.exception() is None
+    assert calls == [(0, [0, 1, 2]), (1, [3, 4]), (1, [3, 4])]
+
+
+def test_foreach_batch_ids_continue_after_a_restart_and_a_failing_fn_commits_nothing(
+        ) -> None:
+    calls: list[tuple[int, list[int]]] = []
+    with TestDriver(_batches_job(calls, fail_on=7), trigger=processing_time("100ms")) as d:
+        d.send_many("in", [{"i": i} for i in range(3)])
+        d.advance_time("100ms")
+        d.crash()  # a restart: the next epoch id comes from the state directory
+        d.send_many("in", [{"i": i} for i in range(3, 5)])
+        d.advance_time("100ms")
+        assert calls == [(0, [0, 1, 2]), (1, [3, 4])]
+        d.send("in", {"i": 7})
+        d.advance_time("100ms")
+        assert "the warehouse is down" in str(d.exception())
+        assert d.committed("in") == {0: 5}, "an epoch whose foreach_batch raised committed"
+
+
+def test_foreach_batch_is_refused_in_continuous_mode() -> None:
+    job = _batches_job([])
+    with pytest.raises(ConfigError, match="epoch mode"), TestDriver(job):
+        pass
+
+
+def test_an_epoch_pending_at_a_crash_is_known_committed_or_not_by_the_group_offsets(
+        tmp_path: Any) -> None:
+    from streamcore.runtime.epochs import EpochLog
+
+    log = EpochLog(tmp_path / ".epoch")
+    assert log.next_epoch(lambda parts: {}) == 0  # a first run
+    log.pending(4, {("in", 0): 10, ("in", 1): 7})
+    # The crash came before the commit: the group still has the older offsets.
+    assert log.next_epoch(lambda parts: {("in", 0): 8, ("in", 1): 7}) == 4
+    # It came after: the group has the epoch's offsets.
+    assert log.next_epoch(lambda parts: {("in", 0): 10, ("in", 1): 7}) == 5
+    log.committed(4)
+    assert log.next_epoch(lambda parts: {}) == 5
