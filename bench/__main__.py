@@ -104,8 +104,11 @@ def _wait_assigned(log: Path, proc: subprocess.Popen[bytes], timeout: float = 60
 
 
 def _in_worker(log: Path) -> dict[str, Any]:
-    """The in-worker latency of the worker's last progress line (JSON logs)."""
+    """The in-worker latency of the worker's last progress line (JSON logs); in epoch mode
+    also the median epoch and transaction commit times over every epoch."""
     last: dict[str, Any] = {}
+    commits: list[float] = []
+    epochs: list[float] = []
     for line in log.read_text(errors="replace").splitlines():
         if '"progress"' in line:
             try:
@@ -113,6 +116,13 @@ def _in_worker(log: Path) -> dict[str, Any]:
             except orjson.JSONDecodeError:
                 continue
             last = {"p50": fields["p50Ms"], "p99": fields["p99Ms"]}
+            if "commitMs" in fields:
+                commits.append(float(fields["commitMs"]))
+                epochs.append(float(fields["epochMs"]))
+    if commits:
+        last["commit_ms"] = statistics.median(commits)
+        last["epoch_ms"] = statistics.median(epochs)
+        last["epochs"] = len(commits)
     return last
 
 
@@ -152,7 +162,7 @@ def _produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes, byte
     p.flush(60)
 
 
-def run_w1(system: str, records: int, mode: str = "w1") -> Result:
+def run_w1(system: str, records: int, mode: str = "w1", trigger: str | None = None) -> Result:
     """Throughput: W1 (stateless) or, with mode "w2", the keyed running aggregate (then the
     stores are also rebuilt from their changelogs by a second worker: restore rate)."""
     res = Result(system, mode.upper())
@@ -166,7 +176,8 @@ def run_w1(system: str, records: int, mode: str = "w1") -> Result:
         log = Path(tmp) / "proc.log"
         t0 = time.monotonic()
         group = f"bench-{uuid.uuid4().hex[:8]}"
-        state = {"STREAMCORE_STATE_DIR": str(Path(tmp) / "state")}
+        state = {"STREAMCORE_STATE_DIR": str(Path(tmp) / "state"),
+                 **({"STREAMCORE_TRIGGER": trigger} if trigger else {})}
         proc = _start(system, mode, bootstrap, src, out, log, state, group)
         first = last = 0.0
         cpu_first = cpu_last = 0.0
@@ -194,7 +205,7 @@ def run_w1(system: str, records: int, mode: str = "w1") -> Result:
         res.in_worker = _in_worker(log) if system == "streamcore" else {}
         if seen < expected:
             print(f"  warning: {system} {mode} produced {seen} of {expected} outputs")
-        if mode == "w2":
+        if mode == "w2" and not trigger:
             res.in_worker = _restore_rate(bootstrap, src, out, Path(tmp), group)
     return res
 
@@ -242,13 +253,15 @@ def run_restore(records: int) -> dict[str, float]:
     return {"restored": n, "seconds": elapsed, "rate": n / elapsed}
 
 
-def run_w3(system: str, rate: int, seconds: int) -> Result:
+def run_w3(system: str, rate: int, seconds: int, trigger: str | None = None) -> Result:
     res = Result(system, "W3")
     with _Broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
         src, out = "w3-in", "w3-out"
         create_topics(bootstrap, {src: PARTITIONS, out: PARTITIONS})
         log = Path(tmp) / "proc.log"
-        proc = _start(system, "w3", bootstrap, src, out, log)
+        proc = _start(system, "w3", bootstrap, src, out, log,
+                      {"STREAMCORE_STATE_DIR": str(Path(tmp) / "state"),
+                       **({"STREAMCORE_TRIGGER": trigger} if trigger else {})})
         _wait_assigned(log, proc)
         reader = _reader(bootstrap, out, 5)
         latencies: list[float] = []
@@ -307,6 +320,44 @@ def _paired_rows(title: str, pairs: list[tuple[Result, Result]], *,
             f"{statistics.median(rss):.2f}x"]
 
 
+def _epoch_rows(args: argparse.Namespace) -> list[str]:
+    """Epoch mode against continuous mode and the raw loop, each repeat in one invocation."""
+    os.environ["BENCH_SETTINGS"] = "equal"
+    rows: list[str] = []
+    for mode in ("w1", "w2"):
+        if args.only not in (None, mode):
+            continue
+        runs = []
+        for i in range(args.repeat):
+            raw = run_w1("raw", args.w1_records)
+            cont = run_w1("streamcore", args.w1_records, mode=mode)
+            ep = run_w1("streamcore", args.w1_records, mode=mode, trigger="100ms")
+            runs.append((raw, cont, ep))
+            print(f"{mode.upper()} run {i + 1}: raw W1 {raw.rate:9.0f}  continuous "
+                  f"{cont.rate:9.0f}  epochs {ep.rate:9.0f} rec/s  (epoch {ep.in_worker})",
+                  flush=True)
+        ratios = [ep.rate / cont.rate for _, cont, ep in runs if cont.rate]
+        raws = [ep.rate / raw.rate for raw, _, ep in runs if raw.rate]
+        rows.append(
+            f"{mode.upper()} epoch mode (100 ms): raw/continuous/epochs rec/s " + ", ".join(
+                f"{r.rate / 1000:.0f}k/{c.rate / 1000:.0f}k/{e.rate / 1000:.0f}k"
+                for r, c, e in runs) + f"; epochs/continuous median "
+            f"{statistics.median(ratios):.2f}x (target >= 0.8x); epochs/raw W1 median "
+            f"{statistics.median(raws):.2f}x; median epoch "
+            f"{statistics.median(e.in_worker.get('epoch_ms', 0) for _, _, e in runs):.0f} ms, "
+            f"transaction commit "
+            f"{statistics.median(e.in_worker.get('commit_ms', 0) for _, _, e in runs):.1f} ms")
+    if args.only in (None, "w3"):
+        raw = run_w3("raw", args.w3_rate, args.w3_seconds)
+        ep = run_w3("streamcore", args.w3_rate, args.w3_seconds, trigger="100ms")
+        rows.append(f"W3 epoch mode (100 ms) end-to-end latency: raw p50 {raw.p50_ms:.1f} / "
+                    f"p99 {raw.p99_ms:.1f} ms; epochs p50 {ep.p50_ms:.1f} / p99 "
+                    f"{ep.p99_ms:.1f} ms (target p99 < 250 ms); transaction commit median "
+                    f"{ep.in_worker.get('commit_ms', float('nan'))} ms over "
+                    f"{ep.in_worker.get('epochs', 0)} epochs")
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--w1-records", type=int, default=500_000)
@@ -318,6 +369,9 @@ def main() -> int:
                     help="W1 client settings: equal on both sides, each side's defaults, or both")
     ap.add_argument("--only", choices=("w1", "w2", "w3"))
     ap.add_argument("--restore-records", type=int, default=1_000_000)
+    ap.add_argument("--epochs", action="store_true",
+                    help="epoch mode (100 ms trigger): W1 and W2 against continuous mode and "
+                         "the raw loop, W3 latency, and the transaction commit time")
     ap.add_argument("--client", choices=("confluent-kafka", "aiokafka"),
                     default="confluent-kafka",
                     help="aiokafka: streamcore on its aiokafka backend against the raw "
@@ -327,6 +381,9 @@ def main() -> int:
         os.environ["STREAMCORE_CLIENT"] = "aiokafka"
         args.settings = "equal"
     rows: list[str] = []
+    if args.epochs:
+        print("\n".join(_epoch_rows(args)))
+        return 0
     if args.only in (None, "w1"):
         for variant in ("equal", "defaults") if args.settings == "both" else (args.settings,):
             os.environ["BENCH_SETTINGS"] = variant

@@ -186,7 +186,8 @@ class Stream:
 
     def _stateful(self, op: str, update: Callable[[Any, Any], Any], name: str | None,
                   value: Serde, on_error: str | None,
-                  key_fn: Callable[[Any], Any] | None = None) -> Table:
+                  key_fn: Callable[[Any], Any] | None = None,
+                  batch_fn: Callable[[list[Any], Any], Any] | None = None) -> Table:
         check_policy(on_error)
         if not isinstance(value, Serde):
             raise JobDefinitionError(f"{op} value= must be a Serde, got {value!r}")
@@ -198,7 +199,8 @@ class Stream:
         if up._needs_repartition():  # all records of a key must reach one partition task
             up = Stream(self._job, self._job._add(up._repartition_node(name, None)))
         node = Node(OpKind.AGGREGATE, (up._node,), update, {
-            "name": name, "op": op, "value": value, "on_error": on_error})
+            "name": name, "op": op, "value": value, "on_error": on_error,
+            **({"batch_fn": batch_fn} if batch_fn is not None else {})})
         self._job._register(node)
         return Table(self._job, self._job._add(node))
 
@@ -230,11 +232,13 @@ class Stream:
                             name: str | None = None, value: Serde = JSON,
                             on_error: str | None = None) -> Table:
         """Spark's updateStateByKey: state = fn(new_values, old_state) per key, old_state None
-        for a new key; returning None deletes the key. Each record is its own update here
-        (new_values has one value) because continuous mode has no batches."""
+        for a new key; returning None deletes the key. In epoch mode new_values holds all of
+        the key's values of the epoch, in order, and the new state goes downstream once per
+        key per epoch, at its end; in continuous mode each record is its own update
+        (new_values has one value)."""
         _check_fn(fn, "update_state_by_key")
         return self._stateful("update_state_by_key", update_state_update(fn), name, value,
-                              on_error)
+                              on_error, batch_fn=fn)
 
     def join(self, table: Table, fn: Callable[[Any, Any], Any] | None = None, *,
              how: str = "inner", on_error: str | None = None) -> Stream:

@@ -73,11 +73,13 @@ class OperatorHooks:
     * ``timer(now_ms)``: processing time has passed; called at least every
       ``TIMER_INTERVAL_S`` by the worker's clock (the test driver's manual clock included).
     * ``watermark(ms)``: the partition's event-time watermark advanced.
+    * ``abort()``: epoch mode, the epoch was aborted: forget what was gathered for it.
     """
 
-    __slots__ = ("batch_end", "commit", "timer", "watermark")
+    __slots__ = ("abort", "batch_end", "commit", "timer", "watermark")
 
     def __init__(self) -> None:
+        self.abort: list[Callable[[], None]] = []
         self.batch_end: list[Callable[[], None]] = []
         self.commit: list[Callable[[], None]] = []
         self.timer: list[Callable[[int], None]] = []
@@ -85,12 +87,14 @@ class OperatorHooks:
 
 
 class PartitionContext:
-    __slots__ = ("batch", "blocked", "collected", "failed", "hooks", "lanes", "msg",
+    __slots__ = ("batch", "blocked", "collected", "epochs", "failed", "hooks", "lanes", "msg",
                  "open_state", "outbox", "partition", "producer", "sinks", "tables", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
                  open_state: OpenState | None = None,
-                 tables: Mapping[int, GlobalTableView] | None = None) -> None:
+                 tables: Mapping[int, GlobalTableView] | None = None,
+                 epochs: bool = False) -> None:
+        self.epochs = epochs  # epoch mode: operators may gather per epoch (hooks.commit)
         self.open_state = open_state  # (step name, dumps, loads) -> the step's store cache
         self.tables = tables or {}  # TABLE node id -> its global table
         self.topic = topic

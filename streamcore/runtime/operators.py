@@ -212,6 +212,9 @@ def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,
     get, put, delete = cache.get, cache.put, cache.delete
     kser = INTERNAL_KEY.serialize
     update: Any = node.fn
+    batch_fn = node.params.get("batch_fn")
+    if batch_fn is not None and ctx.epochs:
+        return _make_epoch_update(batch_fn, down, ctx, cache, step, policy)
 
     def aggregate(key: Any, value: Any, ts: int) -> None:
         try:
@@ -225,6 +228,55 @@ def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,
             put(kb, new)
         down(key, new, ts)
     return aggregate
+
+
+def _make_epoch_update(fn: Any, down: Emit, ctx: PartitionContext, cache: Any, step: str,
+                       policy: str | None) -> Emit:
+    """update_state_by_key in epoch mode (Spark's updateStateByKey per micro-batch): each
+    key's values of the epoch are collected; at its end (a commit hook, before the stores
+    stage their changes) fn(values, old_state) runs once per key and the new state goes
+    downstream once, with the timestamp of the key's last record. A failure is the key's
+    last record's, under the step's policy."""
+    pending: dict[bytes, tuple[Any, list[Any], int, Any]] = {}  # kb -> key, values, ts, msg
+    kser = INTERNAL_KEY.serialize
+
+    def collect(key: Any, value: Any, ts: int) -> None:
+        try:
+            kb = kser(key)
+        except Exception as exc:
+            raise StepFailed(step, policy, exc) from exc
+        entry = pending.get(kb)
+        if entry is None:
+            pending[kb] = (key, [value], ts, ctx.msg)
+        else:
+            entry[1].append(value)
+            pending[kb] = (key, entry[1], ts, ctx.msg)
+
+    def at_epoch_end() -> None:
+        batch, saved_msg = ctx.batch, ctx.msg
+        items = list(pending.items())
+        pending.clear()
+        for kb, (key, values, ts, msg) in items:
+            ctx.msg = msg
+            try:
+                try:
+                    new = fn(values, cache.get(kb))
+                except Exception as exc:
+                    raise StepFailed(step, policy, exc) from exc
+                if new is None:
+                    cache.delete(kb)
+                else:
+                    cache.put(kb, new)
+                down(key, new, ts)
+            except StepFailed as failed:
+                ctx.failed(failed)
+            finally:
+                ctx.batch = batch
+        ctx.msg = saved_msg
+
+    ctx.hooks.commit.append(at_epoch_end)
+    ctx.hooks.abort.append(pending.clear)
+    return collect
 
 
 def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:

@@ -99,7 +99,7 @@ class PartitionTask:
         self._new_reader = new_reader
         self._plan = plan
         self.ctx = PartitionContext(tp[0], tp[1], producer, open_state=self._open_state,
-                                    tables=tables)
+                                    tables=tables, epochs=gate is not None)
         self.ctx.failed = self._on_failed
         try:
             built: dict[int, Emit] = {}  # node id -> closure, shared by both compiles
@@ -508,6 +508,8 @@ class PartitionTask:
         self._drop_inbox()
         for records in self.ctx.collected.values():
             records.clear()
+        for forget in self.ctx.hooks.abort:
+            forget()
         self.tracker = OffsetTracker()
         if self.stores is not None:
             self.stores.discard()

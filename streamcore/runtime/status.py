@@ -216,7 +216,8 @@ def progress_fields(report: dict[str, Any]) -> dict[str, Any]:
         "commits": report["commits"],
         "p50Ms": report["inWorkerLatencyMs"]["p50"],
         "p99Ms": report["inWorkerLatencyMs"]["p99"],
-        **({"epoch": report["batchId"], "epochMs": report["durationMs"]["total"]}
+        **({"epoch": report["batchId"], "epochMs": report["durationMs"]["total"],
+            "commitMs": report["durationMs"]["commit"]}
            if report.get("mode") == "epoch" else {}),
     }
 
@@ -224,8 +225,9 @@ def progress_fields(report: dict[str, Any]) -> dict[str, Any]:
 def progress_line(f: dict[str, Any]) -> str:
     """The log line of a report's progress_fields."""
     if "epoch" in f:
-        return (f"epoch {f['epoch']} committed: {f['rows']} rows in {f['epochMs']} ms, "
-                f"{f['partitions']} partitions, {f['queued']} queued")
+        return (f"epoch {f['epoch']} committed: {f['rows']} rows in {f['epochMs']} ms "
+                f"(commit {f['commitMs']} ms), {f['partitions']} partitions, "
+                f"{f['queued']} queued")
     return (f"progress: {f['rows']} rows ({f['rowsPerSecond']}/s), {f['partitions']} partitions "
             f"({f['running']} running, {f['paused']} paused), {f['queued']} queued, "
             f"{f['commits']} commits, in-worker p99 {f['p99Ms']} ms")

@@ -222,3 +222,52 @@ def test_the_same_state_runs_continuous_then_epochs_then_continuous(
     counts = Counter(orjson.loads(m.value())["n"] for m in outputs)
     assert latest_per_key(outputs) == _expected(sent)
     assert sum(counts.values()) == sent, "an update was written twice or lost"
+
+
+def test_foreach_batch_on_kafka_and_epoch_ids_recovered_from_the_group(
+        bootstrap: str, tmp_path: Path) -> None:
+    """foreach_batch gets every record once, epoch by epoch; a restart with an epoch left
+    pending asks the group's committed offsets whether it committed (confluent-kafka)."""
+    src = unique("epb-in")
+    make_topics(bootstrap, src)
+    calls: list[tuple[int, list[int]]] = []
+    name = unique("epb")
+
+    def run_until(seen: int) -> Any:
+        job = Job(name, config=WorkerConfig(bootstrap_servers=bootstrap, http_port=0,
+                                            state_dir=str(tmp_path), trigger="100ms"))
+        job.stream(KafkaSource(src, value=JSON)).foreach_batch(
+            lambda records, epoch: calls.append((epoch, [r.value["i"] for r in records])))
+        q = job.start()
+        try:
+            wait_until(lambda: sum(len(v) for _, v in calls) >= seen, 60, "foreach_batch calls")
+            wait_until(lambda: committed_total(bootstrap, name, src) >= seen, 30, "commits")
+        finally:
+            q.stop(30)
+        assert q.exception() is None, q.exception()
+
+    produce(bootstrap, src, ((None, {"i": i}, None) for i in range(200)))
+    run_until(200)
+    assert sorted(i for _, v in calls for i in v) == list(range(200))
+    ids = [e for e, _ in calls]
+    assert ids == sorted(set(ids)), "an epoch id was given twice without an abort"
+
+    # A crash after the pending write and after the commit: the group has the epoch's
+    # offsets, so the next epoch's id is one more.
+    from connectors.confluent import ConfluentClients
+    from streamcore.runtime.epochs import EpochLog
+
+    parts = [(src, p) for p in range(4)]
+    done = ConfluentClients(bootstrap).committed_offsets(name, parts)
+    log = EpochLog(tmp_path / name / ".epoch")
+    log.pending(41, {tp: o for tp, o in done.items() if o >= 0})
+    calls.clear()
+    produce(bootstrap, src, ((None, {"i": i}, None) for i in range(200, 210)))
+    run_until(10)
+    assert calls[0][0] == 42
+    # Before the commit: the group still has older offsets, so the epoch runs again as 50.
+    log.pending(50, {(src, 0): 10_000})
+    calls.clear()
+    produce(bootstrap, src, ((None, {"i": i}, None) for i in range(210, 220)))
+    run_until(10)
+    assert calls[0][0] == 50

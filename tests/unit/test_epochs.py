@@ -208,3 +208,30 @@ def test_an_epoch_pending_at_a_crash_is_known_committed_or_not_by_the_group_offs
     assert log.next_epoch(lambda parts: {("in", 0): 10, ("in", 1): 7}) == 5
     log.committed(4)
     assert log.next_epoch(lambda parts: {}) == 5
+
+
+def test_update_state_by_key_gets_all_of_a_keys_values_of_the_epoch_in_one_call() -> None:
+    calls: list[tuple[list[int], Any]] = []
+
+    def update(values: list[int], state: Any) -> int:
+        calls.append((values, state))
+        return (state or 0) + sum(values)
+
+    job = Job("usk")
+    (job.stream(KafkaSource("in", key=STR, value=JSON))
+        .update_state_by_key(update, name="sums")
+        .to_stream()
+        .to(KafkaSink("out", key=STR, value=JSON)))
+    with TestDriver(job, trigger=processing_time("100ms")) as d:
+        d.send_many("in", [("a", 1), ("b", 10), ("a", 2), ("a", 3)])
+        d.advance_time("100ms")
+        assert sorted(calls) == [([1, 2, 3], None), ([10], None)]
+        assert sorted((r.key, r.value) for r in d.read("out")) == [("a", 6), ("b", 10)]
+        calls.clear()
+        d.send_many("in", [("a", 4)])
+        d.abort_next_epoch()
+        d.advance_time("100ms")  # aborted: the state and the gathered values are dropped
+        d.advance_time("100ms")
+        assert calls == [([4], 6), ([4], 6)]  # the same call again in the retried epoch
+        assert [(r.key, r.value) for r in d.read("out")] == [("a", 10)]
+        assert d.store("sums")["a"] == 10
