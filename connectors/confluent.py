@@ -509,7 +509,8 @@ class ConfluentClients(ClientBackend):
 
     def committed_offsets(self, group: str,
                           parts: list[TopicPartition]) -> dict[TopicPartition, int]:
-        c = Consumer({**reader_settings(self._bootstrap, self._kafka), "group.id": group})
+        c = Consumer({**reader_settings(self._bootstrap, self._kafka), "group.id": group,
+                      "logger": librdkafka_logger()})
         try:
             done = c.committed([CTP(t, p) for t, p in parts], timeout=30)
         except KafkaException as exc:

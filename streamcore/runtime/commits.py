@@ -48,6 +48,11 @@ class CommitProtocol(ABC):
 
     commits: int  # commits made so far (metrics)
 
+    @property
+    def in_progress(self) -> bool:
+        """A commit (an epoch's end) is under way: the test driver is not settled."""
+        return False
+
     async def start(self) -> None:  # noqa: B027
         """Before the worker joins its group (epoch mode registers its transactional id)."""
 

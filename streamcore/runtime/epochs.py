@@ -144,6 +144,10 @@ class EpochCommits(CommitProtocol):
             else None
         self._full = asyncio.Event()
 
+    @property
+    def in_progress(self) -> bool:
+        return self._lock.locked()
+
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         producer = self._w.producer

@@ -376,6 +376,8 @@ class TestDriver:
         for table in list(w.tables.values()):
             if any(pos < self.cluster.end(tp) for tp, pos in dict(table.positions).items()):
                 return False
+        if w.committer.in_progress:  # an epoch is ending (or being aborted and read again)
+            return False
         return all(t.state is TaskState.RUNNING and (not t.queued or t.waiting_for_epoch)
                    and t.tracker.all_sealed() for t in list(w.tasks.values()))
 
