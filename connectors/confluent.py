@@ -406,6 +406,9 @@ class ConfluentProducer(ProducerBackend):
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.transactional_id: str | None = settings.get("transactional.id")
         self.transactional = self.transactional_id is not None
+        self._fatal: KafkaError | None = None  # a transactional producer's fatal error
+        if self.transactional:
+            settings = {**settings, "error_cb": self._on_error}
         try:
             self._p = Producer(dict(settings))
         except KafkaException as exc:
@@ -422,7 +425,17 @@ class ConfluentProducer(ProducerBackend):
         self._p.produce(topic, value, key, partition, on_delivery, reserved, timestamp,
                         cast(Any, headers))
 
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+        log.warning("producer: %s", err)
+
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
+        if self.transactional and self._p is not None:
+            self._p.poll(0)  # serve the error callback: a fenced producer says so there
+            if self._fatal is not None:
+                return _txn_error(f"producing to {topic!r}", self.transactional_id,
+                                  KafkaException(self._fatal))
         if isinstance(exc, KafkaException) and exc.args:
             return DeliveryFailed(topic, str(exc.args[0].str()))
         return DeliveryFailed(topic, f"{type(exc).__name__}: {exc}")

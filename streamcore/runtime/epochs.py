@@ -425,7 +425,7 @@ class EpochCommits(CommitProtocol):
         """After a fatal error nothing of the running epoch may be committed: abort it."""
         if self._in_txn:
             self._in_txn = False
-            try:
-                await self._blocking(self._w.producer.abort_transaction, 10.0)
+            try:  # briefly: a fenced producer cannot abort (the next owner's init does)
+                await self._blocking(self._w.producer.abort_transaction, 2.0)
             except StreamcoreError as exc:
                 log.warning("abort after failure: %s", exc)
