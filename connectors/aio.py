@@ -40,7 +40,6 @@ from aiokafka.errors import (
     KafkaError,
 )
 
-from connectors import admin
 from connectors.base import (
     ClientBackend,
     DeliveryCallback,
@@ -51,7 +50,8 @@ from connectors.base import (
     RebalanceListener,
     TopicPartition,
 )
-from connectors.confluent import ConfluentReader, reader_settings
+from connectors.confluent import ConfluentClients
+from connectors.memory import MemoryMessage
 from streamcore.core.errors import BrokerUnavailable, ConfigError, DeliveryFailed, FatalError
 
 __all__ = ["AioClients", "AioMember", "AioMessage", "AioProducer", "aio_settings"]
@@ -150,32 +150,6 @@ class AioMessage:
 
     def error(self) -> None:
         return None
-
-
-class _Sent:
-    """What a delivery report hands over: where the record landed."""
-
-    __slots__ = ("_key", "_offset", "_partition", "_topic", "_value")
-
-    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None,
-                 value: bytes | None) -> None:
-        self._topic, self._partition, self._offset = topic, partition, offset
-        self._key, self._value = key, value
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -398,7 +372,7 @@ class AioProducer(ProducerBackend):
                                      timestamp or None, headers)
                 except KafkaError as exc:
                     queue.popleft()
-                    self._reports.append((on_delivery, exc, _Sent(topic, partition, -1, key,
+                    self._reports.append((on_delivery, exc, _sent(topic, partition, -1, key,
                                                                   value)))
                     continue
                 queue.popleft()
@@ -417,7 +391,7 @@ class AioProducer(ProducerBackend):
                 return
             md = fut.result()
             self._reports.append((on_delivery, None,
-                                  _Sent(md.topic, md.partition, md.offset, key, value)))
+                                  _sent(md.topic, md.partition, md.offset, key, value)))
         return done
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
@@ -461,8 +435,9 @@ class AioClients(ClientBackend):
         # Refused settings stop start-up here, naming the field.
         self._consumer = aio_settings("consumer", self._kafka, consumer or {})
         self._producer = aio_settings("producer", self._kafka, producer or {})
-        self._admin_kafka = {k: v for k, v in self._kafka.items()
-                             if k.startswith(("security.", "sasl.", "ssl.", "client.id"))}
+        self._admin = ConfluentClients(bootstrap, kafka={
+            k: v for k, v in self._kafka.items()
+            if k.startswith(("security.", "sasl.", "ssl.", "client.id"))})
 
     def consumer(self, group: str) -> AioMember:
         return AioMember(self._bootstrap, group, self._consumer)
@@ -472,17 +447,28 @@ class AioClients(ClientBackend):
             raise NotImplementedError("epoch mode needs the confluent-kafka client")
         return AioProducer(self._bootstrap, self._producer)
 
+    # Administration and readers (outside the group): confluent-kafka's.
     def reader(self) -> PartitionReader:
-        return ConfluentReader(reader_settings(self._bootstrap, self._admin_kafka))
+        return self._admin.reader()
 
     def topic_names(self, timeout: float) -> set[str] | None:
-        return admin.topic_names(self._bootstrap, timeout=timeout, kafka=self._admin_kafka)
+        return self._admin.topic_names(timeout)
 
     def partition_count(self, topic: str) -> int:
-        return admin.partition_count(self._bootstrap, topic, kafka=self._admin_kafka)
+        return self._admin.partition_count(topic)
 
     def create_topics(self, topics: dict[str, int], config: dict[str, str]) -> None:
-        admin.create_topics(self._bootstrap, topics, config=config, kafka=self._admin_kafka)
+        self._admin.create_topics(topics, config)
+
+    def committed_offsets(self, group: str,
+                          parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return self._admin.committed_offsets(group, parts)
+
+
+def _sent(topic: str, partition: int, offset: int, key: bytes | None,
+          value: bytes | None) -> MemoryMessage:
+    """What a delivery report hands over: where the record landed (Message-shaped)."""
+    return MemoryMessage(topic, partition, offset, key, value, 0, None)
 
 
 def _fmt(offsets: dict[TopicPartition, int]) -> str:

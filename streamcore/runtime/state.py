@@ -184,30 +184,27 @@ class PartitionStores:
         if self.inflight is not None and not self.settle():
             return
         f = Flush(covers, producer)
-        part = self.partition
         for slot in self.slots:
-            topic = slot.changelog
-
-            def send(key: bytes, value: bytes | None, topic: str = topic) -> None:
-                f.pending += 1
-                f.outbox.send(topic, value, key, part, f.ack, 0, None)
-            slot.cache.flush(send)
+            slot.cache.flush(self._sender(f, slot.changelog))
         self.inflight = f
         self.settle()
+
+    def _sender(self, f: Flush, topic: str) -> Callable[[bytes, bytes | None], None]:
+        """Hands one changelog record of the flush f to the producer (counted by f)."""
+        part = self.partition
+
+        def send(key: bytes, value: bytes | None) -> None:
+            f.pending += 1
+            f.outbox.send(topic, value, key, part, f.ack, 0, None)
+        return send
 
     # -- 3'. epoch mode: stage, then apply or discard ----------------------------------------
     def stage(self, producer: ProducerBackend) -> None:
         """End of an epoch: the dirty keys go to the changelogs, in the epoch's transaction;
         the stores are written only once it commits (:meth:`apply_staged`)."""
         f = Flush(-1, producer)
-        part = self.partition
         for slot in self.slots:
-            topic = slot.changelog
-
-            def send(key: bytes, value: bytes | None, topic: str = topic) -> None:
-                f.pending += 1
-                f.outbox.send(topic, value, key, part, f.ack, 0, None)
-            self._staged.append((slot, slot.cache.stage(send)))
+            self._staged.append((slot, slot.cache.stage(self._sender(f, slot.changelog))))
         self.inflight = f
 
     def staged_sent(self) -> bool:
