@@ -82,6 +82,17 @@ def test_an_unknown_client_exits_2_naming_the_field(bootstrap: str) -> None:
     assert "client" in r.stderr and "aiokafka" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_mode_and_trigger_that_contradict_each_other_exit_2_naming_the_trigger() -> None:
+    env = {"IN": "a", "OUT": "b", "JOB": "j"}
+    for args, says in ((["--mode", "continuous", "--trigger", "100ms"], "needs --mode epoch"),
+                       (["--mode", "epoch", "--trigger", "continuous"], "epoch trigger"),
+                       (["--mode", "epoch", "--trigger", "soon"], "not continuous, once"),
+                       (["--mode", "epoch", "--client", "aiokafka"], "confluent-kafka")):
+        r = _run([PASSTHROUGH, "--bootstrap", "127.0.0.1:1", *args], env)
+        assert r.returncode == 2, (args, r.stderr)
+        assert says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
 def test_a_job_module_that_fails_to_import_exits_2_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "broken_job.py"
     bad.write_text("import no_such_module_here\n")
