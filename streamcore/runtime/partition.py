@@ -499,6 +499,7 @@ class PartitionTask:
             self.stores.apply_staged()
         if offset is not None:
             self.committed = max(self.committed, offset)
+        self.tracker.advance()  # every batch of the epoch is acknowledged: forget them
 
     def rewind_to(self) -> int | None:
         """The epoch aborted: forget what this task took since the last commit (its inbox,

@@ -56,6 +56,8 @@ def test_outputs_and_offsets_become_visible_together_at_the_end_of_an_epoch() ->
         assert d.committed("in") == {0: 5}
         report = d.worker.last_progress
         assert report is not None and report["batchId"] == 0 and report["numInputRows"] == 5
+        for task in d.worker.tasks.values():  # committed batches are forgotten (no leak)
+            assert task.tracker.oldest_pending() is None
         assert report["mode"] == "epoch" and set(report["durationMs"]) >= {"process", "commit"}
         d.advance_time("100ms")  # an epoch with nothing in it commits nothing
         assert d.worker.last_progress["batchId"] == 0  # type: ignore[index]
