@@ -436,6 +436,12 @@ class ConfluentProducer(ProducerBackend):
             if self._fatal is not None:
                 return _txn_error(f"producing to {topic!r}", self.transactional_id,
                                   KafkaException(self._fatal))
+            err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError._STATE:
+                # The transaction failed (an abortable error): the epoch is aborted and
+                # retried; a fenced producer then fails at the commit, naming itself.
+                return TransactionAborted(f"producing to {topic!r} failed for transactional "
+                                          f"id {self.transactional_id!r}: {err.str()}")
         if isinstance(exc, KafkaException) and exc.args:
             return DeliveryFailed(topic, str(exc.args[0].str()))
         return DeliveryFailed(topic, f"{type(exc).__name__}: {exc}")

@@ -346,6 +346,7 @@ class MemoryProducer(ProducerBackend):
         self.fail: str | None = None
         self.dead = False  # a crashed process: nothing more reaches the cluster
         self.abort_commits = 0  # transaction commits still to fail (abortable)
+        self.fail_transaction = False  # the next produce finds the transaction failed
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
@@ -371,6 +372,9 @@ class MemoryProducer(ProducerBackend):
             failed = MemoryMessage(topic, partition, -1, key, value, timestamp, headers)
             self._reports.append((on_delivery, self.fail, failed))
             return
+        if self.fail_transaction:
+            self.fail_transaction = False
+            raise TransactionAborted("the transaction failed (injected): an abortable error")
         if self._txn is None:
             if self.transactional:
                 raise RuntimeError("produce outside a transaction")  # as librdkafka refuses
@@ -387,6 +391,8 @@ class MemoryProducer(ProducerBackend):
             self._send(record)
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
+        if isinstance(exc, TransactionAborted):
+            return exc
         return DeliveryFailed(topic, f"{type(exc).__name__}: {exc}")
 
     # -- transactions ----------------------------------------------------------------------

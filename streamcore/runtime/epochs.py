@@ -143,6 +143,7 @@ class EpochCommits(CommitProtocol):
         self._limit = worker.config.max_epoch_records if self.trigger.kind == "available_now" \
             else None
         self._full = asyncio.Event()
+        self._failed: BaseException | None = None  # the running transaction failed
 
     @property
     def in_progress(self) -> bool:
@@ -170,6 +171,14 @@ class EpochCommits(CommitProtocol):
     def close(self) -> None:
         self._txn_thread.shutdown(wait=False)
 
+    def txn_failed(self, exc: BaseException) -> None:
+        """A task's produce found the transaction failed (abortable): no task takes more;
+        the next epoch end aborts instead of committing."""
+        if self._failed is None:
+            self._failed = exc
+            log.warning("the transaction failed (%s); the epoch will be aborted", exc)
+        self.gate.clear()
+
     def taken(self, n: int) -> None:
         """A task took n records into the running epoch (PartitionTask's on_batch). Past
         the epoch's bound the gate closes: no task takes more until the epoch ends."""
@@ -181,6 +190,7 @@ class EpochCommits(CommitProtocol):
     def _begin(self) -> None:
         self._w.producer.begin_transaction()
         self._in_txn = True
+        self._failed = None
         self._taken = 0
         self._full.clear()
         self._epoch_started = time.monotonic()
@@ -232,9 +242,16 @@ class EpochCommits(CommitProtocol):
                 await self._quiesce(tasks)  # 1.
                 t1 = time.monotonic()
                 live = [t for t in tasks if t.state in (TaskState.RUNNING, TaskState.SUSPENDED)]
-                for t in live:  # 2.
-                    t.stage_epoch()
-                await self._acknowledged(live)  # 3.
+                try:
+                    if self._failed is not None:
+                        raise TransactionAborted(str(self._failed))
+                    for t in live:  # 2.
+                        t.stage_epoch()
+                    await self._acknowledged(live)  # 3.
+                except TransactionAborted as exc:
+                    self._in_txn = False
+                    await self._abort(live, f"a write of the epoch failed: {exc}")
+                    return False
                 offsets = {t.tp: t.last_offset + 1 for t in live
                            if t.last_offset is not None and t.last_offset + 1 > t.committed}
                 rows = w.status.processed() - self._rows_mark
@@ -333,9 +350,12 @@ class EpochCommits(CommitProtocol):
         log.warning("epoch %d aborted (%s); it runs again from the committed offsets",
                     self.epoch_id, reason)
         try:
-            await self._blocking(w.producer.abort_transaction, _TXN_TIMEOUT_S)
+            await self._blocking(w.producer.abort_transaction, 10.0)
         except TransactionAborted as exc:
-            log.warning("abort_transaction: %s", exc)
+            # The producer cannot go on (fenced, most likely): stop; the next worker with
+            # this transactional id aborts what is left open.
+            raise FatalError(f"this worker may have been fenced: the epoch's transaction "
+                             f"could not be aborted: {exc}") from exc
         async with w.fetch_parked():
             seek: dict[TopicPartition, int] = {}
             skip = set(gone)

@@ -32,6 +32,7 @@ from streamcore.core.errors import (
     DeserializationError,
     StateError,
     StreamcoreError,
+    TransactionAborted,
     UserFunctionError,
 )
 from streamcore.core.logs import BurstLogger
@@ -89,6 +90,7 @@ class PartitionTask:
         batch_execution: bool = True,
         gate: asyncio.Event | None = None,
         on_batch: Callable[[int], None] | None = None,
+        on_txn_failed: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
@@ -133,6 +135,7 @@ class PartitionTask:
         # Epoch mode: closed while an epoch ends; the task takes no new batch meanwhile.
         self._gate = gate
         self._on_batch = on_batch  # epoch mode: records taken, for an epoch's size bound
+        self._on_txn_failed = on_txn_failed  # epoch mode: the transaction must be aborted
         self.busy = False  # a batch is being processed (taken, not yet sealed)
         self.fenced = False  # the group may have given the partition to another member
 
@@ -334,48 +337,59 @@ class PartitionTask:
             handed_at, msgs = inbox.popleft()
             batch = self.tracker.open(handed_at)
             ctx.batch = batch
-            if self._batched is not None:
-                kept = await self._take_batch(msgs, batch, vde, kde, ts_of)
-                if kept < len(msgs):  # stopping: the rest of the batch is the next owner's
-                    self._queued -= len(msgs) - kept
-                    msgs = msgs[:kept]
-            for m in msgs if self._batched is None else ():
-                ctx.msg = m
-                # try costs nothing until something raises (Python 3.11).
-                try:
-                    raw = m.value()
-                    try:
-                        value = None if raw is None else vde(raw)
-                        key = m.key()
-                        if kde is not None and key is not None:
-                            key = kde(key)
-                    except Exception as exc:
-                        raise StepFailed("deserialize", None, exc) from exc
-                    if ts_of is None:
-                        ts = m.timestamp()[1]
-                    else:
-                        try:
-                            ts = ts_of(value)
-                        except Exception as exc:
-                            raise StepFailed("timestamp", None, exc) from exc
-                    chain(key, value, ts)
-                except StepFailed as failed:
-                    self._record_failed(m, failed)
-                except Exception:
-                    # Fatal (a delivery the client refused): nothing from this record on is
-                    # done; everything before it is, once its outputs are acknowledged.
-                    batch.seal((m.offset() or 0) - 1)
-                    raise
-                if ctx.blocked:
-                    await ctx.wait_unblocked()
-                    ctx.batch = batch
-                    if self._closing and m is not msgs[-1]:
-                        # Stopping: the rest of this batch is the next owner's (found by
-                        # identity here, off the hot path, rather than enumerate per record).
-                        kept = next(i for i, x in enumerate(msgs) if x is m) + 1
+            try:
+                if self._batched is not None:
+                    kept = await self._take_batch(msgs, batch, vde, kde, ts_of)
+                    if kept < len(msgs):  # stopping: the rest of the batch is the next owner's
                         self._queued -= len(msgs) - kept
                         msgs = msgs[:kept]
-                        break
+                for m in msgs if self._batched is None else ():
+                    ctx.msg = m
+                    # try costs nothing until something raises (Python 3.11).
+                    try:
+                        raw = m.value()
+                        try:
+                            value = None if raw is None else vde(raw)
+                            key = m.key()
+                            if kde is not None and key is not None:
+                                key = kde(key)
+                        except Exception as exc:
+                            raise StepFailed("deserialize", None, exc) from exc
+                        if ts_of is None:
+                            ts = m.timestamp()[1]
+                        else:
+                            try:
+                                ts = ts_of(value)
+                            except Exception as exc:
+                                raise StepFailed("timestamp", None, exc) from exc
+                        chain(key, value, ts)
+                    except StepFailed as failed:
+                        self._record_failed(m, failed)
+                    except Exception:
+                        # Fatal (a delivery the client refused): nothing from this record on is
+                        # done; everything before it is, once its outputs are acknowledged.
+                        batch.seal((m.offset() or 0) - 1)
+                        raise
+                    if ctx.blocked:
+                        await ctx.wait_unblocked()
+                        ctx.batch = batch
+                        if self._closing and m is not msgs[-1]:
+                            # Stopping: the rest of this batch is the next owner's (found by
+                            # identity here, off the hot path, rather than enumerate per record).
+                            kept = next(i for i, x in enumerate(msgs) if x is m) + 1
+                            self._queued -= len(msgs) - kept
+                            msgs = msgs[:kept]
+                            break
+            except TransactionAborted as exc:
+                if self._on_txn_failed is None:
+                    raise
+                # Epoch mode: the transaction failed under this batch (an abortable
+                # produce error). The epoch is aborted and this task read again from
+                # its committed offset: stop here, the committer rewinds us.
+                self.busy = False
+                self._drop_inbox()
+                self._on_txn_failed(exc)
+                continue
             last = msgs[-1].offset()
             assert last is not None
             if ctx.hooks.batch_end:

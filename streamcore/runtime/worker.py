@@ -312,7 +312,9 @@ class Worker:
                 batch_execution=self.config.batch_execution,
                 gate=self.committer.gate if isinstance(self.committer, EpochCommits) else None,
                 on_batch=self.committer.taken if isinstance(self.committer, EpochCommits)
-                else None)
+                else None,
+                on_txn_failed=self.committer.txn_failed
+                if isinstance(self.committer, EpochCommits) else None)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")

@@ -302,6 +302,12 @@ class TestDriver:
         assert self._clients is not None and self._clients.last_producer is not None
         self._clients.last_producer.abort_commits = times
 
+    def fail_transaction(self) -> None:
+        """Epoch mode: the next output finds the running transaction failed (an abortable
+        error, as a broker can report on a produce): the epoch is aborted and runs again."""
+        assert self._clients is not None and self._clients.last_producer is not None
+        self._clients.last_producer.fail_transaction = True
+
     def stopped(self) -> bool:
         """The job has stopped (an error, or a trigger that stops by itself)."""
         return self._run is not None and self._run.done()

@@ -237,3 +237,21 @@ def test_update_state_by_key_gets_all_of_a_keys_values_of_the_epoch_in_one_call(
         assert calls == [([4], 6), ([4], 6)]  # the same call again in the retried epoch
         assert [(r.key, r.value) for r in d.read("out")] == [("a", 10)]
         assert d.store("sums")["a"] == 10
+
+
+def test_a_transaction_that_fails_under_a_produce_aborts_the_epoch_and_it_runs_again() -> None:
+    """A broker can fail a transaction on a produce (an abortable error; librdkafka then
+    refuses every produce until it is aborted). Before: the worker stopped with
+    DeliveryFailed. Now the epoch is aborted and runs again, exactly."""
+    with TestDriver(_totals(), partitions=2, trigger=processing_time("100ms")) as d:
+        d.send_many("in", [{"user": u, "amount": 1} for u in "ab"])
+        d.advance_time("200ms")
+        assert sorted((r.key, r.value) for r in d.read("out")) == [("a", 1), ("b", 1)]
+        d.fail_transaction()
+        d.send_many("in", [{"user": u, "amount": 1} for u in "aab"])
+        d.advance_time("400ms")
+        assert d.exception() is None, d.exception()
+        assert d.worker.committer.aborts == 1  # type: ignore[attr-defined]
+        assert sorted((r.key, r.value) for r in d.read("out")) == \
+            [("a", 2), ("a", 3), ("b", 2)]
+        assert dict(d.store("per-user")) == {"a": 3, "b": 2}
