@@ -369,14 +369,18 @@ class Worker:
             self._fetch_gate.set()
 
     def caught_up(self, quiet: float) -> bool:
-        """Every assigned partition is running, has processed everything fetched, and no
-        fetch has brought a record for quiet seconds (the trigger once/available_now)."""
+        """Every assigned partition is running, has had a fetch answered (its high
+        watermark is known: a quiet spell before the first answer means nothing) and has
+        processed everything fetched, and no fetch has brought a record for quiet seconds
+        (the trigger once/available_now). The local broker under-reports high watermarks,
+        so the end itself is the quiet spell."""
         if not self._joined or not self._tasks:
             return False
         if self.clock.now_ms() / 1000 - self.last_records_at < quiet:
             return False
+        member = self._member
         return all(t.state is TaskState.RUNNING and not t.queued and t.idle()
-                   for t in self._tasks.values())
+                   and member.high_watermark(t.tp) is not None for t in self._tasks.values())
 
     async def finish_running(self, tasks: list[PartitionTask], deadline: float) -> None:
         """Wait (until deadline) for these tasks to process what they have taken in."""
