@@ -49,6 +49,7 @@ from connectors.base import (
     ProducerBackend,
     RebalanceListener,
     TopicPartition,
+    fmt_offsets,
 )
 from connectors.confluent import ConfluentClients
 from connectors.memory import MemoryMessage
@@ -218,7 +219,7 @@ class AioMember(GroupMember):
         if offsets:
             try:  # before the group moves them on
                 await self._consumer.commit({ATP(t, p): o for (t, p), o in offsets.items()})
-                log.info("committed revoked partitions at %s", _fmt(offsets))
+                log.info("committed revoked partitions at %s", fmt_offsets(offsets))
             except (KafkaError, IllegalStateError) as exc:
                 # The next owner starts from the previous commit: duplicates, never loss.
                 log.warning("commit on revoke failed: %s", exc)
@@ -469,7 +470,3 @@ def _sent(topic: str, partition: int, offset: int, key: bytes | None,
           value: bytes | None) -> MemoryMessage:
     """What a delivery report hands over: where the record landed (Message-shaped)."""
     return MemoryMessage(topic, partition, offset, key, value, 0, None)
-
-
-def _fmt(offsets: dict[TopicPartition, int]) -> str:
-    return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))

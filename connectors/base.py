@@ -45,6 +45,7 @@ __all__ = [
     "RebalanceListener",
     "TopicPartition",
     "advance_positions",
+    "fmt_offsets",
     "read_to_end",
 ]
 
@@ -503,6 +504,11 @@ class ClientBackend(ABC):
     def create_topics(self, topics: dict[str, int], config: dict[str, str]) -> None:
         """Create each topic with its partition count and config; existing ones are left
         alone (idempotent)."""
+
+
+def fmt_offsets(offsets: dict[TopicPartition, int]) -> str:
+    """"topic[partition]=offset, ..." for logs and errors, in partition order."""
+    return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))
 
 
 def advance_positions(position: dict[TopicPartition, int], msgs: list[Message]) -> None:

@@ -30,6 +30,7 @@ from connectors.base import (
     Message,
     RebalanceListener,
     TopicPartition,
+    fmt_offsets,
 )
 from streamcore.core.errors import FatalError, StreamcoreError
 from streamcore.core.logs import BurstLogger
@@ -128,14 +129,16 @@ class ThreadedMember(GroupMember):
         assert self._listener is not None
         self._on_loop(self._listener.assigned(parts))
 
-    async def _taken(self, event: Coroutine[Any, Any, T]) -> T:
-        """A revoke or loss, after the fetch in flight (if any) has landed.
+    async def _taken(self, parts: list[TopicPartition], event: Coroutine[Any, Any, T]) -> T:
+        """A revoke or loss, after the fetch in flight (if any) has landed, and with the
+        partitions' queued commit forgotten (here on the loop, the thread that queues).
 
         That fetch may hold records of these partitions from before the event: they must
         reach the engine's tasks now, which still belong to this assignment, and never a
         task made for a later assignment of the same partition. The engine dispatches a
         fetch's records without an await in between, so once the fetch returned they are
         there."""
+        self.forget(parts)
         try:
             await self._fetch_idle.wait()
         except BaseException:
@@ -145,20 +148,19 @@ class ThreadedMember(GroupMember):
 
     def _on_revoke(self, parts: list[TopicPartition]) -> None:
         assert self._listener is not None
-        offsets = self._on_loop(self._taken(self._listener.revoked(parts)))
-        self._queued = {tp: o for tp, o in self._queued.items() if tp not in parts}
+        offsets = self._on_loop(self._taken(parts, self._listener.revoked(parts)))
         if not offsets:
             return
         try:  # synchronously, here, before the group moves the partitions on
             self.consumer.commit(offsets, asynchronous=False)
-            log.info("committed revoked partitions at %s", _fmt(offsets))
+            log.info("committed revoked partitions at %s", fmt_offsets(offsets))
         except StreamcoreError as exc:
             # The next owner starts from the previous commit: duplicates, never loss.
             log.warning("commit on revoke failed: %s", exc)
 
     def _on_lost(self, parts: list[TopicPartition]) -> None:
         assert self._listener is not None
-        self._on_loop(self._taken(self._listener.lost(parts)))
+        self._on_loop(self._taken(parts, self._listener.lost(parts)))
 
     def _on_fenced(self, parts: list[TopicPartition]) -> None:
         if self._loop is not None and self._listener is not None:
@@ -212,7 +214,3 @@ class ThreadedMember(GroupMember):
 
     def group_metadata(self) -> Any:
         return self.consumer.group_metadata()
-
-
-def _fmt(offsets: dict[TopicPartition, int]) -> str:
-    return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))

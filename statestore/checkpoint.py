@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["read_checkpoint", "remove_checkpoint", "write_checkpoint"]
+__all__ = ["read_checkpoint", "remove_checkpoint", "replace_file", "write_checkpoint"]
 
 
 def _file(store_dir: Path) -> Path:
@@ -32,10 +32,16 @@ def read_checkpoint(store_dir: Path, topic: str, partition: int) -> int | None:
 
 
 def write_checkpoint(store_dir: Path, topic: str, partition: int, offset: int) -> None:
-    target = _file(store_dir)
+    replace_file(_file(store_dir), json.dumps(
+        {"topic": topic, "partition": partition, "offset": offset}).encode())
+
+
+def replace_file(target: Path, data: bytes) -> None:
+    """Replace target with data durably and atomically: write a temporary file, fsync,
+    rename, fsync the directory. A crash leaves the old contents or the new, never half."""
     tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"topic": topic, "partition": partition, "offset": offset}, f)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)

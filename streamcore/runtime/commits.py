@@ -26,14 +26,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from connectors.base import TopicPartition
+from connectors.base import TopicPartition, fmt_offsets
 from streamcore.core.errors import StreamcoreError
 from streamcore.runtime.partition import TaskState
 
 if TYPE_CHECKING:
     from streamcore.runtime.worker import Worker
 
-__all__ = ["CommitProtocol", "ContinuousCommits", "fmt_offsets"]
+__all__ = ["CommitProtocol", "ContinuousCommits"]
 
 log = logging.getLogger("streamcore.worker")
 
@@ -47,6 +47,7 @@ class CommitProtocol(ABC):
     """
 
     commits: int  # commits made so far (metrics)
+    _w: Worker  # the worker whose partitions it commits
 
     @property
     def in_progress(self) -> bool:
@@ -91,10 +92,10 @@ class CommitProtocol(ABC):
         """Event loop: an asynchronous commit of these offsets failed; send them again with
         the next periodic commit even if no more records are done by then."""
 
-    @abstractmethod
     def forget(self, parts: Iterable[TopicPartition]) -> None:
         """Drop anything queued for these partitions (revoked, lost or fenced): a commit must
         never land after the partition moved."""
+        self._w.member.forget(parts)
 
     @abstractmethod
     async def prepare(self, parts: list[TopicPartition]) -> None:
@@ -123,9 +124,6 @@ class ContinuousCommits(CommitProtocol):
     def __init__(self, worker: Worker) -> None:
         self._w = worker
         self.commits = 0
-
-    def forget(self, parts: Iterable[TopicPartition]) -> None:
-        self._w.member.forget(parts)
 
     def commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, off in offsets.items():
@@ -227,7 +225,3 @@ class ContinuousCommits(CommitProtocol):
             await self.commit(self.done_offsets(parts, raise_failure=False, only_moved=False))
         except StreamcoreError as exc:
             log.warning("commit after failure failed: %s", exc)
-
-
-def fmt_offsets(offsets: dict[TopicPartition, int]) -> str:
-    return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))

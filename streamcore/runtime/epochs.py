@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from connectors.base import TopicPartition
+from connectors.base import TopicPartition, fmt_offsets
+from statestore.checkpoint import replace_file
 from streamcore.core.errors import (
     ConfigError,
     FatalError,
@@ -47,7 +48,7 @@ from streamcore.core.errors import (
     TransactionAborted,
 )
 from streamcore.plan.graph import OpKind
-from streamcore.runtime.commits import CommitProtocol, fmt_offsets
+from streamcore.runtime.commits import CommitProtocol
 from streamcore.runtime.partition import PartitionTask, TaskState
 
 if TYPE_CHECKING:
@@ -74,9 +75,7 @@ def transactional_id(group: str, state_dir: Path, configured: str | None) -> str
     if not worker:
         worker = uuid.uuid4().hex[:12]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(worker)
-        tmp.replace(path)
+        replace_file(path, worker.encode())
     return f"{group}-{worker}"
 
 
@@ -92,9 +91,7 @@ class EpochLog:
 
     def _write(self, data: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(data))
-        tmp.replace(self.path)
+        replace_file(self.path, orjson.dumps(data))
 
     def pending(self, epoch: int, offsets: dict[TopicPartition, int]) -> None:
         self._write({"pending": epoch, "offsets": [[t, p, o] for (t, p), o in offsets.items()]})
@@ -401,9 +398,6 @@ class EpochCommits(CommitProtocol):
 
     def commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
         """Offsets are committed in transactions, never by the member."""
-
-    def forget(self, parts: Iterable[TopicPartition]) -> None:
-        self._w.member.forget(parts)
 
     async def prepare(self, parts: list[TopicPartition]) -> None:
         w = self._w

@@ -20,7 +20,7 @@ import logging
 import operator
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -548,30 +548,28 @@ class _Rebalances(RebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self._w = worker
 
-    async def assigned(self, parts: list[TopicPartition]) -> None:
+    @contextlib.contextmanager
+    def _rebalancing(self) -> Iterator[Worker]:
+        """While an event is handled, /healthz and /readyz say a rebalance is under way."""
         w = self._w
-        w._joined = True  # every completed rebalance calls this, with nothing new or not
         w._rebalancing_since = time.monotonic()
         try:
-            await w._assign(parts)
+            yield w
         finally:
             w._rebalancing_since = None
+
+    async def assigned(self, parts: list[TopicPartition]) -> None:
+        self._w._joined = True  # every completed rebalance calls this, with nothing new or not
+        with self._rebalancing() as w:
+            await w._assign(parts)
 
     async def revoked(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
-        w = self._w
-        w._rebalancing_since = time.monotonic()
-        try:
+        with self._rebalancing() as w:
             return await w._revoke(parts, commit=True)
-        finally:
-            w._rebalancing_since = None
 
     async def lost(self, parts: list[TopicPartition]) -> None:
-        w = self._w
-        w._rebalancing_since = time.monotonic()
-        try:
+        with self._rebalancing() as w:
             await w._revoke(parts, commit=False)
-        finally:
-            w._rebalancing_since = None
 
     def fenced(self, parts: list[TopicPartition]) -> None:
         self._w._fence(parts, "a commit was refused: this member is no longer in the group's "
