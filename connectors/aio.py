@@ -307,16 +307,20 @@ class AioMember(GroupMember):
         return [AioMessage(r) for records in batches.values() for r in records]
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
-        c = self._consumer
-        live = [ATP(t, p) for t, p in partitions if ATP(t, p) in c.assignment()]
+        live = self._still_assigned(partitions)
         if live:
-            c.pause(*live)
+            self._consumer.pause(*live)
 
     def resume(self, partitions: Sequence[TopicPartition]) -> None:
-        c = self._consumer
-        live = [ATP(t, p) for t, p in partitions if ATP(t, p) in c.assignment()]
+        live = self._still_assigned(partitions)
         if live:
-            c.resume(*live)
+            self._consumer.resume(*live)
+
+    def _still_assigned(self, partitions: Sequence[TopicPartition]) -> list[ATP]:
+        """Those of partitions still assigned (a revoked one is ignored, as the contract
+        says); the assignment is read once, not once per partition."""
+        assignment = self._consumer.assignment()
+        return [tp for tp in (ATP(t, p) for t, p in partitions) if tp in assignment]
 
     def high_watermark(self, tp: TopicPartition) -> int | None:
         try:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from connectors.base import TopicPartition, fmt_offsets
 from streamcore.core.errors import StreamcoreError
-from streamcore.runtime.partition import TaskState
+from streamcore.runtime.partition import PartitionTask, TaskState
 
 if TYPE_CHECKING:
     from streamcore.runtime.worker import Worker
@@ -63,6 +63,16 @@ class CommitProtocol(ABC):
     @abstractmethod
     async def run(self) -> None:
         """The periodic commits (or epochs), until cancelled."""
+
+    async def _drain(self, parts: list[TopicPartition], deadline: float) -> list[PartitionTask]:
+        """Stop these partitions' intake and wait (until deadline) for their tasks to finish
+        what they took in; return the tasks."""
+        w = self._w
+        tasks = [w.tasks[tp] for tp in parts if tp in w.tasks]
+        for t in tasks:
+            t.stop_intake()
+        await w.finish_running(tasks, deadline)
+        return tasks
 
     async def hand_over(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
         """A revoke: finish these partitions' work; return the offsets the member must
@@ -155,10 +165,7 @@ class ContinuousCommits(CommitProtocol):
     async def prepare(self, parts: list[TopicPartition]) -> None:
         w = self._w
         deadline = time.monotonic() + w.config.shutdown_timeout_s
-        tasks = [w.tasks[tp] for tp in parts if tp in w.tasks]
-        for t in tasks:
-            t.stop_intake()
-        await w.finish_running(tasks, deadline)
+        tasks = await self._drain(parts, deadline)
         # Wait for the broker to acknowledge what was handed to the producer, and flush the
         # state stores (their changelog acknowledged too) so that everything is done.
         while time.monotonic() < deadline:

@@ -132,9 +132,7 @@ class EpochCommits(CommitProtocol):
         self._txn_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-txn")
         self._in_txn = False
         self._epoch_started = time.monotonic()
-        self._epoch_rows = 0  # records processed in the running epoch (at its start)
-        self._rows_mark = 0
-        self.last_epoch: dict[str, Any] = {}
+        self._rows_mark = 0  # records processed before the running epoch began
         # available_now: records taken in the running epoch, and its bound
         self._taken = 0
         self._limit = worker.config.max_epoch_records if self.trigger.kind == "available_now" \
@@ -240,32 +238,26 @@ class EpochCommits(CommitProtocol):
                 t1 = time.monotonic()
                 live = [t for t in tasks if t.state in (TaskState.RUNNING, TaskState.SUSPENDED)]
                 try:
-                    if self._failed is not None:
+                    if self._failed is not None:  # a produce of the epoch failed it
                         raise TransactionAborted(str(self._failed))
                     for t in live:  # 2.
                         t.stage_epoch()
                     await self._acknowledged(live)  # 3.
-                except TransactionAborted as exc:
-                    self._in_txn = False
-                    await self._abort(live, f"a write of the epoch failed: {exc}")
-                    return False
-                offsets = {t.tp: t.last_offset + 1 for t in live
-                           if t.last_offset is not None and t.last_offset + 1 > t.committed}
-                rows = w.status.processed() - self._rows_mark
-                if not offsets and rows == 0 and not self._changelogged(live):
-                    self._discard_staged(live)
-                    return False  # nothing happened: keep the transaction open
-                await self._foreach_batch(live)
-                self._log.pending(self.epoch_id, offsets)
-                try:  # 4.
-                    if offsets:
+                    offsets = {t.tp: t.last_offset + 1 for t in live
+                               if t.last_offset is not None and t.last_offset + 1 > t.committed}
+                    rows = w.status.processed() - self._rows_mark
+                    if not offsets and rows == 0 and not self._changelogged(live):
+                        self._discard_staged(live)
+                        return False  # nothing happened: keep the transaction open
+                    await self._foreach_batch(live)
+                    self._log.pending(self.epoch_id, offsets)
+                    if offsets:  # 4.
                         metadata = w.member.group_metadata()
                         await self._blocking(w.producer.send_offsets_to_transaction, offsets,
                                              metadata, _TXN_TIMEOUT_S)
                     await self._blocking(w.producer.commit_transaction, _TXN_TIMEOUT_S)
                 except TransactionAborted as exc:
-                    self._in_txn = False
-                    await self._abort(live, f"the epoch's commit failed: {exc}")
+                    await self._abort(live, f"the epoch failed: {exc}")
                     return False
                 t2 = time.monotonic()
                 self._log.committed(self.epoch_id)
@@ -343,6 +335,7 @@ class EpochCommits(CommitProtocol):
         """Abort the transaction; every task forgets its uncommitted work and reads again
         from its committed offset (the fetch loop parked meanwhile)."""
         w = self._w
+        self._in_txn = False
         self.aborts += 1
         log.warning("epoch %d aborted (%s); it runs again from the committed offsets",
                     self.epoch_id, reason)
@@ -374,14 +367,13 @@ class EpochCommits(CommitProtocol):
                 tasks = [t for t in self._w.tasks.values()]
                 await self._quiesce([t for t in tasks if not t.fenced])
                 if self._in_txn:
-                    self._in_txn = False
                     await self._abort(tasks, reason, gone)
             finally:
                 self.gate.set()
 
     def _report(self, offsets: dict[TopicPartition, int], rows: int, *, process_s: float,
                 barrier_s: float, commit_s: float) -> None:
-        self.last_epoch = {
+        epoch = {
             "batchId": self.epoch_id,
             "numInputRows": rows,
             "durationMs": {"process": round(process_s * 1000, 1),
@@ -390,7 +382,7 @@ class EpochCommits(CommitProtocol):
                            "total": round((process_s + barrier_s + commit_s) * 1000, 1)},
             "committedOffsets": {f"{t}[{p}]": o for (t, p), o in sorted(offsets.items())},
         }
-        self._w.status.report_epoch(self.last_epoch, process_s + barrier_s + commit_s)
+        self._w.status.report_epoch(epoch, process_s + barrier_s + commit_s)
 
     # -- CommitProtocol --------------------------------------------------------------------
     def commit_due(self) -> None:
@@ -400,11 +392,7 @@ class EpochCommits(CommitProtocol):
         """Offsets are committed in transactions, never by the member."""
 
     async def prepare(self, parts: list[TopicPartition]) -> None:
-        w = self._w
-        tasks = [w.tasks[tp] for tp in parts if tp in w.tasks]
-        for t in tasks:
-            t.stop_intake()
-        await w.finish_running(tasks, time.monotonic() + w.config.shutdown_timeout_s)
+        await self._drain(parts, time.monotonic() + self._w.config.shutdown_timeout_s)
 
     def done_offsets(self, parts: Iterable[TopicPartition], *, raise_failure: bool = True,
                      only_moved: bool = True) -> dict[TopicPartition, int]:
