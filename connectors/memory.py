@@ -343,6 +343,7 @@ class MemoryProducer(ProducerBackend):
         self._reports: list[tuple[DeliveryCallback, Any, MemoryMessage]] = []
         self._round_robin = itertools.count()
         self.hold = False
+        self.hold_topics: frozenset[str] | None = None  # hold only these (None: all)
         self.fail: str | None = None
         self.dead = False  # a crashed process: nothing more reaches the cluster
         self.abort_commits = 0  # transaction commits still to fail (abortable)
@@ -360,7 +361,7 @@ class MemoryProducer(ProducerBackend):
             partition = (murmur2_partition(key, len(parts)) if key is not None
                          else next(self._round_robin) % len(parts))
         record = (topic, partition, key, value, timestamp, headers, on_delivery)
-        if self.hold:
+        if self.hold and (self.hold_topics is None or topic in self.hold_topics):
             self._held.append(record)
         else:
             self._send(record)

@@ -55,6 +55,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                                                   "Duration of the last store restore."),
     "streamcore_store_keys": ("gauge", ("job", "step"),
                               "Keys in the state stores of this worker (RocksDB estimate)."),
+    "streamcore_watermark_seconds": (
+        "gauge", ("job", "topic", "partition"), "Event-time watermark of each partition task "
+        "(epoch seconds; absent until its first with_watermark input has reported)."),
+    "streamcore_late_records_dropped_total": (
+        "counter", ("job",), "Records dropped by windows and drop_duplicates because they "
+        "arrived after the watermark had closed them (also sent to late= if set)."),
     "streamcore_global_table_failures_total": (
         "counter", ("job", "table"), "Global tables whose follower stopped (the table is stale "
         "and /healthz fails until the worker restarts)."),

@@ -8,10 +8,12 @@ Everything a job needs is importable from here::
 from connectors.kafka import KafkaSink, KafkaSource
 from statestore.rocksdb import RocksDBSettings
 from streamcore.api.config import WorkerConfig
+from streamcore.api.groupstate import GroupState
 from streamcore.api.job import Job, Stream
 from streamcore.api.query import StreamingQuery
 from streamcore.api.stream import Table
 from streamcore.api.triggers import Trigger, available_now, continuous, once, processing_time
+from streamcore.api.windows import Hopping, Session, Sliding, Tumbling, Window, WindowedStream
 from streamcore.core.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -42,6 +44,8 @@ __all__ = [
     "DeliveryFailed",
     "DeserializationError",
     "FatalError",
+    "GroupState",
+    "Hopping",
     "Job",
     "JobDefinitionError",
     "KafkaSink",
@@ -52,6 +56,8 @@ __all__ = [
     "RocksDBSettings",
     "SerializationError",
     "Serde",
+    "Session",
+    "Sliding",
     "StateError",
     "Stream",
     "StreamcoreError",
@@ -59,7 +65,10 @@ __all__ = [
     "Table",
     "TransactionAborted",
     "Trigger",
+    "Tumbling",
     "UserFunctionError",
+    "Window",
+    "WindowedStream",
     "WorkerConfig",
     "__version__",
     "available_now",

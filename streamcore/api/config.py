@@ -76,6 +76,11 @@ class WorkerConfig:
     # Each fetched batch goes through the stateless steps one step at a time (one call per
     # step per batch); False: record at a time (see streamcore.runtime.batches).
     batch_execution: bool = True
+    # Event time: how a task combines the watermarks of its inputs ("min", as Spark, or
+    # "max"), and after how long without advancing an input stops holding it back (None:
+    # never, as Spark).
+    watermark_policy: str = "min"
+    watermark_idle_timeout: float | str | None = None
     inbox_high: int = 20_000  # records queued for one partition before it is paused
     inbox_low: int = 5_000  # ... and resumed
     log_level: str = "INFO"
@@ -129,6 +134,14 @@ class WorkerConfig:
         if not isinstance(self.batch_execution, bool):
             raise ConfigError("batch_execution", f"must be True or False, got "
                               f"{self.batch_execution!r}")
+        if self.watermark_policy not in ("min", "max"):
+            raise ConfigError("watermark_policy", f"must be 'min' or 'max', got "
+                              f"{self.watermark_policy!r}")
+        if self.watermark_idle_timeout is not None:
+            idle = parse_duration(self.watermark_idle_timeout, "watermark_idle_timeout")
+            if idle <= 0:
+                raise ConfigError("watermark_idle_timeout", "must be positive (or None: off)")
+            object.__setattr__(self, "watermark_idle_timeout", idle)
         if self.inbox_low >= self.inbox_high:
             raise ConfigError("inbox_low", f"must be below inbox_high ({self.inbox_high})")
         if self.http_port is not None and (

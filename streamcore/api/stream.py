@@ -12,11 +12,21 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from connectors.kafka import KafkaSink, KafkaSource
+from streamcore.api.groupstate import GROUP_TIMEOUTS
 from streamcore.api.updates import (
     aggregate_update,
     count_update,
     reduce_update,
     update_state_update,
+)
+from streamcore.api.windows import (
+    OUTPUT_MODES,
+    Hopping,
+    Session,
+    Tumbling,
+    Window,
+    WindowedStream,
+    duration_ms,
 )
 from streamcore.core.errors import JobDefinitionError
 from streamcore.core.serde import INTERNAL_KEY, INTERNAL_VALUE, JSON, Serde
@@ -113,6 +123,14 @@ class Stream:
         """Set each record's event time (epoch milliseconds) to fn(value)."""
         return self._then(OpKind.WITH_TIMESTAMPS, fn, on_error=on_error, label=name)
 
+    def with_watermark(self, delay: Any) -> Stream:
+        """Track event time here: the watermark is the maximum event time seen (per partition
+        task) minus delay (``"10s"``, or milliseconds). Windows close, append mode emits and
+        state expires when the watermark passes them; records older than it are late
+        (Spark's withWatermark)."""
+        return self._then(OpKind.WITH_WATERMARK, delay_ms=duration_ms(
+            delay, "with_watermark delay", positive=False))
+
     def union(self, *others: Stream) -> Stream:
         """The records of this stream and of others, interleaved as they arrive."""
         for o in others:
@@ -187,7 +205,8 @@ class Stream:
     def _stateful(self, op: str, update: Callable[[Any, Any], Any], name: str | None,
                   value: Serde, on_error: str | None,
                   key_fn: Callable[[Any], Any] | None = None,
-                  batch_fn: Callable[[list[Any], Any], Any] | None = None) -> Table:
+                  batch_fn: Callable[[list[Any], Any], Any] | None = None,
+                  **extra: Any) -> Table:
         check_policy(on_error)
         if not isinstance(value, Serde):
             raise JobDefinitionError(f"{op} value= must be a Serde, got {value!r}")
@@ -200,7 +219,7 @@ class Stream:
             up = Stream(self._job, self._job._add(up._repartition_node(name, None)))
         node = Node(OpKind.AGGREGATE, (up._node,), update, {
             "name": name, "op": op, "value": value, "on_error": on_error,
-            **({"batch_fn": batch_fn} if batch_fn is not None else {})})
+            **({"batch_fn": batch_fn} if batch_fn is not None else {}), **extra})
         self._job._register(node)
         return Table(self._job, self._job._add(node))
 
@@ -239,6 +258,109 @@ class Stream:
         _check_fn(fn, "update_state_by_key")
         return self._stateful("update_state_by_key", update_state_update(fn), name, value,
                               on_error, batch_fn=fn)
+
+    # -- event time (streamcore.api.windows; semantics in the runtime's windows module) --
+    def window(self, window: Window) -> WindowedStream:
+        """Group each key's records into event-time windows; then count, reduce or
+        aggregate per key and window."""
+        return WindowedStream(self, window)
+
+    def _windowed(self, op: str, window: Window, name: str | None, value: Serde,
+                  on_error: str | None, late: Any, fn: Callable[..., Any] | None,
+                  init: Callable[[], Any] | None, inverse: Callable[..., Any] | None = None,
+                  merger: Callable[[Any, Any], Any] | None = None) -> Table:
+        for f in (fn, init, inverse):
+            if f is not None:
+                _check_fn(f, op)
+        if late is not None and not isinstance(late, KafkaSink):
+            raise JobDefinitionError(f"late= takes a KafkaSink, got {late!r}")
+        update = {"reduce": reduce_update(fn) if fn else None,
+                  "aggregate": aggregate_update(init, fn) if init and fn else None}.get(op)
+        opname = "reduce_by_key_and_window" if op == "rbkw" else f"window_{op}"
+        merge: Callable[[Any, Any], Any] | None
+        if op == "count":
+            merge = _add
+        elif op == "aggregate":
+            merge = merger
+            if merge is None and isinstance(window, Session):
+                raise JobDefinitionError(
+                    "aggregate over Session windows needs merge=(agg1, agg2) -> agg: two "
+                    "sessions that a record bridges merge into one (as Kafka Streams' "
+                    "session merger)")
+        else:
+            merge = fn
+        return self._stateful(opname, update or count_update, name, value, on_error,
+                              window=window, late=late, combine=fn, inverse=inverse,
+                              merge=merge, event_time=True)
+
+    def reduce_by_key_and_window(self, fn: Callable[[Any, Any], Any], window: Hopping, *,
+                                 inverse: Callable[[Any, Any], Any] | None = None,
+                                 name: str | None = None, value: Serde = JSON,
+                                 late: Any = None, on_error: str | None = None) -> Table:
+        """DStream's reduceByKeyAndWindow over event time: each key's values are reduced per
+        slide-long pane, and each window (``Hopping(size, slide)``) emits once, when the
+        watermark passes its end + grace, the reduction of its panes. With ``inverse``
+        (``inverse(acc, leaving) == acc`` without ``leaving``), the window's value is carried
+        from the previous window: the entering pane is added, the leaving one subtracted,
+        instead of reducing size/slide panes again."""
+        if not isinstance(window, Hopping | Tumbling):
+            raise JobDefinitionError("reduce_by_key_and_window takes Hopping(size, slide) "
+                                     f"(or Tumbling), got {window!r}")
+        _check_fn(fn, "reduce_by_key_and_window")
+        return self._windowed("rbkw", window, name, value, on_error, late, fn, None, inverse)
+
+    def drop_duplicates(self, key_fn: Callable[[Any], Any] | None = None, *,
+                        within: Any = None, name: str | None = None) -> Stream:
+        """Drop records whose (key, key_fn(value)) was seen before (key_fn default: the
+        whole value), keeping the first. State is bounded by the watermark: an entry is
+        forgotten once the watermark passes its event time (+ ``within``, Spark's
+        dropDuplicatesWithinWatermark), and records older than the watermark are late and
+        dropped. With ``within`` and no watermark, the step's own maximum event time is the
+        clock. With neither, state grows without bound: the worker warns at start."""
+        if key_fn is not None:
+            _check_fn(key_fn, "drop_duplicates")
+        within_ms = None if within is None else duration_ms(within, "drop_duplicates within")
+        table = self._stateful("drop_duplicates", count_update, name, JSON, None,
+                               dedup_key=key_fn, within_ms=within_ms, event_time=True)
+        return Stream(self._job, table._node)
+
+    def map_groups_with_state(self, fn: Callable[[Any, list[Any], Any], Any], *,
+                              name: str | None = None, timeout: str = "none",
+                              output_mode: str = "update", value: Serde = JSON,
+                              on_error: str | None = None) -> Stream:
+        """Spark's mapGroupsWithState: ``fn(key, values, state)`` returns one output per
+        call; ``state`` is a :class:`~streamcore.GroupState` kept per key. ``timeout`` is
+        ``"none"``, ``"processing_time"`` (``state.set_timeout_duration``) or
+        ``"event_time"`` (``state.set_timeout_timestamp``, needs a watermark); a key whose
+        timeout passes is called with ``values == []`` and ``state.has_timed_out``. values
+        is one record in continuous mode, the key's records of the epoch in epoch mode."""
+        if output_mode != "update":
+            raise JobDefinitionError("map_groups_with_state supports output_mode 'update' "
+                                     f"only (as Spark), got {output_mode!r}")
+        return self._groups("map_groups_with_state", fn, name, timeout, output_mode, value,
+                            on_error)
+
+    def flat_map_groups_with_state(self, fn: Callable[[Any, list[Any], Any], Iterable[Any]],
+                                   *, name: str | None = None, timeout: str = "none",
+                                   output_mode: str = "append", value: Serde = JSON,
+                                   on_error: str | None = None) -> Stream:
+        """As map_groups_with_state, but fn returns zero or more outputs (an iterable)."""
+        return self._groups("flat_map_groups_with_state", fn, name, timeout, output_mode,
+                            value, on_error)
+
+    def _groups(self, op: str, fn: Callable[..., Any], name: str | None, timeout: str,
+                output_mode: str, value: Serde, on_error: str | None) -> Stream:
+        _check_fn(fn, op)
+        if timeout not in GROUP_TIMEOUTS:
+            raise JobDefinitionError(f"{op} timeout must be one of {GROUP_TIMEOUTS}, got "
+                                     f"{timeout!r}")
+        if output_mode not in ("append", "update"):
+            raise JobDefinitionError(f"{op} output_mode must be 'append' or 'update', got "
+                                     f"{output_mode!r}")
+        table = self._stateful(op, count_update, name, value, on_error, group_fn=fn,
+                               timeout=timeout, output_mode=output_mode, event_time=True,
+                               flat=op.startswith("flat"))
+        return Stream(self._job, table._node)
 
     def join(self, table: Table, fn: Callable[[Any, Any], Any] | None = None, *,
              how: str = "inner", on_error: str | None = None) -> Stream:
@@ -298,16 +420,29 @@ class Table:
         """True for a table read from a topic (job.table), which streams can join."""
         return self._node.kind == OpKind.TABLE
 
-    def to_stream(self) -> Stream:
+    def to_stream(self, output_mode: str | None = None) -> Stream:
+        """The table's changes. ``output_mode`` (Spark's): ``"update"`` (the default) emits a
+        row each time one changes; ``"append"`` each row once, when it can no longer change
+        (a window whose end + grace the watermark has passed; needs with_watermark);
+        ``"complete"`` the whole table at the end of every epoch (epoch mode only)."""
         if self.from_topic:
+            if output_mode is not None:
+                raise JobDefinitionError("output_mode applies to aggregations, not to a table "
+                                         "read from a topic")
             p = self._node.params
             return self._job.stream(KafkaSource(p["topic"], key=p["key"], value=p["value"]))
-        return Stream(self._job, self._node)
+        if output_mode is None:
+            return Stream(self._job, self._node)
+        if output_mode not in OUTPUT_MODES:
+            raise JobDefinitionError(f"output_mode must be one of {OUTPUT_MODES}, got "
+                                     f"{output_mode!r}")
+        return Stream(self._job, self._job._add(
+            Node(OpKind.EMIT, (self._node,), params={"mode": output_mode})))
 
-    def to(self, sink: KafkaSink) -> None:
+    def to(self, sink: KafkaSink, *, output_mode: str | None = None) -> None:
         """Write every change to sink (deletes as tombstones): a compacted topic then holds
-        the table."""
-        self.to_stream().to(sink)
+        the table. See to_stream for ``output_mode``."""
+        self.to_stream(output_mode).to(sink)
 
     def __repr__(self) -> str:
         return f"Table({self.name!r})"
@@ -330,6 +465,10 @@ def _discard(_value: Any) -> None:
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
 
 
 def check_join(table: Any, how: str) -> None:

@@ -38,6 +38,8 @@ class OpKind:
     AGGREGATE = "aggregate"  # reduce, aggregate, count, update_state_by_key: params["update"]
     TABLE = "table"  # a table read from a compacted topic (job.table); not part of a chain
     JOIN = "join"  # stream-table join: params["table"] is the TABLE node
+    WITH_WATERMARK = "with_watermark"  # params["delay_ms"]: the task tracks event time here
+    EMIT = "emit"  # a table's changes in an output mode: params["mode"]
 
 
 @dataclass(frozen=True, eq=False)

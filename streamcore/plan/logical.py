@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamcore.core.errors import JobDefinitionError
+from streamcore.plan.analysis import check_event_time
 from streamcore.plan.graph import Node, OpKind
 
 __all__ = ["LogicalPlan", "dlq_topic"]
@@ -43,6 +44,7 @@ class LogicalPlan:
                     raise JobDefinitionError(
                         f"topic {topic!r} is read by two sources; read it once and branch")
                 seen.add(topic)
+        check_event_time(self.nodes)
 
     @property
     def repartitions(self) -> list[Node]:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Protocol
 
 from connectors.base import Message, Outbox, ProducerBackend
 from statestore.cache import StateCache
+from streamcore.runtime.eventtime import EventTime
 from streamcore.runtime.tracking import Batch
 
 __all__ = ["AsyncLane", "BatchRecord", "Emit", "GlobalTableView", "OpenState",
@@ -87,8 +88,9 @@ class OperatorHooks:
 
 
 class PartitionContext:
-    __slots__ = ("batch", "blocked", "collected", "epochs", "failed", "hooks", "lanes", "msg",
-                 "open_state", "outbox", "partition", "producer", "sinks", "tables", "topic")
+    __slots__ = ("batch", "blocked", "collected", "epochs", "event_time", "failed", "hooks",
+                 "lanes", "late_records", "msg", "now_ms", "open_state", "outbox", "partition",
+                 "producer", "sinks", "tables", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
                  open_state: OpenState | None = None,
@@ -105,6 +107,9 @@ class PartitionContext:
         self.lanes: list[AsyncLane] = []
         self.sinks: list[SinkCounter] = []
         self.hooks = OperatorHooks()
+        self.event_time = EventTime(f"{topic}:{partition}")  # the worker gives its own
+        self.now_ms: Callable[[], int] = self.event_time.now_ms  # processing time (clock)
+        self.late_records = 0  # dropped as late by the event-time steps
         # foreach_batch node id -> the running epoch's records that reached it
         self.collected: dict[int, list[BatchRecord]] = {}
         # Outputs the producer had no room for (a broker outage), in order; see Outbox.

@@ -23,7 +23,9 @@ from streamcore.runtime.context import (
     SinkCounter,
     StepFailed,
 )
+from streamcore.runtime.timed import Dedup, GroupStates, TimedStep
 from streamcore.runtime.tracking import Batch
+from streamcore.runtime.windows import make_window
 
 __all__ = ["compile_chain"]
 
@@ -45,8 +47,11 @@ def compile_chain(plan: PhysicalPlan, source: Node, ctx: PartitionContext,
     built = {} if built is None else built
     lanes_by_node: dict[int, list[AsyncLane]] = {}  # lanes at or below each node
 
-    def fanout(node: Node) -> Emit:
-        downs = [entry(c) for c in kids[node.id]]
+    def fanout(node: Node, mode: str | None = None) -> Emit:
+        """The closure that feeds node's children (with mode: only the children that take
+        its table's changes in that output mode; the others as "update")."""
+        downs = [entry(c) for c in kids[node.id]
+                 if mode is None or _mode_of(c) == mode]
         below: list[AsyncLane] = []
         for c in kids[node.id]:
             below.extend(lanes_by_node[c.id])
@@ -76,7 +81,11 @@ def compile_chain(plan: PhysicalPlan, source: Node, ctx: PartitionContext,
     return entry(start or source)
 
 
-def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]],
+def _mode_of(child: Node) -> str:
+    return child.params["mode"] if child.kind == OpKind.EMIT else "update"
+
+
+def _make(node: Node, fanout: Callable[..., Emit], kids: dict[int, list[Node]],
           ctx: PartitionContext, lanes_by_node: dict[int, list[AsyncLane]],
           is_root: bool, plan: PhysicalPlan) -> Emit:
     k = node.kind
@@ -102,9 +111,18 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
                  if k == OpKind.REPARTITION else None)
         return _make_sink(node, ctx, topic)
 
+    if k == OpKind.AGGREGATE and node.params.get("event_time"):
+        # Windows, dedup and group state: emit by output mode, watermark and timers.
+        modes = {_mode_of(c) for c in kids[node.id]}
+        by_mode = {m: fanout(node, m) for m in modes}
+        lanes_by_node[node.id] = [ln for c in kids[node.id] for ln in lanes_by_node[c.id]]
+        return _make_event_time_step(node, by_mode, ctx, node.describe(),
+                                     node.params.get("on_error"))
     down = fanout(node)
-    if k in (OpKind.SOURCE, OpKind.UNION, OpKind.BRANCH, OpKind.REPARTITION):
+    if k in (OpKind.SOURCE, OpKind.UNION, OpKind.BRANCH, OpKind.REPARTITION, OpKind.EMIT):
         return down
+    if k == OpKind.WITH_WATERMARK:
+        return _make_with_watermark(node, down, ctx)
     # Each closure wraps only the user's call, so a failure names its own step and the
     # downstream steps' failures pass through untouched. try costs nothing until it raises.
     step, policy = node.describe(), node.params.get("on_error")
@@ -199,6 +217,35 @@ def _make(node: Node, fanout: Callable[[Node], Emit], kids: dict[int, list[Node]
         ctx.lanes.append(lane)
         return lane.submit
     raise JobDefinitionError(f"unknown operation {k!r}")
+
+
+def _make_event_time_step(node: Node, outs: dict[str, Emit], ctx: PartitionContext,
+                          step: str, policy: str | None) -> Emit:
+    """Windows, drop_duplicates and group state (streamcore.runtime.timed, .windows), with
+    their late records' side output."""
+    op = node.params["op"]
+    impl: TimedStep
+    if op == "drop_duplicates":
+        impl = Dedup(node, outs, ctx, step, policy)
+    elif op in ("map_groups_with_state", "flat_map_groups_with_state"):
+        impl = GroupStates(node, outs, ctx, step, policy)
+    else:
+        impl = make_window(node, outs, ctx, step, policy)
+    late = node.params.get("late")
+    if late is not None:
+        impl.late = _make_sink(Node(OpKind.TO, sink=late), ctx, None)
+    return impl.record  # type: ignore[attr-defined, no-any-return]
+
+
+def _make_with_watermark(node: Node, down: Emit, ctx: PartitionContext) -> Emit:
+    """Track the maximum event time that passes here (streamcore.runtime.eventtime)."""
+    box = ctx.event_time.step(node.params["delay_ms"])
+
+    def with_watermark(key: Any, value: Any, ts: int) -> None:
+        if ts > box[0]:
+            box[0] = ts
+        down(key, value, ts)
+    return with_watermark
 
 
 def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,

@@ -41,6 +41,7 @@ from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.batches import FusedRun, SinkColumns, decode, fusable_run
 from streamcore.runtime.context import Emit, GlobalTableView, PartitionContext, StepFailed
+from streamcore.runtime.eventtime import EventTime, marker
 from streamcore.runtime.operators import compile_chain
 from streamcore.runtime.progress import LatencyHistogram
 from streamcore.runtime.state import PartitionStores
@@ -91,6 +92,7 @@ class PartitionTask:
         gate: asyncio.Event | None = None,
         on_batch: Callable[[int], None] | None = None,
         on_txn_failed: Callable[[BaseException], None] | None = None,
+        event_time: EventTime | None = None,
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
@@ -103,6 +105,9 @@ class PartitionTask:
         self.ctx = PartitionContext(tp[0], tp[1], producer, open_state=self._open_state,
                                     tables=tables, epochs=gate is not None)
         self.ctx.failed = self._on_failed
+        if event_time is not None:
+            self.ctx.event_time = event_time
+            self.ctx.now_ms = event_time.now_ms
         try:
             built: dict[int, Emit] = {}  # node id -> closure, shared by both compiles
             self._chain = compile_chain(plan, source, self.ctx, built=built)
@@ -183,14 +188,45 @@ class PartitionTask:
         keys to RocksDB and the changelog."""
         if self.fenced:
             return
+        self._send_markers()
         self._run_hooks(self.ctx.hooks.commit)
         if self.stores is not None:
             self.stores.flush(self.processed_offset(), self.ctx.producer)
 
     def on_time(self, now_ms: int) -> None:
-        """Processing time passed: the operators' timer hooks (worker's clock)."""
+        """Processing time passed: the operators' timer hooks (worker's clock), and an idle
+        input's watermark may stop holding the task's back."""
         if self.state is TaskState.RUNNING and not self.fenced:
             self._run_hooks(self.ctx.hooks.timer, now_ms)
+            if self.ctx.event_time.idle_timeout_ms is not None and not self.busy \
+                    and not self.ctx.epochs:
+                self.advance_watermark()
+
+    def advance_watermark(self) -> None:
+        """Recompute the watermark (between batches in continuous mode, at the end of an
+        epoch in epoch mode); if it moved, the operators' watermark hooks."""
+        et = self.ctx.event_time
+        if et.advance():
+            self._run_hooks(self.ctx.hooks.watermark, et.watermark)
+
+    def _send_markers(self) -> None:
+        """Tell the tasks downstream of each repartition topic this task's watermark."""
+        et = self.ctx.event_time
+        if et.targets and et.watermark > et.sent:
+            self._run_hooks([self._write_markers])
+
+    def _write_markers(self) -> None:
+        et, ctx = self.ctx.event_time, self.ctx
+        batch = ctx.batch
+        assert batch is not None
+        et.sent = wm = et.watermark
+        headers = marker(et.task, wm)
+        for topic, partitions in et.targets:
+            for p in range(partitions):
+                batch.pending += 1
+                ctx.outbox.send(topic, None, None, p, batch.ack, max(wm, 0), headers)
+        if ctx.outbox.held:
+            ctx.blocked = True
 
     def on_watermark(self, watermark_ms: int) -> None:
         """The partition's event-time watermark advanced: the operators' watermark hooks."""
@@ -320,7 +356,7 @@ class PartitionTask:
         # Keys that stay bytes need no call per record.
         kde = None if self._spec.key in (BYTES, KEY) else self._spec.key.deserialize
         ts_of = self._spec.timestamp
-        perf = time.perf_counter
+        reads_markers = ctx.event_time.reads_markers
         while True:
             if self._closing:
                 self._drop_inbox()
@@ -337,12 +373,24 @@ class PartitionTask:
             handed_at, msgs = inbox.popleft()
             batch = self.tracker.open(handed_at)
             ctx.batch = batch
+            end = msgs[-1].offset()  # where the batch is sealed, markers included
+            kept_all = True
+            if reads_markers:
+                data = ctx.event_time.take_markers(msgs)
+                if len(data) < len(msgs):
+                    self._queued -= len(msgs) - len(data)
+                    if not data:
+                        self._batch_done(batch, msgs, end, 0, handed_at)
+                        await asyncio.sleep(0)
+                        continue
+                    msgs = data
             try:
                 if self._batched is not None:
                     kept = await self._take_batch(msgs, batch, vde, kde, ts_of)
                     if kept < len(msgs):  # stopping: the rest of the batch is the next owner's
                         self._queued -= len(msgs) - kept
                         msgs = msgs[:kept]
+                        kept_all = False
                 for m in msgs if self._batched is None else ():
                     ctx.msg = m
                     # try costs nothing until something raises (Python 3.11).
@@ -379,6 +427,7 @@ class PartitionTask:
                             kept = next(i for i, x in enumerate(msgs) if x is m) + 1
                             self._queued -= len(msgs) - kept
                             msgs = msgs[:kept]
+                            kept_all = False
                             break
             except TransactionAborted as exc:
                 if self._on_txn_failed is None:
@@ -390,28 +439,37 @@ class PartitionTask:
                 self._drop_inbox()
                 self._on_txn_failed(exc)
                 continue
-            last = msgs[-1].offset()
-            assert last is not None
-            if ctx.hooks.batch_end:
-                for hook in ctx.hooks.batch_end:
-                    hook()
-            batch.seal(last)
-            n = len(msgs)
-            self._latency.record(perf() - handed_at, n)
-            self._e2e.record(max(0.0, time.time() - msgs[0].timestamp()[1] / 1000), n)
-            self.records_in += n
-            if self.first_offset is None:
-                self.first_offset = msgs[0].offset()
-            self.last_offset = last
-            self._queued -= n
-            self.busy = False
-            if self._on_batch is not None:
-                self._on_batch(n)
-            if self.paused and self._queued <= self._low:
-                self.paused = False
-                self._resume(self.tp)
+            last = end if kept_all else msgs[-1].offset()
+            self._batch_done(batch, msgs, last, len(msgs), handed_at)
             # Let the poll loop and other partitions run between batches.
             await asyncio.sleep(0)
+
+    def _batch_done(self, batch: Batch, msgs: list[Message], last: int | None, n: int,
+                    handed_at: float) -> None:
+        """A fetched batch has been through the chain (n of its records were data): the
+        batch-end hooks and the watermark, then seal it."""
+        ctx = self.ctx
+        assert last is not None
+        if ctx.hooks.batch_end:
+            for hook in ctx.hooks.batch_end:
+                hook()
+        if not ctx.epochs:  # epoch mode moves it at the end of each epoch
+            self.advance_watermark()
+        batch.seal(last)
+        if n:
+            self._latency.record(time.perf_counter() - handed_at, n)
+            self._e2e.record(max(0.0, time.time() - msgs[0].timestamp()[1] / 1000), n)
+            if self.first_offset is None:
+                self.first_offset = msgs[0].offset()
+        self.records_in += n
+        self.last_offset = last
+        self._queued -= n
+        self.busy = False
+        if self._on_batch is not None:
+            self._on_batch(n)
+        if self.paused and self._queued <= self._low:
+            self.paused = False
+            self._resume(self.tp)
 
     async def _take_batch(self, msgs: list[Message], batch: Batch,
                           vde: Callable[[bytes], Any], kde: Callable[[bytes], Any] | None,
@@ -503,6 +561,8 @@ class PartitionTask:
     def stage_epoch(self) -> None:
         """The end of an epoch: the commit hooks, then the stores' changes to their
         changelogs (in the epoch's transaction)."""
+        self.advance_watermark()
+        self._send_markers()
         self._run_hooks(self.ctx.hooks.commit)
         if self.stores is not None:
             self.stores.stage(self.ctx.producer)

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from metrics.exporter import Snapshot
+from streamcore.runtime.eventtime import NO_WATERMARK
 from streamcore.runtime.partition import PartitionTask, TaskState
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class WorkerStatus:
         self._retired_consumed: dict[tuple[str, int], int] = {}
         self._retired_produced: dict[str, int] = {}
         self._retired_dlq = 0
+        self._retired_late = 0
         self._retired_processed = 0
         self._retired_restored: dict[str, int] = {}  # step -> changelog records replayed
         self.last_progress: dict[str, Any] | None = None
@@ -77,6 +79,7 @@ class WorkerStatus:
         for c in task.ctx.sinks:
             produced[c.topic] = produced.get(c.topic, 0) + c.n
         self._retired_dlq += task.dlq_records
+        self._retired_late += task.ctx.late_records
         self._retired_processed += task.processed
         for slot in task.stores.slots if task.stores is not None else ():
             self._retired_restored[slot.step] = (
@@ -96,6 +99,8 @@ class WorkerStatus:
         keys: dict[tuple[str, ...], float] = {}
         committed: dict[tuple[str, ...], float] = {}
         oldest: dict[tuple[str, ...], float] = {}
+        watermarks: dict[tuple[str, ...], float] = {}
+        late = self._retired_late
         now = time.perf_counter()
         for table in self._w.tables.values():
             restored[(table.name,)] = restored.get((table.name,), 0) + table.restored
@@ -111,8 +116,12 @@ class WorkerStatus:
             for c in list(t.ctx.sinks):
                 produced[c.topic] = produced.get(c.topic, 0) + c.n
             dlq += t.dlq_records
+            late += t.ctx.late_records
             states[t.state.value] += 1
             label = (t.tp[0], str(t.tp[1]))
+            wm = t.ctx.event_time.watermark
+            if wm != NO_WATERMARK:
+                watermarks[label] = wm / 1000
             if t.committed >= 0:
                 committed[label] = t.committed
             since = t.tracker.oldest_pending()
@@ -140,6 +149,8 @@ class WorkerStatus:
             "streamcore_state_restore_records_total": restored,
             "streamcore_state_restore_duration_seconds": restore_s,
             "streamcore_store_keys": keys,
+            "streamcore_watermark_seconds": watermarks,
+            "streamcore_late_records_dropped_total": {(): late},
             "streamcore_global_table_failures_total": {
                 (t.name,): float(t.failure is not None) for t in list(self._w.tables.values())},
         }
@@ -181,12 +192,19 @@ class WorkerStatus:
             "sources": [
                 {"description": f"{tp[0]}[{tp[1]}]", "state": t.state.value,
                  "startOffset": t.first_offset, "endOffset": t.last_offset,
-                 "committedOffset": t.committed, "queued": t.queued, "paused": t.paused}
+                 "committedOffset": t.committed, "queued": t.queued, "paused": t.paused,
+                 **_watermark(t)}
                 for tp, t in sorted(self._w.tasks.items())
             ],
             "commits": self._w.commits,
             "rebalances": self._w.rebalances,
         }
+        marks = [t.ctx.event_time.watermark for t in self._w.tasks.values()
+                 if t.ctx.event_time.watermark != NO_WATERMARK]
+        if marks:  # Spark's eventTime.watermark: here the lowest of the partition tasks'
+            report["eventTime"] = {"watermark": _iso(min(marks)),
+                                   "lateRowsDropped": sum(t.ctx.late_records
+                                                          for t in self._w.tasks.values())}
         if epoch is not None:
             report.update(epoch)
             report["mode"] = "epoch"
@@ -200,6 +218,15 @@ class WorkerStatus:
         fields = progress_fields(report)
         log.info("%s", progress_line(fields), extra={"progress": fields})
         return report
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def _watermark(t: PartitionTask) -> dict[str, Any]:
+    wm = t.ctx.event_time.watermark
+    return {} if wm == NO_WATERMARK else {"watermark": _iso(wm)}
 
 
 def progress_fields(report: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from streamcore.core.serde import INTERNAL_KEY, Serde
 from streamcore.plan.graph import OpKind
 from streamcore.plan.physical import plan
 from streamcore.runtime.partition import TaskState
+from streamcore.runtime.timed import decode_store_key
 from streamcore.runtime.worker import Worker
 
 __all__ = ["Record", "StoreView", "TestDriver"]
@@ -58,21 +59,30 @@ class StoreView(Mapping[Any, Any]):
     def __init__(self, worker: Worker, step: str) -> None:
         self._slots = [slot for t in worker.tasks.values() if t.stores is not None
                        for slot in t.stores.slots if slot.step == step]
+        self._timed = any(n.name == step and n.params.get("event_time")
+                          for n in worker.plan.nodes)
         if not self._slots:
             raise KeyError(f"no store named {step!r} is open (is the step's name right, and "
                            "has a record reached it?)")
 
     def __getitem__(self, key: Any) -> Any:
-        kb = INTERNAL_KEY.serialize(key)
         for slot in self._slots:
-            value = slot.cache.get(kb)
-            if value is not None:
-                return value
+            for kb in slot.cache.live_keys():
+                if self._decode(kb) == key:
+                    return slot.cache.get(kb)
         raise KeyError(key)
 
+    def _decode(self, kb: bytes) -> Any:
+        """A key as the step sees it: event-time steps keep their own layout (a window's
+        entry reads as (key, start, end)); their bookkeeping (the saved watermark) is not
+        shown."""
+        if self._timed:
+            return decode_store_key(kb)
+        return INTERNAL_KEY.deserialize(kb)
+
     def _keys(self) -> list[Any]:
-        return [INTERNAL_KEY.deserialize(kb)
-                for slot in self._slots for kb in slot.cache.live_keys()]
+        keys = (self._decode(kb) for slot in self._slots for kb in slot.cache.live_keys())
+        return [k for k in keys if k is not None]
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._keys())
@@ -122,6 +132,7 @@ class TestDriver:
         self._clients: MemoryClients | None = None
         self._run: asyncio.Task[None] | None = None
         self._hold = False
+        self._hold_topics: frozenset[str] | None = None
         self._fail: str | None = None
         for node in self.plan.sources:
             assert node.source is not None
@@ -132,6 +143,8 @@ class TestDriver:
                 self.cluster.create_topic(node.sink.topic)
             if node.kind == OpKind.TABLE:
                 self.cluster.create_topic(node.params["topic"])
+            if node.params.get("late") is not None:
+                self.cluster.create_topic(node.params["late"].topic)
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> TestDriver:
@@ -274,10 +287,12 @@ class TestDriver:
         return StoreView(self._running(), step)
 
     # -- failure injection -------------------------------------------------------------------
-    def hold_acks(self, hold: bool = True) -> None:
+    def hold_acks(self, hold: bool = True, *, topics: Iterable[str] | None = None) -> None:
         """Hold every acknowledgement back (outputs stay in flight, nothing is committed past
-        them) until hold_acks(False)."""
+        them) until hold_acks(False); with topics, only those topics' (one slow partition
+        leader while the others answer)."""
         self._hold = hold
+        self._hold_topics = None if topics is None else frozenset(topics)
         self._apply_ack_mode()
         self._settle()
 
@@ -332,6 +347,7 @@ class TestDriver:
         producer = self._clients.last_producer if self._clients is not None else None
         if producer is not None:
             producer.hold, producer.fail = self._hold, self._fail
+            producer.hold_topics = self._hold_topics
             if not self._hold:
                 producer.release()
 
@@ -348,6 +364,9 @@ class TestDriver:
         for node in self.plan.nodes:
             if node.kind == OpKind.TO and node.sink is not None and node.sink.topic == topic:
                 return node.sink.key, node.sink.value
+            late = node.params.get("late")
+            if late is not None and late.topic == topic:
+                return late.key, late.value
         return _RAW, _RAW
 
     def _settle(self) -> None:

@@ -1,0 +1,102 @@
+"""The event-time watermark of one partition task, and how it crosses repartition topics.
+
+Inputs of a task's watermark:
+
+* each ``with_watermark(delay)`` step the task runs: the maximum event time it has seen
+  minus its delay (Spark's rule: "max event time seen by the engine minus the late
+  threshold");
+* for a task that reads a repartition topic, each upstream task that writes to it: its
+  watermark, carried by *marker* records (no key, no value, the header
+  ``streamcore.watermark`` = ``b"<upstream task>|<ms>"``) that the upstream task writes to
+  every partition of the topic whenever its watermark has advanced, at each commit.
+
+The task's watermark combines the inputs that have reported by the policy ``min`` (Spark's
+default: the slowest input holds it back) or ``max``; an upstream input whose watermark has
+not moved for ``idle_timeout`` of processing time is left out, so that an idle partition
+does not hold the others back for ever (off by default, as in Spark). The watermark never
+moves back. Spark advances it between micro-batches; so does the engine: after each fetched
+batch in continuous mode, at the end of each epoch in epoch mode. A record is late against
+the watermark as it stood before its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from connectors.base import Message
+
+__all__ = ["MARKER_HEADER", "NO_WATERMARK", "EventTime", "marker"]
+
+MARKER_HEADER = "streamcore.watermark"
+NO_WATERMARK = -(2**62)  # before any input reported: nothing is late, nothing closes
+
+
+def marker(task: str, watermark: int) -> list[tuple[str, bytes]]:
+    return [(MARKER_HEADER, f"{task}|{watermark}".encode())]
+
+
+class EventTime:
+    """One per partition task; only the event loop thread touches it."""
+
+    def __init__(self, task: str, *, policy: str = "min", idle_timeout_ms: int | None = None,
+                 now_ms: Callable[[], int] = lambda: 0,
+                 targets: list[tuple[str, int]] | None = None,
+                 reads_markers: bool = False) -> None:
+        self.task = task  # "topic:partition", names this task in its markers
+        self._combine = min if policy == "min" else max
+        self.idle_timeout_ms = idle_timeout_ms
+        self.now_ms = now_ms
+        # (repartition topic, its partition count) that this task writes to: markers go there
+        self.targets = targets or []
+        self.reads_markers = reads_markers  # the task's root is a repartition topic
+        self.watermark = NO_WATERMARK
+        # with_watermark steps: [max event time seen, delay]; NO_WATERMARK until a record
+        self._local: list[list[int]] = []
+        # upstream task -> [its watermark, processing time (ms) it last advanced]
+        self._upstream: dict[str, list[int]] = {}
+        self.sent = NO_WATERMARK  # the watermark last written in markers
+
+    def step(self, delay_ms: int) -> list[int]:
+        """A with_watermark step's box: the step writes box[0] = max event time seen."""
+        box = [NO_WATERMARK, delay_ms]
+        self._local.append(box)
+        return box
+
+    def upstream(self, task: str, watermark: int) -> None:
+        seen = self._upstream.get(task)
+        if seen is None:
+            self._upstream[task] = [watermark, self.now_ms()]
+        elif watermark > seen[0]:
+            seen[0], seen[1] = watermark, self.now_ms()
+
+    def take_markers(self, msgs: list[Message]) -> list[Message]:
+        """The data records of msgs; the markers among them update the upstream inputs."""
+        data: list[Message] = []
+        for m in msgs:
+            if m.value() is None and m.key() is None:
+                for name, raw in m.headers() or ():
+                    if name == MARKER_HEADER:
+                        task, _, wm = raw.decode().partition("|")
+                        self.upstream(task, int(wm))
+                        break
+                else:
+                    data.append(m)
+            else:
+                data.append(m)
+        return data
+
+    def advance(self) -> bool:
+        """Recompute the watermark from the inputs; True if it moved forward."""
+        values = [mx - delay for mx, delay in self._local if mx != NO_WATERMARK]
+        if self._upstream:
+            now = self.now_ms()
+            active = [wm for wm, at in self._upstream.values()
+                      if self.idle_timeout_ms is None or now - at < self.idle_timeout_ms]
+            values.extend(active)
+        if not values:
+            return False
+        new = self._combine(values)
+        if new > self.watermark:
+            self.watermark = new
+            return True
+        return False

@@ -1,0 +1,409 @@
+"""Windows on event time, in the test driver with explicit event times and the manual clock
+(never the wall clock): boundaries, out-of-order and late records, the four window kinds,
+output modes and the build-time errors, state cleanup, restarts in the middle of open
+windows, the watermark across a repartition and past an idle partition."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamcore import (
+    JSON,
+    STR,
+    ConfigError,
+    Hopping,
+    Job,
+    JobDefinitionError,
+    KafkaSink,
+    KafkaSource,
+    Session,
+    Sliding,
+    Tumbling,
+    WorkerConfig,
+    processing_time,
+)
+from streamcore.testing import TestDriver
+
+T0 = 1_700_000_040_000  # a multiple of one minute: windows start here
+MIN = 60_000
+
+
+def _count_job(window: Any, mode: str | None = "append", *, delay: str = "10s",
+               late: bool = False, name: str = "w", repartition: bool = True,
+               watermark: bool = True) -> Job:
+    job = Job(name)
+    s = job.stream(KafkaSource("in", key=STR, value=JSON))
+    if watermark:
+        s = s.with_watermark(delay)
+    if repartition:
+        s = s.key_by(lambda v: v["k"])
+    table = s.window(window).count(
+        name="counts", late=KafkaSink("late", key=STR, value=JSON) if late else None)
+    table.to(KafkaSink("out", key=JSON, value=JSON), output_mode=mode)
+    return job
+
+
+def _rows(d: TestDriver, topic: str = "out") -> list[tuple[Any, int, int, Any]]:
+    out = []
+    for r in d.read(topic):
+        k, start, end = r.key
+        out.append((k, start - T0, end - T0, None if r.value is None else
+                    r.value.get("count", r.value.get("value"))))
+    return out
+
+
+def _send(d: TestDriver, key: str, at_ms: int, **extra: Any) -> None:
+    d.send("in", {"k": key, **extra}, key=key, timestamp=T0 + at_ms)
+
+
+def test_a_record_exactly_at_a_window_end_belongs_to_the_next_window() -> None:
+    with TestDriver(_count_job(Tumbling("1m")), start_ms=T0) as d:
+        _send(d, "a", 0)
+        _send(d, "a", MIN - 1)
+        _send(d, "a", MIN)  # [1m, 2m), not [0, 1m)
+        _send(d, "a", 3 * MIN)  # watermark 2m50s: both windows close
+        d.advance_time("1s")
+        assert sorted(_rows(d)) == [("a", 0, MIN, 2), ("a", MIN, 2 * MIN, 1)]
+
+
+def test_append_emits_each_window_once_when_the_watermark_passes_its_end() -> None:
+    with TestDriver(_count_job(Tumbling("1m")), start_ms=T0) as d:
+        for t in (1_000, 2_000, 30_000):
+            _send(d, "a", t)
+        _send(d, "a", MIN + 9_999)  # watermark MIN - 1: the window is still open
+        d.advance_time("1s")
+        assert _rows(d) == []
+        _send(d, "a", MIN + 10_000)  # watermark exactly at its end: closed (end <= wm)
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 0, MIN, 3)]
+        _send(d, "a", MIN + 20_000)
+        d.advance_time("1s")
+        assert _rows(d) == []  # never twice
+
+
+def test_out_of_order_records_within_the_watermark_count_and_late_ones_are_dropped() -> None:
+    with TestDriver(_count_job(Tumbling("1m"), late=True), start_ms=T0) as d:
+        _send(d, "a", 50_000)
+        _send(d, "a", 5_000)  # older, but the watermark (40 s) has not closed [0, 1m)
+        _send(d, "a", 2 * MIN)  # watermark 1m50s closes [0, 1m)
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 0, MIN, 2)]
+        _send(d, "a", 59_000, late_one=True)  # its window has closed: late
+        d.advance_time("1s")
+        assert [r.value["late_one"] for r in d.read("late")] == [True]
+        assert sum(t.ctx.late_records for t in d.worker.tasks.values()) == 1
+        snap = d.worker.status.snapshot().samples
+        assert snap["streamcore_late_records_dropped_total"][()] == 1
+        _send(d, "a", 4 * MIN)
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 2 * MIN, 3 * MIN, 1)]  # the late record counted nowhere
+
+
+def test_hopping_windows_overlap() -> None:
+    with TestDriver(_count_job(Hopping("1m", "20s"), mode="update"), start_ms=T0) as d:
+        _send(d, "a", 45_000)  # in [0,1m), [20s,80s), [40s,100s)
+        assert sorted(_rows(d)) == [("a", 0, MIN, 1), ("a", 20_000, 80_000, 1),
+                                    ("a", 40_000, 100_000, 1)]
+
+
+def test_hopping_append_counts_each_window_from_its_own_records() -> None:
+    with TestDriver(_count_job(Hopping("1m", "30s"), delay="0s"), start_ms=T0) as d:
+        for t in (10_000, 40_000, 70_000):
+            _send(d, "a", t)
+        _send(d, "a", 5 * MIN)
+        d.advance_time("1s")
+        assert sorted(_rows(d)) == [("a", -30_000, 30_000, 1), ("a", 0, MIN, 2),
+                                    ("a", 30_000, 90_000, 2), ("a", MIN, 90_000 + 30_000, 1)]
+
+
+def test_update_mode_emits_every_change_and_state_is_cleaned_up_after_the_watermark() -> None:
+    with TestDriver(_count_job(Tumbling("1m"), mode="update"), start_ms=T0) as d:
+        _send(d, "a", 1_000)
+        _send(d, "b", 2_000)
+        _send(d, "a", 3_000)
+        assert _rows(d) == [("a", 0, MIN, 1), ("b", 0, MIN, 1), ("a", 0, MIN, 2)]
+        _send(d, "a", 5 * MIN)  # closes [0, 1m) for both keys
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 5 * MIN, 6 * MIN, 1)]
+        assert list(d.store("counts")) == [("a", T0 + 5 * MIN, T0 + 6 * MIN)]
+        _send(d, "b", 20 * MIN)
+        d.advance_time("1s")
+        d.read("out")
+        _send(d, "b", 40 * MIN)
+        d.advance_time("1s")
+        # Only the newest window is left: everything the watermark passed is deleted.
+        assert list(d.store("counts")) == [("b", T0 + 40 * MIN, T0 + 41 * MIN)]
+
+
+def test_state_is_back_to_zero_once_the_watermark_passes_every_window() -> None:
+    job = Job("zero")
+    (job.stream(KafkaSource("in", key=STR, value=JSON)).with_watermark("0s")
+        .key_by(lambda v: v["k"])
+        .window(Tumbling("1m")).count(name="counts")
+        .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
+    with TestDriver(job, start_ms=T0) as d:
+        for i in range(20):
+            _send(d, f"k{i}", i * 1_000)
+        _send(d, "z", 10 * MIN)
+        d.advance_time("1s")
+        assert len(_rows(d)) == 20
+        assert len(d.store("counts")) == 1  # z's window only
+        # The changelog holds a tombstone for each closed window: a restore agrees.
+        d.crash()
+        d.advance_time("1s")
+        assert len(d.store("counts")) == 1
+
+
+def test_session_windows_merge_when_a_record_bridges_them() -> None:
+    with TestDriver(_count_job(Session("10s"), mode="update"), start_ms=T0) as d:
+        _send(d, "a", 0)
+        _send(d, "a", 5_000)  # [0, 15s)
+        _send(d, "a", 30_000)  # a second session [30s, 40s)
+        assert _rows(d) == [("a", 0, 10_000, 1), ("a", 0, 10_000, None),
+                            ("a", 0, 15_000, 2), ("a", 30_000, 40_000, 1)]
+        _send(d, "a", 20_000)  # [20s, 30s) touches neither; [20s,30s) vs [30s,40s): no
+        assert _rows(d) == [("a", 20_000, 30_000, 1)]
+        _send(d, "a", 14_000)  # overlaps [0,15s) and [20s,30s): all three merge
+        assert _rows(d) == [("a", 0, 15_000, None), ("a", 20_000, 30_000, None),
+                            ("a", 0, 30_000, 4)]
+
+
+def test_session_windows_close_gap_after_their_last_record() -> None:
+    with TestDriver(_count_job(Session("10s"), delay="0s"), start_ms=T0) as d:
+        _send(d, "a", 0)
+        _send(d, "a", 8_000)
+        _send(d, "b", 17_999)  # watermark 17.999 s: a's session ends at 18 s
+        d.advance_time("1s")
+        assert _rows(d) == []
+        _send(d, "b", 18_000)
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 0, 18_000, 2)]
+        assert list(d.store("counts")) == [("b", T0 + 17_999, T0 + 28_000)]
+
+
+def test_session_aggregate_needs_a_merger() -> None:
+    job = Job("s")
+    s = job.stream(KafkaSource("in", value=JSON)).key_by(lambda v: v["k"])
+    with pytest.raises(JobDefinitionError, match="merge="):
+        s.window(Session("5s")).aggregate(lambda: 0, lambda a, v: a + 1, name="agg")
+
+
+def _sliding_expected(times: list[int], d: int) -> dict[tuple[int, int], int]:
+    """Kafka Streams' sliding windows by their definition: every distinct [t - d, t] and
+    [t + 1, t + 1 + d] that holds records, with the count of records inside."""
+    wins = {(t - d, t) for t in times}
+    wins |= {(t + 1, t + 1 + d) for t in times if any(t < u <= t + 1 + d for u in times)}
+    return {w: sum(1 for u in times if w[0] <= u <= w[1]) for w in wins}
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=12))
+def test_sliding_windows_are_the_distinct_record_sets_within_max_difference(
+        seconds: list[int]) -> None:
+    times = [s * 1000 for s in seconds]
+    with TestDriver(_count_job(Sliding("5s"), delay="0s", repartition=False),
+                    start_ms=T0) as d:
+        for t in sorted(times):
+            _send(d, "a", t)
+        _send(d, "a", 10 * MIN)  # closes them all
+        d.advance_time("1s")
+        got = {(s, e): n for k, s, e, n in _rows(d) if e < 10 * MIN - 10_000}
+        assert got == _sliding_expected(sorted(times), 5_000)
+
+
+def _rbkw_job(inverse: bool) -> Job:
+    job = Job("rbkw")
+    s = job.stream(KafkaSource("in", key=STR, value=JSON)).with_watermark("0s")
+    plain = s.reduce_by_key_and_window(lambda a, b: a + b, Hopping("30s", "10s"),
+                                       name="plain")
+    plain.to(KafkaSink("plain", key=JSON, value=JSON), output_mode="append")
+    if inverse:
+        inv = s.reduce_by_key_and_window(lambda a, b: a + b, Hopping("30s", "10s"),
+                                         inverse=lambda a, b: a - b, name="inv")
+        inv.to(KafkaSink("inv", key=JSON, value=JSON), output_mode="append")
+    return job
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 90), st.integers(-5, 5)),
+                min_size=1, max_size=25))
+def test_reduce_by_key_and_window_with_an_inverse_equals_recomputation(
+        events: list[tuple[str, int, int]]) -> None:
+    job = Job("rbkw")
+    s = job.stream(KafkaSource("in", key=STR, value=JSON)).with_watermark("5s")
+    for name, inverse in (("plain", None), ("inv", lambda a, b: a - b)):
+        (s.map(lambda v: v["x"])
+            .reduce_by_key_and_window(lambda a, b: a + b, Hopping("30s", "10s"),
+                                      inverse=inverse, name=name)
+            .to(KafkaSink(name, key=JSON, value=JSON), output_mode="append"))
+    with TestDriver(job, start_ms=T0) as d:
+        for key, sec, x in sorted(events, key=lambda e: e[1]):
+            d.send("in", {"x": x}, key=key, timestamp=T0 + sec * 1000)
+        d.send("in", {"x": 0}, key="z", timestamp=T0 + 10 * MIN)
+        d.advance_time("1s")
+        plain = [(r.key, r.value["value"]) for r in d.read("plain")]
+        inv = [(r.key, r.value["value"]) for r in d.read("inv")]
+        assert plain == inv
+        # And recomputation is the plain sum of each window's values.
+        expected: Counter[tuple[str, int]] = Counter()
+        present = set()
+        for key, sec, x in events:
+            pane = sec // 10 * 10
+            for end in (pane + 10, pane + 20, pane + 30):
+                expected[(key, end)] += x
+                present.add((key, end))
+        got = {(k[0], (k[2] - T0) // 1000): v for k, v in plain}
+        assert got == {kv: expected[kv] for kv in present}
+
+
+def test_output_modes_that_cannot_work_fail_at_build_time_with_the_reason() -> None:
+    job = Job("bad1")
+    t = job.stream(KafkaSource("in", value=JSON)).key_by(lambda v: v["k"]).count(name="c")
+    t.to(KafkaSink("out", value=JSON), output_mode="append")
+    with pytest.raises(JobDefinitionError, match="never become final"):
+        job.build()
+    with pytest.raises(JobDefinitionError, match="without watermark"):
+        _count_job(Tumbling("1m"), watermark=False).build()
+    job = Job("bad3")
+    (job.stream(KafkaSource("in", value=JSON)).key_by(lambda v: v["k"])
+        .map_groups_with_state(lambda k, vs, s: None, name="g", timeout="event_time")
+        .to(KafkaSink("out", value=JSON)))
+    with pytest.raises(JobDefinitionError, match="event-time timeout needs a watermark"):
+        job.build()
+    with pytest.raises(JobDefinitionError, match="output_mode must be one of"):
+        _count_job(Tumbling("1m"), mode="everything")
+    with pytest.raises(JobDefinitionError, match="must not exceed the size"):
+        Hopping("10s", "1m")
+
+
+def test_complete_mode_needs_epoch_mode() -> None:
+    job = _count_job(Tumbling("1m"), mode="complete")
+    with pytest.raises(ConfigError, match="complete output mode"), TestDriver(job):
+        pass
+
+
+def test_complete_mode_emits_the_whole_table_every_epoch() -> None:
+    # No repartition: with one, the rows would reach the window an epoch later.
+    with TestDriver(_count_job(Tumbling("1m"), mode="complete", repartition=False),
+                    start_ms=T0, trigger=processing_time("1s")) as d:
+        _send(d, "a", 1_000)
+        _send(d, "b", 2_000)
+        d.advance_time("1s")
+        assert sorted(_rows(d)) == [("a", 0, MIN, 1), ("b", 0, MIN, 1)]
+        _send(d, "a", 5 * MIN)  # complete mode keeps every window (no expiry)
+        d.advance_time("1s")
+        assert sorted(_rows(d)) == [("a", 0, MIN, 1), ("a", 5 * MIN, 6 * MIN, 1),
+                                    ("b", 0, MIN, 1)]
+
+
+def test_epoch_mode_update_emits_each_changed_window_once_per_epoch() -> None:
+    with TestDriver(_count_job(Tumbling("1m"), mode="update", repartition=False),
+                    start_ms=T0, trigger=processing_time("1s")) as d:
+        for t in (1_000, 2_000, 3_000):
+            _send(d, "a", t)
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 0, MIN, 3)]
+
+
+def test_epoch_mode_append_emits_closed_windows_in_the_epoch_that_closes_them() -> None:
+    with TestDriver(_count_job(Tumbling("1m"), delay="0s", repartition=False),
+                    start_ms=T0, trigger=processing_time("1s")) as d:
+        for t in (1_000, 2_000, MIN + 1):
+            _send(d, "a", t)
+        d.advance_time("1s")  # the epoch ends: watermark MIN + 1 closes [0, 1m)
+        assert _rows(d) == [("a", 0, MIN, 2)]
+        d.crash()  # the deletion committed with the output: nothing comes twice
+        _send(d, "a", 3 * MIN)
+        d.advance_time("2s")
+        assert _rows(d) == [("a", MIN, 2 * MIN, 1)]
+
+
+def test_a_crash_in_the_middle_of_open_windows_loses_nothing() -> None:
+    with TestDriver(_count_job(Tumbling("1m"), delay="0s"), start_ms=T0) as d:
+        for t in range(0, 50_000, 5_000):
+            _send(d, "a", t)
+        d.commit()
+        _send(d, "a", 51_000)  # processed, not committed: replayed after the crash
+        d.crash()
+        _send(d, "a", 52_000)
+        _send(d, "a", MIN)
+        d.advance_time("1s")
+        rows = _rows(d)
+        # At least once: the window holds every record (the replayed one at most twice).
+        assert len(rows) == 1 and rows[0][:3] == ("a", 0, MIN) and rows[0][3] in (12, 13)
+
+
+def test_a_final_result_lost_in_a_crash_is_emitted_again() -> None:
+    with TestDriver(_count_job(Tumbling("1m"), delay="0s"), start_ms=T0) as d:
+        _send(d, "a", 1_000)
+        d.commit()
+        d.hold_acks(topics=["out"])  # the final row is never acknowledged...
+        _send(d, "a", MIN)
+        d.advance_time("1s")
+        assert _rows(d) == [] and len(d.store("counts")) == 2
+        d.crash()  # ...so its window's state was not deleted: the restart emits it
+        d.hold_acks(False)
+        d.advance_time("1s")
+        assert ("a", 0, MIN, 1) in _rows(d)
+
+
+def test_the_watermark_across_a_repartition_is_the_minimum_of_the_upstream_tasks() -> None:
+    with TestDriver(_count_job(Tumbling("1m"), delay="0s"), partitions=2,
+                    start_ms=T0) as d:
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 1_000, partition=0)
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 2_000, partition=1)
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 5 * MIN, partition=0)
+        d.advance_time("1s")
+        assert _rows(d) == []  # partition 1's task is still at 2 s: it holds [0,1m) open
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 3 * MIN, partition=1)
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 0, MIN, 2)]
+        tasks = d.worker.tasks
+        repart = [t for tp, t in tasks.items() if tp[0].endswith("-repartition")]
+        assert {t.ctx.event_time.watermark for t in repart} == {T0 + 3 * MIN}
+
+
+def test_max_policy_follows_the_fastest_input() -> None:
+    job = _count_job(Tumbling("1m"), delay="0s")
+    with TestDriver(job, partitions=2, start_ms=T0,
+                    config=WorkerConfig(watermark_policy="max")) as d:
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 1_000, partition=0)
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 2_000, partition=1)
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 5 * MIN, partition=0)
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 0, MIN, 2)]
+
+
+def test_an_idle_partition_stops_holding_the_watermark_back_after_the_idle_timeout() -> None:
+    job = _count_job(Tumbling("1m"), delay="0s")
+    cfg = WorkerConfig(watermark_idle_timeout="30s")
+    with TestDriver(job, partitions=2, start_ms=T0, config=cfg) as d:
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 2_000, partition=1)
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 1_000, partition=0)
+        d.advance_time("1s")
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 5 * MIN, partition=0)
+        d.advance_time("10s")
+        assert _rows(d) == []  # partition 1 is quiet, but not idle yet
+        d.advance_time("30s")
+        assert _rows(d) == [("a", 0, MIN, 2)]
+    with TestDriver(job, partitions=2, start_ms=T0) as d:  # off by default: held for ever
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 2_000, partition=1)
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 5 * MIN, partition=0)
+        d.advance_time("5m")
+        assert _rows(d) == []
+
+
+def test_the_watermark_is_in_progress_reports_and_metrics() -> None:
+    with TestDriver(_count_job(Tumbling("1m"), delay="10s"), start_ms=T0) as d:
+        _send(d, "a", 30_000)
+        d.advance_time("1s")
+        w = d.worker
+        report = w.status.report_progress()
+        assert report["eventTime"]["watermark"] == "2023-11-14T22:14:20.000Z"
+        marks = w.status.snapshot().samples["streamcore_watermark_seconds"]
+        assert (("in", "0") in marks) and marks[("in", "0")] == (T0 + 20_000) / 1000
