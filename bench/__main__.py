@@ -5,7 +5,8 @@ Each run gets a freshly started local broker (it slows down as it fills, DESIGN.
 and runs the system under test as its own process; this process produces the input and
 measures the output with an independent consumer. Ratios compare runs of the same invocation.
 
-    python -m bench [--w1-records 500000] [--repeat 2] [--only w1|w2|w3] [--client aiokafka]
+    python -m bench [--w1-records 500000] [--repeat 2] [--only w1|w2|w2win|w3]
+                    [--client aiokafka] [--epochs]
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def _in_worker(log: Path) -> dict[str, Any]:
                 fields = orjson.loads(line)["progress"]
             except orjson.JSONDecodeError:
                 continue
-            last = {"p50": fields["p50Ms"], "p99": fields["p99Ms"]}
+            last = {"p50": fields["p50Ms"], "p99": fields["p99Ms"],
+                    **{k: fields[k] for k in ("stateRows", "expiredRows", "expiryMs")
+                       if k in fields}}
             if "commitMs" in fields:
                 commits.append(float(fields["commitMs"]))
                 epochs.append(float(fields["epochMs"]))
@@ -169,9 +172,12 @@ def run_w1(system: str, records: int, mode: str = "w1", trigger: str | None = No
     with _Broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
         src, out = "w1-in", "w1-out"
         create_topics(bootstrap, {src: PARTITIONS, out: PARTITIONS})
-        _produce_all(bootstrap, src, ((f"u{i % 5000}".encode(), record(i))
+        keys = 1000 if mode == "w2win" else 5000
+        _produce_all(bootstrap, src, ((f"u{i % keys}".encode(), record(i))
                                       for i in range(records)))
         expected = records - (records + 9) // 10 if mode == "w1" else records
+        if mode == "w2win":  # one output per key and closed window: 10 records each
+            expected = records // 10 - 2 * keys  # the last windows stay open
         reader = _reader(bootstrap, out, 100)
         log = Path(tmp) / "proc.log"
         t0 = time.monotonic()
@@ -200,6 +206,8 @@ def run_w1(system: str, records: int, mode: str = "w1", trigger: str | None = No
         res.outputs = seen
         res.startup_s = first - t0 if first else float("nan")
         res.rate = seen / (last - first) if last > first else 0.0
+        if mode == "w2win":  # input records per second (each output is 10 of them)
+            res.rate *= 10
         if at_cpu_last > at_cpu_first:
             res.cpu_us = 1e6 * (cpu_last - cpu_first) / (at_cpu_last - at_cpu_first)
         res.in_worker = _in_worker(log) if system == "streamcore" else {}
@@ -367,7 +375,7 @@ def main() -> int:
                     help="paired runs (raw, then streamcore) per workload; medians are reported")
     ap.add_argument("--settings", choices=("equal", "defaults", "both"), default="both",
                     help="W1 client settings: equal on both sides, each side's defaults, or both")
-    ap.add_argument("--only", choices=("w1", "w2", "w3"))
+    ap.add_argument("--only", choices=("w1", "w2", "w2win", "w3"))
     ap.add_argument("--restore-records", type=int, default=1_000_000)
     ap.add_argument("--epochs", action="store_true",
                     help="epoch mode (100 ms trigger): W1 and W2 against continuous mode and "
@@ -410,6 +418,24 @@ def main() -> int:
         rows.append(f"W2 restore after the run {w2.in_worker.get('restored', 0)} changelog "
                     f"records, {w2.in_worker.get('rate', 0.0):,.0f} records/s per store "
                     "(small stores: dominated by the fixed end-of-log check)")
+    if args.only in (None, "w2", "w2win"):
+        pairs = []
+        for i in range(args.repeat):
+            pairs.append((run_w1("raw", args.w1_records),
+                          run_w1("streamcore", args.w1_records, mode="w2win")))
+            print(f"W2 windowed run {i + 1} raw W1 {pairs[-1][0].rate:9.0f} rec/s   "
+                  f"streamcore {pairs[-1][1].rate:9.0f} input rec/s   "
+                  f"{pairs[-1][1].in_worker}", flush=True)
+        rows += _paired_rows("W2 windowed count (1 s tumbling, append) vs raw W1", pairs,
+                             target=0.5)
+        iw = max((p[1] for p in pairs), key=lambda r: r.rate).in_worker
+        expired = iw.get("expiredRows", 0)
+        rows.append(f"W2 windowed state        {iw.get('stateRows', 0)} rows in the stores at "
+                    f"the last report (open windows); {expired} windows expired in "
+                    f"{iw.get('expiryMs', 0.0):.0f} ms, "
+                    f"{1000 * iw.get('expiryMs', 0.0) / max(expired, 1):.1f} us each "
+                    "(emit the final row, delete with a tombstone)")
+    if args.only in (None, "w2"):
         rs = run_restore(args.restore_records)
         rows.append(f"Restore one store        {rs['restored']:.0f} changelog records in "
                     f"{rs['seconds']:.2f}s: {rs['rate']:,.0f} records/s  (target >= 100,000)")

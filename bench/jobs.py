@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from bench.workload import add_order, enrich, keep, settings, streamcore_aio_settings
-from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
+from streamcore import JSON, Job, KafkaSink, KafkaSource, Tumbling, WorkerConfig
 
 _mode = os.environ.get("BENCH_MODE", "w1")
 _w3 = _mode == "w3"
@@ -17,7 +17,17 @@ job = Job(os.environ.get("BENCH_JOB", "bench"), config=WorkerConfig(
     poll_timeout="20ms" if _w3 else "100ms",
     progress_interval="5s"))
 source = job.stream(KafkaSource(os.environ.get("BENCH_IN", "in"), value=JSON))
-if _mode == "w2":
+if _mode == "w2win":
+    # W2's input, windowed: per user (the record key, 1,000 of them), a count per 1-second
+    # tumbling window of event time (record i happens at i/10 ms: 10 records per key and
+    # window), each window written once, when the watermark passes its end (append mode).
+    (job.stream(KafkaSource(os.environ.get("BENCH_IN", "in"), value=JSON,
+                            timestamp=lambda v: 1_700_000_000_000 + v["id"] // 10))
+        .with_watermark("1s")
+        .window(Tumbling("1s"))
+        .count(name="per-second")
+        .to(KafkaSink(os.environ.get("BENCH_OUT", "out"), value=JSON), output_mode="append"))
+elif _mode == "w2":
     # Per user (the record key): running count and sum of the order totals, in RocksDB with
     # a changelog; the updated aggregate goes out for every record.
     (source

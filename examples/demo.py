@@ -4,7 +4,8 @@
 2. start `streamcore run examples/clicks.py:job` as a worker process;
 3. feed synthetic page views for 15 s while reading the job's output;
 4. print a few outputs, a summary and the stateful step's counts per section (which must add
-   up to the clicks); stop the worker (SIGTERM);
+   up to the clicks), then the windowed counts (5 s tumbling windows on event time, each
+   written once when the watermark passes it); stop the worker (SIGTERM);
 5. the same job again in epoch mode (`--mode epoch`: exactly-once, one Kafka transaction per
    100 ms epoch) on fresh topics, read as read_committed, with its epoch latency; then stop
    the broker.
@@ -61,9 +62,11 @@ def _run(bootstrap: str, mode_args: list[str]) -> int:
     """One worker run of the example job on fresh topics, fed and watched."""
     tag = uuid.uuid4().hex[:6]
     views, clicks, sections = f"pageviews-{tag}", f"clicks-{tag}", f"sections-{tag}"
-    create_topics(bootstrap, {views: PARTITIONS, clicks: PARTITIONS, sections: PARTITIONS})
+    windows = f"windows-{tag}"
+    create_topics(bootstrap, {views: PARTITIONS, clicks: PARTITIONS, sections: PARTITIONS,
+                              windows: PARTITIONS})
     env = {**os.environ, "PAGEVIEWS_TOPIC": views, "CLICKS_TOPIC": clicks,
-           "SECTIONS_TOPIC": sections, "DEMO_JOB": f"demo-{tag}",
+           "SECTIONS_TOPIC": sections, "WINDOWS_TOPIC": windows, "DEMO_JOB": f"demo-{tag}",
            "STREAMCORE_LOG_LEVEL": "WARNING",
            "STREAMCORE_STATE_DIR": str(ROOT / ".streamcore" / "demo-state")}
     with socket.socket() as s:  # a free port for the worker's HTTP endpoints
@@ -78,6 +81,7 @@ def _run(bootstrap: str, mode_args: list[str]) -> int:
         _wait_ready(http_port, worker)
         rc, expected = _feed_and_watch(bootstrap, views, clicks, worker)
         rc = rc or _show_section_counts(bootstrap, sections, expected)
+        rc = rc or _show_windows(bootstrap, windows, expected)
         _show_metrics(http_port)
         return rc
     finally:
@@ -143,6 +147,39 @@ def _feed_and_watch(bootstrap: str, views: str, clicks: str,
         print("  MISSING OUTPUTS")
         return 1, expected
     return 0, expected
+
+
+def _read_all(bootstrap: str, topic: str) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of topic, until nothing more comes for 2 s."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-reader",
+                         "fetch.wait.max.ms": 100, "logger": librdkafka_logger()})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    out = []
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < 2.0:
+        msgs = consumer.consume(1000, 0.2)
+        out += [(m.key() or b"", m.value() or b"null") for m in msgs if not m.error()]
+        if msgs:
+            quiet_since = time.monotonic()
+    consumer.close()
+    return out
+
+
+def _show_windows(bootstrap: str, topic: str, expected: int) -> int:
+    """The windowed count's output: each closed window once; the windows still open (the
+    last ones, which the watermark has not passed) hold the rest of the clicks."""
+    rows = [(orjson.loads(k), orjson.loads(v)) for k, v in _read_all(bootstrap, topic)]
+    seen = {(k[0], k[1]) for k, _ in rows}
+    total = sum(v["count"] for _, v in rows)
+    print(f"\nclicks per section per 5 s window (event time, watermark 2 s, append mode): "
+          f"{len(rows)} windows closed, {total} clicks in them")
+    for (section, start, end), v in sorted(rows, key=lambda r: (r[0][1], r[0][0]))[-6:]:
+        hhmmss = time.strftime("%H:%M:%S", time.localtime(start / 1000))
+        print(f"   {section:<10} [{hhmmss} +{(end - start) // 1000}s)  {v['count']}")
+    if len(seen) != len(rows) or not 0 < total <= expected:
+        print("   WINDOWS WRONG (a window twice, or more clicks than were sent)")
+        return 1
+    return 0
 
 
 def _show_section_counts(bootstrap: str, topic: str, expected: int) -> int:

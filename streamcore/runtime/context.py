@@ -90,7 +90,7 @@ class OperatorHooks:
 class PartitionContext:
     __slots__ = ("batch", "blocked", "collected", "epochs", "event_time", "failed", "hooks",
                  "lanes", "late_records", "msg", "now_ms", "open_state", "outbox", "partition",
-                 "producer", "sinks", "tables", "topic")
+                 "producer", "sinks", "tables", "timed_steps", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
                  open_state: OpenState | None = None,
@@ -110,6 +110,7 @@ class PartitionContext:
         self.event_time = EventTime(f"{topic}:{partition}")  # the worker gives its own
         self.now_ms: Callable[[], int] = self.event_time.now_ms  # processing time (clock)
         self.late_records = 0  # dropped as late by the event-time steps
+        self.timed_steps: list[Any] = []  # streamcore.runtime.timed steps, for their stats
         # foreach_batch node id -> the running epoch's records that reached it
         self.collected: dict[int, list[BatchRecord]] = {}
         # Outputs the producer had no room for (a broker outage), in order; see Outbox.

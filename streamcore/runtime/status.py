@@ -205,6 +205,9 @@ class WorkerStatus:
             report["eventTime"] = {"watermark": _iso(min(marks)),
                                    "lateRowsDropped": sum(t.ctx.late_records
                                                           for t in self._w.tasks.values())}
+        ops = _state_operators(list(self._w.tasks.values()))
+        if ops:
+            report["stateOperators"] = ops
         if epoch is not None:
             report.update(epoch)
             report["mode"] = "epoch"
@@ -218,6 +221,23 @@ class WorkerStatus:
         fields = progress_fields(report)
         log.info("%s", progress_line(fields), extra={"progress": fields})
         return report
+
+
+def _state_operators(tasks: list[PartitionTask]) -> list[dict[str, Any]]:
+    """Spark's stateOperators, per event-time step over this worker's partitions: rows in
+    its stores (RocksDB's estimate), rows expired by the watermark and the time that took."""
+    by_step: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        stores = t.stores
+        rows = {slot.step: slot.store.approximate_count()
+                for slot in (list(stores.slots) if stores is not None else ())}
+        for step in list(t.ctx.timed_steps):
+            op = by_step.setdefault(step.name, {"name": step.name, "numRowsTotal": 0,
+                                                "numRowsExpired": 0, "expiryMs": 0.0})
+            op["numRowsTotal"] += rows.get(step.name, 0)
+            op["numRowsExpired"] += step.expired_rows
+            op["expiryMs"] = round(op["expiryMs"] + 1000 * step.expiry_s, 1)
+    return list(by_step.values())
 
 
 def _iso(ms: int) -> str:
@@ -243,6 +263,10 @@ def progress_fields(report: dict[str, Any]) -> dict[str, Any]:
         "commits": report["commits"],
         "p50Ms": report["inWorkerLatencyMs"]["p50"],
         "p99Ms": report["inWorkerLatencyMs"]["p99"],
+        **({"stateRows": sum(o["numRowsTotal"] for o in report["stateOperators"]),
+            "expiredRows": sum(o["numRowsExpired"] for o in report["stateOperators"]),
+            "expiryMs": sum(o["expiryMs"] for o in report["stateOperators"])}
+           if report.get("stateOperators") else {}),
         **({"epoch": report["batchId"], "epochMs": report["durationMs"]["total"],
             "commitMs": report["durationMs"]["commit"]}
            if report.get("mode") == "epoch" else {}),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import logging
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,9 @@ class TimedStep:
         self.ready = False  # the index has been built from the store
         self.closing: list[tuple[Any, Any]] = []  # (what to expire, batch of its output)
         self.late: Emit | None = None
+        self.expired_rows = 0  # state entries deleted after the watermark passed them
+        self.expiry_s = 0.0  # time spent closing and deleting them (progress reports)
+        ctx.timed_steps.append(self)
         ctx.hooks.commit.append(self._on_commit)
         ctx.hooks.watermark.append(self._watermark_hook)
         ctx.hooks.abort.append(self._on_abort)
@@ -150,6 +154,7 @@ class TimedStep:
     # -- hooks ---------------------------------------------------------------------------
     def _watermark_hook(self, wm: int) -> None:
         self.ensure_ready()
+        t0 = time.perf_counter()
         saved = self.ctx.msg
         self.ctx.msg = None  # outputs of a hook carry no input record's headers
         try:
@@ -160,6 +165,7 @@ class TimedStep:
             self.close_later(_SaveWatermark(wm))
         finally:
             self.ctx.msg = saved
+            self.expiry_s += time.perf_counter() - t0
 
     def on_watermark(self, wm: int) -> None:
         return None
@@ -176,6 +182,7 @@ class TimedStep:
         # State whose final result is acknowledged goes (a tombstone in the changelog), in
         # the order it closed; the watermark that closed it is saved with it.
         if self.closing:
+            t0 = time.perf_counter()
             keep: list[tuple[Any, Any]] = []
             for item, batch in self.closing:
                 if keep or not (batch is None or batch.pending == 0):
@@ -186,7 +193,9 @@ class TimedStep:
                         self.cache.put(META, Ticks(item.wm))
                 else:
                     self.expired(item)
+                    self.expired_rows += 1
             self.closing = keep
+            self.expiry_s += time.perf_counter() - t0
 
     def before_commit(self) -> None:
         return None

@@ -1,0 +1,131 @@
+"""Event time on the local broker: windows closed by a watermark that crosses a
+repartition topic, through a SIGKILL and a graceful restart in the middle of open windows
+(tests/jobs/windowed.py), and drop_duplicates and group-state timeouts in-process.
+
+Event times come from the records (seq * 10 ms), never from the wall clock: the assertions
+depend only on which records were sent."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from streamcore import JSON, STR, GroupState, Job, KafkaSink, KafkaSource, WorkerConfig
+from tests.helpers import (
+    PacedProducer,
+    make_topics,
+    produce,
+    read_topic,
+    unique,
+    wait_committed,
+    worker_process,
+)
+
+pytestmark = pytest.mark.slow
+
+BASE = 1_700_000_000_000  # as tests/jobs/windowed.py
+
+
+def _expected(total: int) -> Counter[tuple[str, int]]:
+    """Records per (key, window start) for seq 0..total-1."""
+    return Counter((f"k{s % 10}", BASE + s * 10 // 1000 * 1000) for s in range(total))
+
+
+def _windows(bootstrap: str, out: str, expect: int, *, committed_only: bool = False,
+             ) -> list[tuple[str, int, int]]:
+    msgs = read_topic(bootstrap, out, expect=expect, timeout=120, settle=3.0,
+                      committed_only=committed_only)
+    rows = []
+    for m in msgs:
+        key, start, end = orjson.loads(m.key())
+        value = orjson.loads(m.value())
+        assert value["window"] == {"start": start, "end": end} and end - start == 1000
+        rows.append((key, start, value["count"]))
+    return rows
+
+
+def _close_all(bootstrap: str, src: str, total: int) -> None:
+    """One record far ahead on every input partition: every upstream task's watermark
+    passes every window (the policy is min over them)."""
+    produce(bootstrap, src, ((str(p), {"seq": total + 1000 + p, "p": p}, p) for p in range(4)))
+
+
+@pytest.mark.parametrize("mode", ["continuous", "epoch"])
+def test_windows_survive_sigkill_and_graceful_restart(bootstrap: str, tmp_path: Path,
+                                                      mode: str) -> None:
+    src, out, late, name = (unique("win-in"), unique("win-out"), unique("win-late"),
+                            unique("win"))
+    make_topics(bootstrap, src, out, late)
+    env = {"IN": src, "OUT": out, "LATE": late, "JOB": name,
+           "STREAMCORE_STATE_DIR": str(tmp_path / "state")}
+    args = ["--mode", "epoch", "--trigger", "300ms"] if mode == "epoch" else []
+    with PacedProducer(bootstrap, src, rate=1000) as producer:
+        with worker_process("windowed.py", bootstrap, env, args) as w:
+            w.wait_for("assigned")
+            wait_committed(bootstrap, name, f"{name}-counts-repartition", 2000)
+            w.kill()  # SIGKILL with windows open and records arriving
+        with worker_process("windowed.py", bootstrap, env, args) as w:
+            w.wait_for("assigned")
+            wait_committed(bootstrap, name, src, producer.sent + 500)
+            w.signal(signal.SIGTERM)  # a graceful stop, windows still open
+            assert w.wait(60) == 0, w.tail()
+        with worker_process("windowed.py", bootstrap, env, args) as w:
+            w.wait_for("assigned")
+            total = producer.stop()
+            _close_all(bootstrap, src, total)
+            expected = _expected(total)
+            rows = _windows(bootstrap, out, expect=len(expected),
+                            committed_only=mode == "epoch")
+            w.signal(signal.SIGTERM)
+            assert w.wait(60) == 0, w.tail()
+    counts: dict[tuple[str, int], list[int]] = {}
+    for key, start, n in rows:
+        counts.setdefault((key, start), []).append(n)
+    missing = set(expected) - set(counts)
+    assert not missing, f"windows never emitted: {sorted(missing)[:5]}"
+    short = {w: (c, expected[w]) for w, c in counts.items()
+             if w in expected and min(c) < expected[w]}
+    assert not short, f"windows emitted with records lost: {list(short.items())[:5]}"
+    if mode == "epoch":  # exactly once: each window once, with exactly its records
+        assert {w: c for w, c in counts.items() if w in expected} == \
+            {w: [n] for w, n in expected.items()}
+
+
+def _cfg(bootstrap: str, **kw: Any) -> WorkerConfig:
+    return WorkerConfig(http_port=0, bootstrap_servers=bootstrap, progress_interval="1s", **kw)
+
+
+def test_drop_duplicates_and_a_group_state_timeout_on_the_broker(bootstrap: str) -> None:
+    src, out, name = unique("gs-in"), unique("gs-out"), unique("gs")
+    make_topics(bootstrap, src, out)
+
+    def session(key: str, values: list[Any], state: GroupState) -> Any:
+        if state.has_timed_out:
+            n = state.get()
+            state.remove()
+            return {"user": key, "closed": n}
+        state.update((state.get() or 0) + len(values))
+        state.set_timeout_duration(1500)
+        return None
+
+    job = Job(name)
+    (job.stream(KafkaSource(src, key=STR, value=JSON))
+        .drop_duplicates(lambda v: v["id"], within="1h", name="dedup")
+        .map_groups_with_state(session, name="sessions", timeout="processing_time")
+        .to(KafkaSink(out, key=STR, value=JSON)))
+    # Each of 20 users sends 5 distinct ids, each twice: the duplicates must not count.
+    produce(bootstrap, src, ((f"u{u}", {"id": i}, None)
+                             for u in range(20) for i in list(range(5)) * 2))
+    q = job.start(_cfg(bootstrap, state_dir=str(Path(unique("/tmp/gs-state")))))
+    try:
+        msgs = read_topic(bootstrap, out, expect=20, timeout=60, settle=3.0)
+    finally:
+        q.stop(30)
+    assert q.exception() is None, q.exception()
+    closed = {m.key().decode(): orjson.loads(m.value())["closed"] for m in msgs}
+    assert closed == {f"u{u}": 5 for u in range(20)}

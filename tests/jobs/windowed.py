@@ -1,0 +1,23 @@
+"""A windowed count for the event-time process tests, configured through environment
+variables: IN, OUT, LATE, JOB (the state directory and the mode come from STREAMCORE_*).
+
+Event time is the record's ``seq`` times 10 ms after BASE (the source's timestamp
+extractor); per key k{seq % 10} it counts records per 1-second tumbling window, after a
+repartition by that key (the watermark crosses it), and writes each window once, when the
+watermark (500 ms behind) passes its end. Late records go to LATE.
+"""
+
+import os
+
+from streamcore import JSON, Job, KafkaSink, KafkaSource, Tumbling, WorkerConfig
+
+BASE = 1_700_000_000_000
+
+job = Job(os.environ["JOB"], config=WorkerConfig(commit_interval="200ms"))
+(job.stream(KafkaSource(os.environ["IN"], value=JSON,
+                        timestamp=lambda v: BASE + v["seq"] * 10))
+    .with_watermark("500ms")
+    .key_by(lambda v: f"k{v['seq'] % 10}")
+    .window(Tumbling("1s"))
+    .count(name="counts", late=KafkaSink(os.environ["LATE"], value=JSON))
+    .to(KafkaSink(os.environ["OUT"], key=JSON, value=JSON), output_mode="append"))
