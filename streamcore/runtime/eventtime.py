@@ -85,6 +85,19 @@ class EventTime:
                 data.append(m)
         return data
 
+    def snapshot(self) -> tuple[int, list[int], dict[str, list[int]], int]:
+        """What an aborted epoch must go back to (epoch mode: taken at each commit)."""
+        return (self.watermark, [box[0] for box in self._local],
+                {k: list(v) for k, v in self._upstream.items()}, self.sent)
+
+    def restore(self, snap: tuple[int, list[int], dict[str, list[int]], int]) -> None:
+        self.watermark, local, upstream, self.sent = snap
+        for box, mx in zip(self._local, local, strict=False):
+            box[0] = mx
+        for box in self._local[len(local):]:  # a step compiled after the snapshot
+            box[0] = NO_WATERMARK
+        self._upstream = {k: list(v) for k, v in upstream.items()}
+
     def advance(self) -> bool:
         """Recompute the watermark from the inputs; True if it moved forward."""
         values = [mx - delay for mx, delay in self._local if mx != NO_WATERMARK]

@@ -118,6 +118,13 @@ def _make(node: Node, fanout: Callable[..., Emit], kids: dict[int, list[Node]],
         lanes_by_node[node.id] = [ln for c in kids[node.id] for ln in lanes_by_node[c.id]]
         return _make_event_time_step(node, by_mode, ctx, node.describe(),
                                      node.params.get("on_error"))
+    if k == OpKind.AGGREGATE and any(_mode_of(c) == "complete" for c in kids[node.id]):
+        # Complete mode (epoch mode only): the whole table at the end of every epoch.
+        complete = fanout(node, "complete")
+        update = fanout(node, "update")
+        lanes_by_node[node.id] = [ln for c in kids[node.id] for ln in lanes_by_node[c.id]]
+        return _make_aggregate(node, update, ctx, node.describe(),
+                               node.params.get("on_error"), complete)
     down = fanout(node)
     if k in (OpKind.SOURCE, OpKind.UNION, OpKind.BRANCH, OpKind.REPARTITION, OpKind.EMIT):
         return down
@@ -249,13 +256,30 @@ def _make_with_watermark(node: Node, down: Emit, ctx: PartitionContext) -> Emit:
 
 
 def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,
-                    policy: str | None) -> Emit:
+                    policy: str | None, complete: Emit | None = None) -> Emit:
     """A stateful step: state = update(state, value) per key in the partition's store;
-    the new state goes downstream at once (None: the key was deleted)."""
+    the new state goes downstream at once (None: the key was deleted). With complete, every
+    key's state also goes there at the end of each epoch (Spark's complete output mode)."""
     name = node.name
     assert name is not None and ctx.open_state is not None
     serde = node.params["value"]
     cache = ctx.open_state(name, serde.serialize, serde.deserialize)
+    if complete is not None:
+        kde = INTERNAL_KEY.deserialize
+
+        def whole_table() -> None:
+            saved, ctx.msg = ctx.msg, None  # no input record's headers on these rows
+            try:
+                for kb in cache.live_keys():
+                    complete(kde(kb), cache.get(kb), ctx.now_ms())
+            finally:
+                ctx.msg = saved
+        ctx.hooks.commit.append(whole_table)
+        if node.params.get("batch_fn") is not None:  # its own hook must run first
+            ctx.hooks.commit.remove(whole_table)
+            fn = _make_epoch_update(node.params["batch_fn"], down, ctx, cache, step, policy)
+            ctx.hooks.commit.append(whole_table)
+            return fn
     get, put, delete = cache.get, cache.put, cache.delete
     kser = INTERNAL_KEY.serialize
     update: Any = node.fn

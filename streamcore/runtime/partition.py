@@ -116,6 +116,7 @@ class PartitionTask:
         except BaseException:
             self.close_stores()
             raise
+        self._event_time_at_commit = self.ctx.event_time.snapshot()
         spec = source.source
         assert isinstance(spec, Source)
         self._spec = spec
@@ -571,6 +572,7 @@ class PartitionTask:
         """The epoch's transaction committed (with offset as this partition's next offset)."""
         if self.stores is not None:
             self.stores.apply_staged()
+        self._event_time_at_commit = self.ctx.event_time.snapshot()
         if offset is not None:
             self.committed = max(self.committed, offset)
         self.tracker.advance()  # every batch of the epoch is acknowledged: forget them
@@ -583,6 +585,9 @@ class PartitionTask:
         self._drop_inbox()
         for records in self.ctx.collected.values():
             records.clear()
+        # The watermark goes back too: the epoch's records, read again, are judged against
+        # the watermark they were judged against the first time.
+        self.ctx.event_time.restore(self._event_time_at_commit)
         for forget in self.ctx.hooks.abort:
             forget()
         self.tracker = OffsetTracker()

@@ -29,7 +29,7 @@ from typing import Any
 
 from streamcore.plan.graph import Node
 from streamcore.runtime.context import Emit, PartitionContext
-from streamcore.runtime.timed import Records, Ticks, TimedStep, pack_time, unpack_time
+from streamcore.runtime.timed import Records, Ticks, TimedStep, log, pack_time, unpack_time
 
 __all__ = ["FixedWindows", "PaneReduce", "SessionWindows", "SlidingWindows", "make_window"]
 
@@ -48,6 +48,10 @@ class _Windows(TimedStep):
         self.update: Callable[[Any, Any], Any] = node.fn  # type: ignore[assignment]
         self.field = "count" if p["op"] == "window_count" else "value"
         self.keep_all = self.complete_out is not None  # complete mode: nothing expires
+        if not self.has_watermark and not self.keep_all:
+            log.warning("windowed step %r has no watermark: its windows never close and its "
+                        "state grows without bound (add .with_watermark(delay) before it)",
+                        self.name)
         # epoch mode, update: (key, start, end) per changed store key, emitted at the end
         self.changed: dict[bytes, tuple[Any, int, int]] = {}
 

@@ -407,3 +407,34 @@ def test_the_watermark_is_in_progress_reports_and_metrics() -> None:
         assert report["eventTime"]["watermark"] == "2023-11-14T22:14:20.000Z"
         marks = w.status.snapshot().samples["streamcore_watermark_seconds"]
         assert (("in", "0") in marks) and marks[("in", "0")] == (T0 + 20_000) / 1000
+
+
+def test_an_aborted_epoch_runs_again_against_the_watermark_it_started_with() -> None:
+    # The epoch's records moved the watermark past 30 s; aborted and run again, they must
+    # be judged against the watermark from before the epoch, not the one they produced.
+    with TestDriver(_count_job(Tumbling("10s"), delay="0s", repartition=False,
+                               late=True), start_ms=T0, trigger=processing_time("1s")) as d:
+        _send(d, "a", 1_000)
+        d.advance_time("1s")
+        d.abort_next_epoch()
+        for t in (35_000, 2_000, 3_000):  # out of order within the epoch: not late
+            _send(d, "a", t)
+        d.advance_time("1s")  # aborted
+        d.advance_time("1s")  # run again, committed
+        assert _rows(d) == [("a", 0, 10_000, 3)]
+        assert d.read("late") == []
+
+
+def test_complete_mode_on_an_aggregation_without_windows() -> None:
+    job = Job("totals")
+    (job.stream(KafkaSource("in", key=STR, value=JSON))
+        .count(name="per-key")
+        .to(KafkaSink("out", key=STR, value=JSON), output_mode="complete"))
+    with TestDriver(job, start_ms=T0, trigger=processing_time("1s")) as d:
+        d.send("in", {}, key="a")
+        d.send("in", {}, key="b")
+        d.advance_time("1s")
+        assert sorted((r.key, r.value) for r in d.read("out")) == [("a", 1), ("b", 1)]
+        d.send("in", {}, key="a")
+        d.advance_time("1s")  # every row again, changed or not
+        assert sorted((r.key, r.value) for r in d.read("out")) == [("a", 2), ("b", 1)]
