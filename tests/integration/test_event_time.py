@@ -15,7 +15,18 @@ from typing import Any
 import orjson
 import pytest
 
-from streamcore import JSON, STR, GroupState, Job, KafkaSink, KafkaSource, WorkerConfig
+from streamcore import (
+    JSON,
+    STR,
+    GroupState,
+    Hopping,
+    Job,
+    KafkaSink,
+    KafkaSource,
+    Session,
+    Sliding,
+    WorkerConfig,
+)
 from tests.helpers import (
     PacedProducer,
     make_topics,
@@ -129,3 +140,89 @@ def test_drop_duplicates_and_a_group_state_timeout_on_the_broker(bootstrap: str)
     assert q.exception() is None, q.exception()
     closed = {m.key().decode(): orjson.loads(m.value())["closed"] for m in msgs}
     assert closed == {f"u{u}": 5 for u in range(20)}
+
+
+def _every_kind(name: str, topics: dict[str, str]) -> Job:
+    """Hopping, sliding and session counts, a reduce_by_key_and_window with an inverse and
+    a group state with an event-time timeout, all in append mode, on one watermark; "tick"
+    records move event time and reach no step."""
+
+    def until_quiet(key: str, values: list[Any], state: GroupState) -> Any:
+        if state.has_timed_out:
+            n = state.get()
+            state.remove()
+            return [{"user": key, "records": n}]
+        state.update((state.get() or 0) + len(values))
+        state.set_timeout_timestamp(max(v["t"] for v in values) + 10_000)
+        return []
+
+    job = Job(name)
+    s = (job.stream(KafkaSource(topics["in"], key=STR, value=JSON)).with_watermark("2s")
+         .filter(lambda v: v["x"] is not None))
+    for kind, window in (("hop", Hopping("10s", "5s")), ("slide", Sliding("4s")),
+                         ("session", Session("3s"))):
+        (s.window(window).count(name=kind)
+            .to(KafkaSink(topics[kind], key=JSON, value=JSON), output_mode="append"))
+    (s.map(lambda v: v["x"])
+        .reduce_by_key_and_window(lambda a, b: a + b, Hopping("10s", "5s"),
+                                  inverse=lambda a, b: a - b, name="rbkw")
+        .to(KafkaSink(topics["rbkw"], key=JSON, value=JSON), output_mode="append"))
+    (s.flat_map_groups_with_state(until_quiet, name="groups", timeout="event_time")
+        .to(KafkaSink(topics["groups"], key=STR, value=JSON)))
+    return job
+
+
+def _events() -> list[tuple[str, int, Any]]:
+    """(key, event time, x): keys a-c over two minutes, slightly out of order (within the
+    watermark's delay), with a quiet spell (sessions end); a stops a third of the way in and
+    b two thirds (their group timeouts fire, whatever the batching); then ticks that close
+    everything."""
+    out = []
+    for i in range(240):
+        t = BASE + i * 500 + (700 if i % 7 == 3 else 0)
+        if 100 <= i < 108:  # 4.5 s: every session ends, no group times out
+            continue
+        keys = "abc" if i < 80 else "bc" if i < 160 else "c"
+        out.append((keys[i % len(keys)], t, i % 5))
+    out += [("tick", BASE + 200_000 + i * 1000, None) for i in range(3)]
+    return out
+
+
+def test_every_window_kind_gives_on_the_broker_what_it_gives_in_the_driver(
+        bootstrap: str, tmp_path: Path) -> None:
+    from confluent_kafka import Producer
+
+    from streamcore.testing import TestDriver
+
+    kinds = ("hop", "slide", "session", "rbkw", "groups")
+    topics = {k: unique(f"kinds-{k}") for k in ("in", *kinds)}
+    for t in topics.values():
+        make_topics(bootstrap, t, partitions=1)
+    events = _events()
+    expected: dict[str, Counter[tuple[bytes, bytes]]] = {}
+    with TestDriver(_every_kind("kinds", {k: k for k in topics}), start_ms=BASE) as d:
+        for key, t, x in events:
+            d.send("in", {"x": x, "t": t}, key=key, timestamp=t)
+        d.advance_time("1s")
+        for k in kinds:
+            expected[k] = Counter((orjson.dumps(r.key) if k != "groups" else r.key.encode(),
+                                   orjson.dumps(r.value)) for r in d.read(k))
+    assert all(expected[k] for k in kinds), "the driver run must emit something per kind"
+
+    p = Producer({"bootstrap.servers": bootstrap})
+    for key, t, x in events:
+        p.produce(topics["in"], orjson.dumps({"x": x, "t": t}), key.encode(), timestamp=t)
+    assert p.flush(30) == 0
+    q = _every_kind(unique("kinds"), topics).start(
+        _cfg(bootstrap, state_dir=str(tmp_path / "state")))
+    try:
+        got = {k: Counter((m.key(), orjson.dumps(orjson.loads(m.value())))
+                          for m in read_topic(bootstrap, topics[k],
+                                              expect=sum(expected[k].values()),
+                                              partitions=1, timeout=60, settle=2.0))
+               for k in kinds}
+    finally:
+        q.stop(30)
+    assert q.exception() is None, q.exception()
+    for k in kinds:
+        assert got[k] == expected[k], k
