@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from streamcore.core.errors import JobDefinitionError
-from streamcore.plan.graph import Node, OpKind
+from streamcore.plan.graph import Node, OpKind, upstream
 
 __all__ = ["check_event_time", "has_watermark", "is_windowed"]
 
@@ -20,16 +20,7 @@ def is_windowed(node: Node) -> bool:
 
 def has_watermark(node: Node) -> bool:
     """A with_watermark step is upstream of node (through any parent)."""
-    stack, seen = list(node.parents), set()
-    while stack:
-        n = stack.pop()
-        if n.id in seen:
-            continue
-        seen.add(n.id)
-        if n.kind == OpKind.WITH_WATERMARK:
-            return True
-        stack.extend(n.parents)
-    return False
+    return any(n.kind == OpKind.WITH_WATERMARK for n in upstream(node))
 
 
 def check_event_time(nodes: Iterable[Node]) -> None:

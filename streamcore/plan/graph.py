@@ -7,13 +7,13 @@ The runtime compiles them into per-partition operator chains (streamcore.runtime
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.spec import Sink, Source
 
-__all__ = ["Node", "OpKind"]
+__all__ = ["Node", "OpKind", "upstream"]
 
 _ids = itertools.count()
 _SHOWN = ("name", "index", "concurrency", "on_error", "op", "how", "partitions", "topic")
@@ -77,3 +77,17 @@ class Node:
         """The stable step name of a stateful or internal step."""
         name = self.params.get("name")
         return name if isinstance(name, str) else None
+
+
+def upstream(node: Node, *, through: Callable[[Node], bool] | None = None) -> Iterator[Node]:
+    """Every node whose records reach node, once each, nearest first along each path; with
+    through, the walk goes past only the nodes for which it is true."""
+    stack, seen = list(node.parents), set()
+    while stack:
+        n = stack.pop()
+        if n.id in seen:
+            continue
+        seen.add(n.id)
+        yield n
+        if through is None or through(n):
+            stack.extend(n.parents)

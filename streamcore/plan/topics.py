@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from streamcore.core.errors import StateError
-from streamcore.plan.graph import Node, OpKind
+from streamcore.plan.graph import Node, OpKind, upstream
 
 if TYPE_CHECKING:
     from streamcore.plan.physical import PhysicalPlan
@@ -45,18 +45,9 @@ def _existing(count: Callable[[str], int], topic: str, why: str) -> int:
 
 def _hosts(node: Node) -> list[Node]:
     """The sources and repartition steps whose records reach node."""
-    found: list[Node] = []
-    stack, seen = list(node.parents), set()
-    while stack:
-        n = stack.pop()
-        if n.id in seen:
-            continue
-        seen.add(n.id)
-        if n.kind in (OpKind.SOURCE, OpKind.REPARTITION):
-            found.append(n)
-        else:
-            stack.extend(n.parents)
-    return found
+    hosts = (OpKind.SOURCE, OpKind.REPARTITION)
+    return [n for n in upstream(node, through=lambda n: n.kind not in hosts)
+            if n.kind in hosts]
 
 
 def internal_topics(plan: PhysicalPlan, count: Callable[[str], int]) -> InternalTopics:

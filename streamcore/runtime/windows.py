@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from streamcore.plan.graph import Node
@@ -97,6 +97,28 @@ class _Windows(TimedStep):
     def aborted(self) -> None:
         self.changed = {}
 
+    def pop_closed(self, heap: list[bytes], wm: int) -> Iterator[bytes]:
+        """The store keys of the open windows that the watermark has closed, by end; each
+        leaves the index (its final row is the caller's, its deletion comes later)."""
+        if self.keep_all:
+            return
+        open_, grace = self.open_keys(), self.grace
+        while heap and unpack_time(heap[0][1:9]) + grace <= wm:
+            sk = heapq.heappop(heap)
+            if sk not in open_:
+                continue  # merged into a later session
+            open_.discard(sk)
+            self.changed.pop(sk, None)
+            yield sk
+
+    def final_row(self, sk: bytes) -> None:
+        """Append mode's row of the closed window sk; its state goes once that is acked."""
+        if self.append_out is not None:
+            end, start = unpack_time(sk[1:9]), unpack_time(sk[9:17])
+            self.emit(self.append_out, self.kde(sk[17:]), start, end, self.cache.get(sk),
+                      end - 1)
+        self.close_later(sk)
+
 
 class FixedWindows(_Windows):
     """Tumbling and hopping windows: each record adds to the windows its time falls in."""
@@ -142,20 +164,8 @@ class FixedWindows(_Windows):
             self.dropped_late(key, value, ts)
 
     def on_watermark(self, wm: int) -> None:
-        if self.keep_all:
-            return
-        heap, grace = self.heap, self.grace
-        while heap and unpack_time(heap[0][1:9]) + grace <= wm:
-            sk = heapq.heappop(heap)
-            if sk not in self.open:
-                continue
-            self.open.discard(sk)
-            self.changed.pop(sk, None)
-            if self.append_out is not None:
-                end, start = unpack_time(sk[1:9]), unpack_time(sk[9:17])
-                self.emit(self.append_out, self.kde(sk[17:]), start, end, self.cache.get(sk),
-                          end - 1)
-            self.close_later(sk)
+        for sk in self.pop_closed(self.heap, wm):
+            self.final_row(sk)
 
 
 class SessionWindows(_Windows):
@@ -212,25 +222,13 @@ class SessionWindows(_Windows):
         self.changed_row(sk, key, lo, hi, agg, ts)
 
     def on_watermark(self, wm: int) -> None:
-        if self.keep_all:
-            return
-        heap, grace = self.heap, self.grace
-        while heap and unpack_time(heap[0][1:9]) + grace <= wm:
-            sk = heapq.heappop(heap)
-            if sk not in self.open:
-                continue  # merged into a later session
-            self.open.discard(sk)
-            self.changed.pop(sk, None)
+        for sk in self.pop_closed(self.heap, wm):
             mine = self.sessions.get(sk[17:])
             if mine is not None:
                 mine.remove(sk)
                 if not mine:
                     del self.sessions[sk[17:]]
-            if self.append_out is not None:
-                end, start = unpack_time(sk[1:9]), unpack_time(sk[9:17])
-                self.emit(self.append_out, self.kde(sk[17:]), start, end,
-                          self.cache.get(sk), end - 1)
-            self.close_later(sk)
+            self.final_row(sk)
 
 
 class SlidingWindows(_Windows):

@@ -172,12 +172,12 @@ def _every_kind(name: str, topics: dict[str, str]) -> Job:
     return job
 
 
-def _events() -> list[tuple[str, int, Any]]:
+def _events() -> list[tuple[str, int, int | None]]:
     """(key, event time, x): keys a-c over two minutes, slightly out of order (within the
     watermark's delay), with a quiet spell (sessions end); a stops a third of the way in and
     b two thirds (their group timeouts fire, whatever the batching); then ticks that close
     everything."""
-    out = []
+    out: list[tuple[str, int, int | None]] = []
     for i in range(240):
         t = BASE + i * 500 + (700 if i % 7 == 3 else 0)
         if 100 <= i < 108:  # 4.5 s: every session ends, no group times out
@@ -192,12 +192,13 @@ def test_every_window_kind_gives_on_the_broker_what_it_gives_in_the_driver(
         bootstrap: str, tmp_path: Path) -> None:
     from confluent_kafka import Producer
 
+    from streamcore.core.logs import librdkafka_logger
     from streamcore.testing import TestDriver
 
     kinds = ("hop", "slide", "session", "rbkw", "groups")
     topics = {k: unique(f"kinds-{k}") for k in ("in", *kinds)}
-    for t in topics.values():
-        make_topics(bootstrap, t, partitions=1)
+    for topic in topics.values():
+        make_topics(bootstrap, topic, partitions=1)
     events = _events()
     expected: dict[str, Counter[tuple[bytes, bytes]]] = {}
     with TestDriver(_every_kind("kinds", {k: k for k in topics}), start_ms=BASE) as d:
@@ -209,7 +210,7 @@ def test_every_window_kind_gives_on_the_broker_what_it_gives_in_the_driver(
                                    orjson.dumps(r.value)) for r in d.read(k))
     assert all(expected[k] for k in kinds), "the driver run must emit something per kind"
 
-    p = Producer({"bootstrap.servers": bootstrap})
+    p = Producer({"bootstrap.servers": bootstrap, "logger": librdkafka_logger()})
     for key, t, x in events:
         p.produce(topics["in"], orjson.dumps({"x": x, "t": t}), key.encode(), timestamp=t)
     assert p.flush(30) == 0
