@@ -24,7 +24,7 @@ lint: $(STAMP)
 
 # pytest exits 5 when it collects nothing: that must fail, not pass quietly.
 test: lint
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -ra --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
