@@ -201,6 +201,9 @@ def run_w1(system: str, records: int, mode: str = "w1", trigger: str | None = No
                 cpu_last, at_cpu_last = cpu, seen
             elif seen and time.monotonic() - last > 15:
                 break
+            elif proc.poll() is not None:
+                raise RuntimeError(f"{system} {mode} exited {proc.returncode}:\n"
+                                   f"{log.read_text(errors='replace')[-2000:]}")
         _stop(proc)
         reader.close()
         res.outputs = seen

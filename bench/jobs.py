@@ -16,12 +16,12 @@ job = Job(os.environ.get("BENCH_JOB", "bench"), config=WorkerConfig(
     consumer=_consumer,
     poll_timeout="20ms" if _w3 else "100ms",
     progress_interval="5s"))
-source = job.stream(KafkaSource(os.environ.get("BENCH_IN", "in"), value=JSON))
+_in = os.environ.get("BENCH_IN", "in")
 if _mode == "w2win":
     # W2's input, windowed: per user (the record key, 1,000 of them), a count per 1-second
     # tumbling window of event time (record i happens at i/10 ms: 10 records per key and
     # window), each window written once, when the watermark passes its end (append mode).
-    (job.stream(KafkaSource(os.environ.get("BENCH_IN", "in"), value=JSON,
+    (job.stream(KafkaSource(_in, value=JSON,
                             timestamp=lambda v: 1_700_000_000_000 + v["id"] // 10))
         .with_watermark("1s")
         .window(Tumbling("1s"))
@@ -30,11 +30,11 @@ if _mode == "w2win":
 elif _mode == "w2":
     # Per user (the record key): running count and sum of the order totals, in RocksDB with
     # a changelog; the updated aggregate goes out for every record.
-    (source
+    (job.stream(KafkaSource(_in, value=JSON))
         .aggregate(lambda: {"count": 0, "sum": 0.0}, add_order, name="totals")
         .to(KafkaSink(os.environ.get("BENCH_OUT", "out"), value=JSON)))
 else:
-    (source
+    (job.stream(KafkaSource(_in, value=JSON))
         .filter(keep)
         .map(enrich)
         .to(KafkaSink(os.environ.get("BENCH_OUT", "out"), value=JSON)))
