@@ -54,17 +54,24 @@ STR = Serde("str", _str_ser, _str_de)
 BYTES = Serde("bytes", _to_bytes, _identity)
 
 
+def _bytes_as_text(obj: Any) -> Any:
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return bytes(obj).decode("utf-8", "backslashreplace")
+    raise TypeError(f"Type is not JSON serializable: {type(obj).__name__}")
+
+
 def _key_ser(k: Any) -> bytes:
     if isinstance(k, bytes | bytearray | memoryview):
         return bytes(k)
     if isinstance(k, str):
         return k.encode()
-    return orjson.dumps(k)
+    return orjson.dumps(k, default=_bytes_as_text)
 
 
 # The default key serde of sources and sinks: keys are usually strings (key_by(lambda v:
 # v["user"])), sometimes bytes, ints or tuples. Out: bytes as they are, str as UTF-8,
-# anything else as JSON (None is no key, as always). In: the bytes as they are.
+# anything else as JSON, bytes inside it as UTF-8 text (a window's (key, start, end) over
+# a source's raw key); None is no key, as always. In: the bytes as they are.
 KEY = Serde("key", _key_ser, _identity)
 
 

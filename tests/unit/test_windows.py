@@ -442,3 +442,18 @@ def test_complete_mode_on_an_aggregation_without_windows() -> None:
         d.send("in", {}, key="a")
         d.advance_time("1s")  # every row again, changed or not
         assert sorted((r.key, r.value) for r in d.read("out")) == [("a", 2), ("b", 1)]
+
+
+def test_a_windowed_row_keyed_by_raw_bytes_is_written_with_the_default_key_serde() -> None:
+    # The default source key serde gives bytes; the row's key (key, start, end) must still
+    # serialize with the default sink key serde (bytes inside it as UTF-8 text).
+    job = Job("raw")
+    (job.stream(KafkaSource("in", value=JSON)).with_watermark("0s")
+        .window(Tumbling("1m")).count(name="c")
+        .to(KafkaSink("out", value=JSON), output_mode="append"))
+    with TestDriver(job, start_ms=T0) as d:
+        d.send("in", {}, key=b"user-1", timestamp=T0)
+        d.send("in", {}, key=b"user-1", timestamp=T0 + MIN)
+        d.advance_time("1s")
+        assert d.exception() is None
+        assert [r.key for r in d.read("out")] == [b'["user-1",%d,%d]' % (T0, T0 + MIN)]
