@@ -361,6 +361,11 @@ class ProducerBackend(ABC):
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
         """The :class:`~streamcore.core.errors.DeliveryFailed` for an exception from produce."""
 
+    def explain_failure(self, failure: Exception) -> Exception:
+        """A failed delivery report as the error to stop with: the failure itself, or what
+        the producer knows caused it (a transactional producer that was fenced)."""
+        return failure
+
     @abstractmethod
     def poll(self, timeout: float) -> int:
         """Serve delivery callbacks; returns how many ran."""

@@ -386,6 +386,13 @@ class ConfluentReader(PartitionReader):
         self._c.close()
 
 
+def _fenced(what: str, transactional_id: str | None) -> ProducerFenced:
+    return ProducerFenced(
+        f"this worker was fenced: {what}; transactional id {transactional_id!r}. Another "
+        "worker registered this transactional id (the same worker id or transactional_id): "
+        "this one stops and writes nothing more")
+
+
 def _txn_error(what: str, transactional_id: str | None, exc: KafkaException) -> Exception:
     """A transactional call's failure as the engine's error: fenced (fatal), or abort and
     retry the epoch."""
@@ -393,11 +400,8 @@ def _txn_error(what: str, transactional_id: str | None, exc: KafkaException) -> 
     code = err.code() if isinstance(err, KafkaError) else None
     text = err.str() if isinstance(err, KafkaError) else str(exc)
     if code in _PRODUCER_FENCED or (isinstance(err, KafkaError) and err.fatal()):
-        return ProducerFenced(
-            f"this worker was fenced: {what} failed for transactional id "
-            f"{transactional_id!r}: {text}. Another worker registered this transactional id "
-            "(the same worker id or transactional_id): this one stops and writes nothing "
-            "more")
+        return _fenced(f"{what} failed for transactional id {transactional_id!r}: {text}",
+                       transactional_id)
     return TransactionAborted(f"{what} failed for transactional id {transactional_id!r}: "
                               f"{text}")
 
@@ -437,6 +441,10 @@ class ConfluentProducer(ProducerBackend):
                 return _txn_error(f"producing to {topic!r}", self.transactional_id,
                                   KafkaException(self._fatal))
             err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError._FATAL:
+                # The fatal error is in flight to the error callback: a transactional
+                # producer's fatal error is its fence.
+                return _fenced(f"producing to {topic!r}: {err.str()}", self.transactional_id)
             if isinstance(err, KafkaError) and err.code() == KafkaError._STATE:
                 # The transaction failed (an abortable error): the epoch is aborted and
                 # retried; a fenced producer then fails at the commit, naming itself.
@@ -445,6 +453,15 @@ class ConfluentProducer(ProducerBackend):
         if isinstance(exc, KafkaException) and exc.args:
             return DeliveryFailed(topic, str(exc.args[0].str()))
         return DeliveryFailed(topic, f"{type(exc).__name__}: {exc}")
+
+    def explain_failure(self, failure: Exception) -> Exception:
+        """A fenced transactional producer's records fail their delivery with
+        PRODUCER_FENCED (or after its fatal error): that is the fence, naming the id."""
+        if self.transactional and self._p is not None:
+            self._p.poll(0)  # serve the error callback
+            if self._fatal is not None or "PRODUCER_FENCED" in str(failure):
+                return _fenced(f"a delivery failed ({failure})", self.transactional_id)
+        return failure
 
     # -- transactions (epoch mode) ---------------------------------------------------------
     def _txn(self, what: str, call: Callable[[], Any]) -> Any:

@@ -368,10 +368,10 @@ class EpochCommits(CommitProtocol):
             producer.poll(0)
             for t in live:
                 if t.tracker.failure is not None:
-                    raise t.tracker.failure
+                    raise producer.explain_failure(t.tracker.failure)
                 if t.stores is not None and t.stores.inflight is not None \
                         and t.stores.inflight.failure is not None:
-                    raise t.stores.inflight.failure
+                    raise producer.explain_failure(t.stores.inflight.failure)
             if producer.in_flight() == 0 and all(
                     t.stores is None or t.stores.staged_sent() for t in live):
                 return

@@ -1,0 +1,34 @@
+"""How a fenced transactional producer's failures read: every way the fence can reach the
+engine (a commit, a produce, a delivery report) stops the worker with ProducerFenced naming
+the transactional id, never with an anonymous "delivery failed". Pure logic: the producer
+is created but never connects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from connectors.confluent import ConfluentProducer, producer_settings
+from streamcore.core.errors import DeliveryFailed, ProducerFenced
+
+
+@pytest.fixture
+def producer() -> Iterator[ConfluentProducer]:
+    p = ConfluentProducer(producer_settings("127.0.0.1:1", {}, {"transactional.id": "t-1"}))
+    yield p
+    p.close()
+
+
+def test_a_delivery_report_failed_by_the_fence_is_the_fence(producer: ConfluentProducer) -> None:
+    failure = DeliveryFailed("out", 'KafkaError{code=PRODUCER_FENCED,val=90,str="fenced"}')
+    err = producer.explain_failure(failure)
+    assert isinstance(err, ProducerFenced) and "'t-1'" in str(err)
+    other = DeliveryFailed("out", "Broker: Message size too large")
+    assert producer.explain_failure(other) is other
+
+
+def test_a_produce_refused_with_a_fatal_error_is_the_fence(producer: ConfluentProducer) -> None:
+    err = producer.delivery_error("out", KafkaException(KafkaError(KafkaError._FATAL)))
+    assert isinstance(err, ProducerFenced) and "'t-1'" in str(err)
