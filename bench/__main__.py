@@ -116,9 +116,12 @@ def _in_worker(log: Path) -> dict[str, Any]:
                 fields = orjson.loads(line)["progress"]
             except orjson.JSONDecodeError:
                 continue
+            # The state figures of the report that saw the most (the last one comes after
+            # the partitions closed, with none).
+            state = {k: max(fields.get(k, 0), last.get(k, 0))
+                     for k in ("stateRows", "expiredRows", "expiryMs")}
             last = {"p50": fields["p50Ms"], "p99": fields["p99Ms"],
-                    **{k: fields[k] for k in ("stateRows", "expiredRows", "expiryMs")
-                       if k in fields}}
+                    **{k: v for k, v in state.items() if v}}
             if "commitMs" in fields:
                 commits.append(float(fields["commitMs"]))
                 epochs.append(float(fields["epochMs"]))
@@ -213,6 +216,8 @@ def run_w1(system: str, records: int, mode: str = "w1", trigger: str | None = No
             res.rate *= 10
         if at_cpu_last > at_cpu_first:
             res.cpu_us = 1e6 * (cpu_last - cpu_first) / (at_cpu_last - at_cpu_first)
+            if mode == "w2win":  # per input record
+                res.cpu_us /= 10
         res.in_worker = _in_worker(log) if system == "streamcore" else {}
         if seen < expected:
             print(f"  warning: {system} {mode} produced {seen} of {expected} outputs")

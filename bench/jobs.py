@@ -15,7 +15,7 @@ job = Job(os.environ.get("BENCH_JOB", "bench"), config=WorkerConfig(
     producer=_producer,
     consumer=_consumer,
     poll_timeout="20ms" if _w3 else "100ms",
-    progress_interval="5s"))
+    progress_interval="1s" if _mode == "w2win" else "5s"))  # w2win: its state figures
 _in = os.environ.get("BENCH_IN", "in")
 if _mode == "w2win":
     # W2's input, windowed: per user (the record key, 1,000 of them), a count per 1-second
