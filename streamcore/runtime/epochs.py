@@ -10,13 +10,16 @@ and changelog record goes to a transactional producer. An epoch ends when its tr
      transaction; RocksDB is not written yet);
   3. wait until the producer has every record acknowledged (delivery reports are served on
      the event loop: a failed delivery stops the worker, as in continuous mode);
-  4. send the input offsets (each task's last processed offset + 1) to the transaction with
-     the group's metadata, and commit it: outputs, changelogs and offsets at once; a member
-     that is no longer in the group's generation cannot commit;
+  4. open the gate: the tasks go on with the next epoch's records, their outputs kept back
+     (streamcore.runtime.deferred); send the input offsets (each task's last processed
+     offset + 1, taken in step 1) to the transaction with the group's metadata, and commit
+     it: outputs, changelogs and offsets at once; a member that is no longer in the
+     group's generation cannot commit;
   5. post-commit: apply the staged changes to RocksDB (one batch per store) and checkpoint;
-     begin the next transaction; open the gate.
+     begin the next transaction and hand it the outputs kept back meanwhile.
 
-If step 4 fails with an abortable error, the transaction is aborted, every store forgets its
+If step 4 fails with an abortable error, the gate closes again and the tasks finish what they
+had taken; the transaction is aborted, every store forgets its
 uncommitted changes, and every partition is read again from its committed offset (the fetch
 loop is parked meanwhile, so that no record fetched before the seek arrives after it): the
 epoch runs again with the same id and, the job being deterministic, the same results. A
@@ -49,6 +52,7 @@ from streamcore.core.errors import (
 )
 from streamcore.plan.graph import OpKind
 from streamcore.runtime.commits import CommitProtocol
+from streamcore.runtime.deferred import DeferringProducer
 from streamcore.runtime.partition import PartitionTask, TaskState
 
 if TYPE_CHECKING:
@@ -139,6 +143,7 @@ class EpochCommits(CommitProtocol):
             else None
         self._full = asyncio.Event()
         self._failed: BaseException | None = None  # the running transaction failed
+        self._overlapping = False  # a commit is running and the next epoch has begun
 
     @property
     def in_progress(self) -> bool:
@@ -182,14 +187,62 @@ class EpochCommits(CommitProtocol):
             self.gate.clear()
             self._full.set()
 
-    def _begin(self) -> None:
+    def _begin(self, *, overlapped: bool = False) -> None:
+        """Begin the next epoch's transaction (overlapped: the epoch began when the gate
+        opened during the last commit, and its counts run from there)."""
         self._w.producer.begin_transaction()
         self._in_txn = True
+        if not overlapped:
+            self._start_counts()
+
+    def _start_counts(self) -> None:
         self._failed = None
         self._taken = 0
         self._full.clear()
         self._epoch_started = time.monotonic()
         self._rows_mark = self._w.status.processed()
+
+    def task_producer(self) -> DeferringProducer:
+        """A new partition task's producer: the transactional one, behind a deferral."""
+        return DeferringProducer(self._w.producer, deferring=self._overlapping)
+
+    def _deferring(self, on: bool, *, drop: bool = False) -> None:
+        self._overlapping = on
+        for t in self._w.tasks.values():
+            p = t.ctx.producer
+            if isinstance(p, DeferringProducer):
+                if drop or t.fenced:
+                    p.kept.clear()
+                p.deferring = on
+
+    def _overlap(self) -> None:
+        """The tasks go on with the next epoch while this one commits; what they write is
+        kept back until the next transaction begins."""
+        self._deferring(True)
+        self._start_counts()
+        self.gate.set()
+
+    async def _quiesce_dropping(self) -> None:
+        """The commit failed during an overlap: until every task is idle, dropping what
+        they keep back (a task waiting for room must finish its batch, all of which is
+        rewound), then stop keeping."""
+        tasks = [t for t in self._w.tasks.values() if not t.fenced]
+        while True:
+            self._deferring(True, drop=True)
+            if all(t.idle() for t in tasks if t.state is TaskState.RUNNING):
+                break
+            await asyncio.sleep(0.001)
+        self._deferring(False, drop=True)
+
+    async def _release(self) -> None:
+        """The next transaction has begun: the outputs kept back go to it, in order."""
+        self._deferring(False)
+        while True:
+            left = [p for t in self._w.tasks.values() if not t.fenced
+                    and isinstance(p := t.ctx.producer, DeferringProducer) and not p.release()]
+            if not left:
+                return
+            await asyncio.sleep(0.001)  # the producer's queue is full: delivery reports
 
     async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._txn_thread, fn, *args)
@@ -251,12 +304,18 @@ class EpochCommits(CommitProtocol):
                         return False  # nothing happened: keep the transaction open
                     await self._foreach_batch(live)
                     self._log.pending(self.epoch_id, offsets)
-                    if offsets:  # 4.
+                    self._overlap()  # 4.
+                    if offsets:
                         metadata = w.member.group_metadata()
                         await self._blocking(w.producer.send_offsets_to_transaction, offsets,
                                              metadata, _TXN_TIMEOUT_S)
                     await self._blocking(w.producer.commit_transaction, _TXN_TIMEOUT_S)
                 except TransactionAborted as exc:
+                    if self._overlapping:  # what the tasks took meanwhile is rewound too
+                        self.gate.clear()
+                        await self._quiesce_dropping()
+                        live = [t for t in w.tasks.values() if not t.fenced
+                                and t.state in (TaskState.RUNNING, TaskState.SUSPENDED)]
                     await self._abort(live, f"the epoch failed: {exc}")
                     return False
                 t2 = time.monotonic()
@@ -268,7 +327,8 @@ class EpochCommits(CommitProtocol):
                 self._report(offsets, rows, process_s=t0 - self._epoch_started,
                              barrier_s=t1 - t0, commit_s=t2 - t1)
                 self.epoch_id += 1
-                self._begin()
+                self._begin(overlapped=True)
+                await self._release()
                 return True
             finally:
                 if not self._full.is_set():

@@ -329,7 +329,9 @@ class Worker:
         log.info("assigned %s", _fmt(parts))
         for tp in parts:
             task = PartitionTask(
-                tp, self.plan, self.plan.source_for_topic(tp[0]), self._producer,
+                tp, self.plan, self.plan.source_for_topic(tp[0]),
+                self.committer.task_producer() if isinstance(self.committer, EpochCommits)
+                else self._producer,
                 inbox_high=self.config.inbox_high, inbox_low=self.config.inbox_low,
                 pause=self._pause, resume=self._resume, latency=self.latency,
                 e2e=self.e2e_latency, errors=self.errors, make_stores=self._make_stores,

@@ -1,0 +1,76 @@
+"""A partition task's producer in epoch mode: the transactional producer, except while the
+previous epoch's transaction commits.
+
+Committing a transaction takes 20-40 ms on the local broker, and a Kafka producer has one
+transaction at a time: nothing can be produced between ``commit_transaction`` and the next
+``begin_transaction``. Rather than stop for that long, the tasks go on processing the next
+epoch's records and their outputs wait here, in order, to be handed to the producer as soon
+as the next transaction has begun (streamcore.runtime.epochs). Their offsets are not in the
+committing epoch (its offsets were taken before), so an abort of that epoch rewinds them
+with everything else and the records waiting here are dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from connectors.base import DeliveryCallback, ProducerBackend
+
+__all__ = ["DeferringProducer"]
+
+_Record = tuple[str, bytes | None, bytes | None, int, DeliveryCallback, int,
+                list[tuple[str, bytes]] | None]
+
+
+class DeferringProducer(ProducerBackend):
+    """Produces through ``inner``, or keeps the records while ``deferring`` (and behind any
+    kept record, so that order holds). Past ``limit`` kept records it refuses with
+    ``BufferError``, as a full queue does: the task then waits for room (backpressure).
+    Event loop thread only."""
+
+    def __init__(self, inner: ProducerBackend, *, deferring: bool = False,
+                 limit: int = 20_000) -> None:
+        self.inner = inner
+        self.transactional = inner.transactional
+        self.deferring = deferring
+        self.limit = limit
+        self.kept: deque[_Record] = deque()
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
+                on_delivery: DeliveryCallback, reserved: None, timestamp: int,
+                headers: list[tuple[str, bytes]] | None, /) -> None:
+        if self.deferring or self.kept:
+            if len(self.kept) >= self.limit:
+                raise BufferError("waiting for the next transaction")
+            self.kept.append((topic, value, key, partition, on_delivery, timestamp, headers))
+            return
+        self.inner.produce(topic, value, key, partition, on_delivery, None, timestamp,
+                           headers)
+
+    def release(self) -> bool:
+        """Hand kept records to the producer while it takes them; True when none is left."""
+        kept, inner = self.kept, self.inner
+        while kept:
+            topic, value, key, partition, on_delivery, timestamp, headers = kept[0]
+            try:
+                inner.produce(topic, value, key, partition, on_delivery, None, timestamp,
+                              headers)
+            except BufferError:
+                inner.poll(0)
+                return False
+            except Exception as exc:
+                raise inner.delivery_error(topic, exc) from exc
+            kept.popleft()
+        return True
+
+    def delivery_error(self, topic: str, exc: Exception) -> Exception:
+        return self.inner.delivery_error(topic, exc)
+
+    def poll(self, timeout: float) -> int:
+        return self.inner.poll(timeout)
+
+    def in_flight(self) -> int:
+        return self.inner.in_flight() + len(self.kept)
+
+    def close(self) -> None:
+        """The worker closes the producer it shares."""
