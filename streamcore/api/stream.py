@@ -30,6 +30,7 @@ from streamcore.api.windows import (
 )
 from streamcore.core.errors import JobDefinitionError
 from streamcore.core.serde import INTERNAL_KEY, INTERNAL_VALUE, JSON, Serde
+from streamcore.plan.analysis import is_windowed
 from streamcore.plan.graph import Node, OpKind
 
 if TYPE_CHECKING:
@@ -438,6 +439,15 @@ class Table:
                                      f"{output_mode!r}")
         return Stream(self._job, self._job._add(
             Node(OpKind.EMIT, (self._node,), params={"mode": output_mode})))
+
+    def late_records(self) -> Stream:
+        """A windowed table's late records (those dropped because every window they fall
+        in had closed), as a stream of their own: the side output, as ``late=`` a sink."""
+        if not is_windowed(self._node):
+            raise JobDefinitionError(f"late_records() is for windowed aggregations; {self!r} "
+                                     "has no windows, so nothing it gets is late")
+        return Stream(self._job, self._job._add(
+            Node(OpKind.EMIT, (self._node,), params={"mode": "late"})))
 
     def to(self, sink: KafkaSink, *, output_mode: str | None = None) -> None:
         """Write every change to sink (deletes as tombstones): a compacted topic then holds

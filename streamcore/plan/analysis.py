@@ -25,7 +25,7 @@ def has_watermark(node: Node) -> bool:
 
 def check_event_time(nodes: Iterable[Node]) -> None:
     for n in nodes:
-        if n.kind == OpKind.EMIT:
+        if n.kind == OpKind.EMIT and n.params["mode"] != "late":
             _check_mode(n.params["mode"], n.parents[0])
         elif n.kind == OpKind.AGGREGATE:
             op = n.params.get("op")

@@ -50,12 +50,12 @@ def compile_chain(plan: PhysicalPlan, source: Node, ctx: PartitionContext,
     def fanout(node: Node, mode: str | None = None) -> Emit:
         """The closure that feeds node's children (with mode: only the children that take
         its table's changes in that output mode; the others as "update")."""
-        downs = [entry(c) for c in kids[node.id]
-                 if mode is None or _mode_of(c) == mode]
+        chosen = [c for c in kids[node.id] if mode is None or _mode_of(c) == mode]
+        downs = [entry(c) for c in chosen]
         below: list[AsyncLane] = []
-        for c in kids[node.id]:
+        for c in chosen:
             below.extend(lanes_by_node[c.id])
-        lanes_by_node[node.id] = below
+        lanes_by_node[node.id] = below  # by mode: the caller joins them
         if not downs:
             return _noop
         if len(downs) == 1:
@@ -238,9 +238,19 @@ def _make_event_time_step(node: Node, outs: dict[str, Emit], ctx: PartitionConte
         impl = GroupStates(node, outs, ctx, step, policy)
     else:
         impl = make_window(node, outs, ctx, step, policy)
-    late = node.params.get("late")
-    if late is not None:
-        impl.late = _make_sink(Node(OpKind.TO, sink=late), ctx, None)
+    # Late records go to late= (a sink) and to the table's late_records() stream.
+    outs_late = [out for out in (
+        _make_sink(Node(OpKind.TO, sink=node.params["late"]), ctx, None)
+        if node.params.get("late") is not None else None, outs.get("late")) if out is not None]
+    if len(outs_late) == 1:
+        impl.late = outs_late[0]
+    elif outs_late:
+        to_sink, to_stream = outs_late
+
+        def both(key: Any, value: Any, ts: int) -> None:
+            to_sink(key, value, ts)
+            to_stream(key, value, ts)
+        impl.late = both
     return impl.record  # type: ignore[attr-defined, no-any-return]
 
 

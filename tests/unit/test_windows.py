@@ -457,3 +457,35 @@ def test_a_windowed_row_keyed_by_raw_bytes_is_written_with_the_default_key_serde
         d.advance_time("1s")
         assert d.exception() is None
         assert [r.key for r in d.read("out")] == [b'["user-1",%d,%d]' % (T0, T0 + MIN)]
+
+
+def test_late_records_as_a_stream_of_their_own() -> None:
+    job = Job("late-stream")
+    counts = (job.stream(KafkaSource("in", key=STR, value=JSON)).with_watermark("0s")
+              .window(Tumbling("1m")).count(name="c"))
+    counts.to(KafkaSink("out", key=JSON, value=JSON), output_mode="append")
+    (counts.late_records().map(lambda v: {**v, "was_late": True})
+        .to(KafkaSink("late", key=STR, value=JSON)))
+    with TestDriver(job, start_ms=T0) as d:
+        _send(d, "a", 2 * MIN)
+        _send(d, "a", 1_000, n=1)  # its window [0, 1m) closed at watermark 2m: late
+        assert [(r.key, r.value) for r in d.read("late")] == [
+            ("a", {"k": "a", "n": 1, "was_late": True})]
+    with pytest.raises(JobDefinitionError, match="late_records"):
+        Job("x").stream(KafkaSource("in")).count(name="c").late_records()
+
+
+def test_one_windowed_table_in_two_output_modes() -> None:
+    job = Job("two-modes")
+    counts = (job.stream(KafkaSource("in", key=STR, value=JSON)).with_watermark("0s")
+              .window(Tumbling("1m")).count(name="c"))
+    counts.to(KafkaSink("final", key=JSON, value=JSON), output_mode="append")
+    counts.to(KafkaSink("changes", key=JSON, value=JSON), output_mode="update")
+    with TestDriver(job, start_ms=T0) as d:
+        _send(d, "a", 1_000)
+        _send(d, "a", 2_000)
+        _send(d, "a", MIN)
+        d.advance_time("1s")
+        assert _rows(d, "changes") == [("a", 0, MIN, 1), ("a", 0, MIN, 2),
+                                       ("a", MIN, 2 * MIN, 1)]
+        assert _rows(d, "final") == [("a", 0, MIN, 2)]
