@@ -30,9 +30,10 @@ from connectors.base import Message
 from streamcore.core.serde import BYTES, KEY
 from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
-from streamcore.runtime.context import StepFailed
+from streamcore.runtime.context import Emit, PartitionContext, StepFailed
+from streamcore.runtime.operators import compile_chain
 
-__all__ = ["Columns", "FusedRun", "SinkColumns", "fusable_run"]
+__all__ = ["BatchedChain", "Columns", "FusedRun", "SinkColumns", "decode", "fusable_run"]
 
 _FUSABLE = frozenset({OpKind.MAP, OpKind.FILTER, OpKind.KEY_BY, OpKind.PEEK,
                       OpKind.WITH_TIMESTAMPS})
@@ -219,3 +220,30 @@ class SinkColumns:
         except Exception:
             return None
         return vs, ks
+
+
+class BatchedChain:
+    """What batch-at-a-time execution of one partition's chain needs: the fused run, and
+    either a sink that ends it (written from columns) or the closure of what follows."""
+
+    def __init__(self, plan: PhysicalPlan, source: Node, ctx: PartitionContext,
+                 built: dict[int, Emit]) -> None:
+        steps, after = fusable_run(plan, source)
+        self.run = FusedRun(steps)
+        self.sink: SinkColumns | None = None
+        self.tail: Emit = _nowhere
+        if after is None:
+            return
+        # The closures compiled for the whole chain: never a second copy of a step.
+        self.tail = compile_chain(plan, source, ctx, start=after, built=built)
+        if after.kind == OpKind.TO or (after.kind == OpKind.REPARTITION and after is not source):
+            assert after.sink is not None
+            topic = plan.repartition_topic(after) if after.kind == OpKind.REPARTITION \
+                else after.sink.topic
+            # The sink's closure counts its outputs there; the columns path counts on it too.
+            self.counter = next(c for c in ctx.sinks if c.topic == topic)
+            self.sink = SinkColumns(after, topic)
+
+
+def _nowhere(key: Any, value: Any, ts: int) -> None:
+    return None

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from connectors.base import Message
+from connectors.base import Message, Outbox
+from streamcore.runtime.tracking import Batch
 
 __all__ = ["MARKER_HEADER", "NO_WATERMARK", "EventTime", "marker"]
 
@@ -84,6 +85,15 @@ class EventTime:
             else:
                 data.append(m)
         return data
+
+    def write_markers(self, outbox: Outbox, batch: Batch) -> None:
+        """The watermark to every partition of each target, as outputs of batch."""
+        self.sent = wm = self.watermark
+        headers = marker(self.task, wm)
+        for topic, partitions in self.targets:
+            for p in range(partitions):
+                batch.pending += 1
+                outbox.send(topic, None, None, p, batch.ack, max(wm, 0), headers)
 
     def snapshot(self) -> tuple[int, list[int], dict[str, list[int]], int]:
         """What an aborted epoch must go back to (epoch mode: taken at each commit)."""

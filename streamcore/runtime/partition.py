@@ -19,7 +19,6 @@ import enum
 import logging
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,20 +28,19 @@ from connectors.spec import Source
 from statestore.base import StoreLocked
 from statestore.cache import StateCache
 from streamcore.core.errors import (
-    DeserializationError,
     StateError,
     StreamcoreError,
     TransactionAborted,
-    UserFunctionError,
 )
 from streamcore.core.logs import BurstLogger
 from streamcore.core.serde import BYTES, KEY
-from streamcore.plan.graph import Node, OpKind
+from streamcore.plan.graph import Node
 from streamcore.plan.physical import PhysicalPlan
-from streamcore.runtime.batches import FusedRun, SinkColumns, decode, fusable_run
+from streamcore.runtime.batches import BatchedChain, decode
 from streamcore.runtime.context import Emit, GlobalTableView, PartitionContext, StepFailed
-from streamcore.runtime.eventtime import EventTime, marker
+from streamcore.runtime.eventtime import EventTime
 from streamcore.runtime.operators import compile_chain
+from streamcore.runtime.policies import RecordErrors
 from streamcore.runtime.progress import LatencyHistogram
 from streamcore.runtime.state import PartitionStores
 from streamcore.runtime.tracking import Batch, OffsetTracker
@@ -111,8 +109,8 @@ class PartitionTask:
         try:
             built: dict[int, Emit] = {}  # node id -> closure, shared by both compiles
             self._chain = compile_chain(plan, source, self.ctx, built=built)
-            self._batched = _Batched(plan, source, self.ctx, built) if batch_execution \
-                else None
+            self._batched = BatchedChain(plan, source, self.ctx, built) \
+                if batch_execution else None
         except BaseException:
             self.close_stores()
             raise
@@ -129,10 +127,8 @@ class PartitionTask:
         self.paused = False
         self._latency = latency
         self._e2e = e2e
-        self._errors = errors  # (kind, policy, step) -> count, shared by the worker's tasks
-        self._default_policy: str = plan.on_error
-        self._dlq = plan.dlq_topic
-        self.dlq_records = 0
+        self.policies = RecordErrors(self.ctx, job=plan.name, default_policy=plan.on_error,
+                                     dlq_topic=plan.dlq_topic, errors=errors)
         self.records_in = 0
         self.first_offset: int | None = None
         self.last_offset: int | None = None
@@ -217,15 +213,9 @@ class PartitionTask:
             self._run_hooks([self._write_markers])
 
     def _write_markers(self) -> None:
-        et, ctx = self.ctx.event_time, self.ctx
-        batch = ctx.batch
-        assert batch is not None
-        et.sent = wm = et.watermark
-        headers = marker(et.task, wm)
-        for topic, partitions in et.targets:
-            for p in range(partitions):
-                batch.pending += 1
-                ctx.outbox.send(topic, None, None, p, batch.ack, max(wm, 0), headers)
+        ctx = self.ctx
+        assert ctx.batch is not None
+        ctx.event_time.write_markers(ctx.outbox, ctx.batch)  # outputs of the hook's batch
         if ctx.outbox.held:
             ctx.blocked = True
 
@@ -619,75 +609,8 @@ class PartitionTask:
         self._record_failed(self.ctx.msg, failed)
 
     def _record_failed(self, m: Message, failed: StepFailed) -> None:
-        """Apply the step's error policy to a record whose processing raised."""
-        kind = "deserialization" if failed.step == "deserialize" else "user_function"
-        policy = failed.policy or self._default_policy
-        key = (kind, policy, failed.step)
-        self._errors[key] = self._errors.get(key, 0) + 1
-        topic, partition, offset = self.tp[0], self.tp[1], m.offset() or 0
-        if policy == "fail":
-            assert self.ctx.batch is not None
-            self.ctx.batch.seal(offset - 1)  # the failing offset itself is never committed
-            cls = DeserializationError if kind == "deserialization" else UserFunctionError
-            raise cls(f"{failed} (policy fail)", topic=topic, partition=partition,
-                      offset=offset) from failed.exc
-        _burst_log.warning(
-            f"{kind}:{failed.step}", "%s at %s[%d]@%d: %s (policy %s)", kind, topic,
-            partition, offset, failed, policy)
-        if policy == "dead_letter":
-            self._dead_letter(m, kind, failed)
+        self.policies.failed(m, failed)
 
-    def _dead_letter(self, m: Message, kind: str, failed: StepFailed) -> None:
-        """Produce the original bytes to the DLQ. It counts as an output of the record: the
-        offset is done only once the DLQ write is acknowledged, so nothing is lost."""
-        batch = self.ctx.batch
-        assert batch is not None
-        headers = [*(m.headers() or []),
-                   ("streamcore.error.kind", kind.encode()),
-                   ("streamcore.error.step", failed.step.encode()),
-                   ("streamcore.error.exception", type(failed.exc).__name__.encode()),
-                   ("streamcore.error.message", str(failed.exc)[:2000].encode()),
-                   ("streamcore.error.traceback", _last_frames(failed.exc).encode()),
-                   ("streamcore.source.topic", self.tp[0].encode()),
-                   ("streamcore.source.partition", str(self.tp[1]).encode()),
-                   ("streamcore.source.offset", str(m.offset()).encode()),
-                   ("streamcore.job", self._plan.name.encode())]
-        batch.pending += 1
-        self.ctx.outbox.send(self._dlq, m.value(), m.key(), -1, batch.ack, m.timestamp()[1],
-                             headers)
-        if self.ctx.outbox.held:
-            self.ctx.blocked = True
-        self.dlq_records += 1
-
-
-class _Batched:
-    """What batch-at-a-time execution of one partition's chain needs: the fused run, and
-    either a sink that ends it (written from columns) or the closure of what follows."""
-
-    def __init__(self, plan: PhysicalPlan, source: Node, ctx: PartitionContext,
-                 built: dict[int, Emit]) -> None:
-        steps, after = fusable_run(plan, source)
-        self.run = FusedRun(steps)
-        self.sink: SinkColumns | None = None
-        self.tail: Emit = _nowhere
-        if after is None:
-            return
-        # The closures compiled for the whole chain: never a second copy of a step.
-        self.tail = compile_chain(plan, source, ctx, start=after, built=built)
-        if after.kind == OpKind.TO or (after.kind == OpKind.REPARTITION and after is not source):
-            assert after.sink is not None
-            topic = plan.repartition_topic(after) if after.kind == OpKind.REPARTITION \
-                else after.sink.topic
-            # The sink's closure counts its outputs there; the columns path counts on it too.
-            self.counter = next(c for c in ctx.sinks if c.topic == topic)
-            self.sink = SinkColumns(after, topic)
-
-
-def _nowhere(key: Any, value: Any, ts: int) -> None:
-    return None
-
-
-def _last_frames(exc: BaseException, n: int = 3) -> str:
-    """The last n frames of exc's traceback (where in the user's code it raised)."""
-    frames = traceback.extract_tb(exc.__traceback__)[-n:]
-    return "".join(traceback.format_list(frames))[:4000]
+    @property
+    def dlq_records(self) -> int:
+        return self.policies.dlq_records
