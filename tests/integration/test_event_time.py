@@ -80,11 +80,11 @@ def test_windows_survive_sigkill_and_graceful_restart(bootstrap: str, tmp_path: 
     with PacedProducer(bootstrap, src, rate=1000) as producer:
         with worker_process("windowed.py", bootstrap, env, args) as w:
             w.wait_for("assigned")
-            wait_committed(bootstrap, name, f"{name}-counts-repartition", 2000)
+            wait_committed(bootstrap, name, f"{name}-counts-repartition", 1000)
             w.kill()  # SIGKILL with windows open and records arriving
         with worker_process("windowed.py", bootstrap, env, args) as w:
             w.wait_for("assigned")
-            wait_committed(bootstrap, name, src, producer.sent + 500)
+            wait_committed(bootstrap, name, src, producer.sent + 300)
             w.signal(signal.SIGTERM)  # a graceful stop, windows still open
             assert w.wait(60) == 0, w.tail()
         with worker_process("windowed.py", bootstrap, env, args) as w:

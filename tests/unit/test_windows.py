@@ -205,7 +205,7 @@ def _sliding_expected(times: list[int], d: int) -> dict[tuple[int, int], int]:
     return {w: sum(1 for u in times if w[0] <= u <= w[1]) for w in wins}
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(st.lists(st.integers(0, 30), min_size=1, max_size=12))
 def test_sliding_windows_are_the_distinct_record_sets_within_max_difference(
         seconds: list[int]) -> None:
@@ -233,7 +233,7 @@ def _rbkw_job(inverse: bool) -> Job:
     return job
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 90), st.integers(-5, 5)),
                 min_size=1, max_size=25))
 def test_reduce_by_key_and_window_with_an_inverse_equals_recomputation(
