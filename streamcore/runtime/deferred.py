@@ -12,15 +12,9 @@ with everything else and the records waiting here are dropped.
 
 from __future__ import annotations
 
-from collections import deque
-
-from connectors.base import DeliveryCallback, ProducerBackend
+from connectors.base import DeliveryCallback, Outbox, ProducerBackend
 
 __all__ = ["DeferringProducer"]
-
-_Record = tuple[str, bytes | None, bytes | None, int, DeliveryCallback, int,
-                list[tuple[str, bytes]] | None]
-
 
 class DeferringProducer(ProducerBackend):
     """Produces through ``inner``, or keeps the records while ``deferring`` (and behind any
@@ -34,7 +28,8 @@ class DeferringProducer(ProducerBackend):
         self.transactional = inner.transactional
         self.deferring = deferring
         self.limit = limit
-        self.kept: deque[_Record] = deque()
+        self._outbox = Outbox(inner)  # its held records are the kept ones; retry hands over
+        self.kept = self._outbox.held
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
@@ -49,22 +44,13 @@ class DeferringProducer(ProducerBackend):
 
     def release(self) -> bool:
         """Hand kept records to the producer while it takes them; True when none is left."""
-        kept, inner = self.kept, self.inner
-        while kept:
-            topic, value, key, partition, on_delivery, timestamp, headers = kept[0]
-            try:
-                inner.produce(topic, value, key, partition, on_delivery, None, timestamp,
-                              headers)
-            except BufferError:
-                inner.poll(0)
-                return False
-            except Exception as exc:
-                raise inner.delivery_error(topic, exc) from exc
-            kept.popleft()
-        return True
+        return self._outbox.retry()
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
         return self.inner.delivery_error(topic, exc)
+
+    def explain_failure(self, failure: Exception) -> Exception:
+        return self.inner.explain_failure(failure)
 
     def poll(self, timeout: float) -> int:
         return self.inner.poll(timeout)
