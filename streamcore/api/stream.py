@@ -290,9 +290,12 @@ class Stream:
                     "session merger)")
         else:
             merge = fn
-        return self._stateful(opname, update or count_update, name, value, on_error,
-                              window=window, late=late, combine=fn, inverse=inverse,
-                              merge=merge, event_time=True)
+        table = self._stateful(opname, update or count_update, name, value, on_error,
+                               window=window, combine=fn, inverse=inverse, merge=merge,
+                               event_time=True)
+        if late is not None:  # the sink is one consumer of the late records' stream
+            table.late_records().to(late)
+        return table
 
     def reduce_by_key_and_window(self, fn: Callable[[Any, Any], Any], window: Hopping, *,
                                  inverse: Callable[[Any, Any], Any] | None = None,

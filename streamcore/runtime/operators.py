@@ -229,7 +229,7 @@ def _make(node: Node, fanout: Callable[..., Emit], kids: dict[int, list[Node]],
 def _make_event_time_step(node: Node, outs: dict[str, Emit], ctx: PartitionContext,
                           step: str, policy: str | None) -> Emit:
     """Windows, drop_duplicates and group state (streamcore.runtime.timed, .windows), with
-    their late records' side output."""
+    their late records' side output (children in the mode "late")."""
     op = node.params["op"]
     impl: TimedStep
     if op == "drop_duplicates":
@@ -238,19 +238,9 @@ def _make_event_time_step(node: Node, outs: dict[str, Emit], ctx: PartitionConte
         impl = GroupStates(node, outs, ctx, step, policy)
     else:
         impl = make_window(node, outs, ctx, step, policy)
-    # Late records go to late= (a sink) and to the table's late_records() stream.
-    outs_late = [out for out in (
-        _make_sink(Node(OpKind.TO, sink=node.params["late"]), ctx, None)
-        if node.params.get("late") is not None else None, outs.get("late")) if out is not None]
-    if len(outs_late) == 1:
-        impl.late = outs_late[0]
-    elif outs_late:
-        to_sink, to_stream = outs_late
-
-        def both(key: Any, value: Any, ts: int) -> None:
-            to_sink(key, value, ts)
-            to_stream(key, value, ts)
-        impl.late = both
+    late = outs.get("late")  # the table's late_records() (a late= sink is one of them)
+    if late is not None:
+        impl.late = late
     return impl.record  # type: ignore[attr-defined, no-any-return]
 
 
@@ -274,7 +264,25 @@ def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,
     assert name is not None and ctx.open_state is not None
     serde = node.params["value"]
     cache = ctx.open_state(name, serde.serialize, serde.deserialize)
-    if complete is not None:
+    get, put, delete = cache.get, cache.put, cache.delete
+    kser = INTERNAL_KEY.serialize
+    update: Any = node.fn
+    batch_fn = node.params.get("batch_fn")
+    if batch_fn is not None and ctx.epochs:
+        emit = _make_epoch_update(batch_fn, down, ctx, cache, step, policy)
+    else:
+        def emit(key: Any, value: Any, ts: int) -> None:
+            try:
+                kb = kser(key)
+                new = update(get(kb), value)
+            except Exception as exc:
+                raise StepFailed(step, policy, exc) from exc
+            if new is None:
+                delete(kb)
+            else:
+                put(kb, new)
+            down(key, new, ts)
+    if complete is not None:  # after the epoch update's own hook: the table it leaves
         kde = INTERNAL_KEY.deserialize
 
         def whole_table() -> None:
@@ -285,30 +293,7 @@ def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,
             finally:
                 ctx.msg = saved
         ctx.hooks.commit.append(whole_table)
-        if node.params.get("batch_fn") is not None:  # its own hook must run first
-            ctx.hooks.commit.remove(whole_table)
-            fn = _make_epoch_update(node.params["batch_fn"], down, ctx, cache, step, policy)
-            ctx.hooks.commit.append(whole_table)
-            return fn
-    get, put, delete = cache.get, cache.put, cache.delete
-    kser = INTERNAL_KEY.serialize
-    update: Any = node.fn
-    batch_fn = node.params.get("batch_fn")
-    if batch_fn is not None and ctx.epochs:
-        return _make_epoch_update(batch_fn, down, ctx, cache, step, policy)
-
-    def aggregate(key: Any, value: Any, ts: int) -> None:
-        try:
-            kb = kser(key)
-            new = update(get(kb), value)
-        except Exception as exc:
-            raise StepFailed(step, policy, exc) from exc
-        if new is None:
-            delete(kb)
-        else:
-            put(kb, new)
-        down(key, new, ts)
-    return aggregate
+    return emit
 
 
 def _make_epoch_update(fn: Any, down: Emit, ctx: PartitionContext, cache: Any, step: str,

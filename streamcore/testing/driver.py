@@ -143,8 +143,6 @@ class TestDriver:
                 self.cluster.create_topic(node.sink.topic)
             if node.kind == OpKind.TABLE:
                 self.cluster.create_topic(node.params["topic"])
-            if node.params.get("late") is not None:
-                self.cluster.create_topic(node.params["late"].topic)
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> TestDriver:
@@ -364,9 +362,6 @@ class TestDriver:
         for node in self.plan.nodes:
             if node.kind == OpKind.TO and node.sink is not None and node.sink.topic == topic:
                 return node.sink.key, node.sink.value
-            late = node.params.get("late")
-            if late is not None and late.topic == topic:
-                return late.key, late.value
         return _RAW, _RAW
 
     def _settle(self) -> None:
