@@ -43,9 +43,20 @@ def _expected(total: int) -> dict[str, dict[str, int]]:
     return totals((f"k{seq % 20}", seq) for seq in range(total))
 
 
-def _outputs(bootstrap: str, out: str, expect: int) -> list[Any]:
-    return read_topic(bootstrap, out, expect=expect, timeout=90, settle=2.0,
+def _outputs(bootstrap: str, out: str, expect: int, *, timeout: float = 90,
+             log: str = "") -> list[Any]:
+    """The committed outputs. Fewer than expected: fail with what a read_uncommitted reader
+    sees per partition (an open transaction hides the rest from read_committed readers) and
+    the end of the worker's log, so that a rare failure explains itself."""
+    msgs = read_topic(bootstrap, out, expect=expect, timeout=timeout, settle=2.0,
                       committed_only=True)
+    if len(msgs) < expect:
+        every = read_topic(bootstrap, out, expect=expect, timeout=10, settle=1.0)
+        by_part = {p: (sum(m.partition() == p for m in msgs),
+                       sum(m.partition() == p for m in every)) for p in range(4)}
+        pytest.fail(f"{len(msgs)} of {expect} outputs are committed; per partition "
+                    f"(committed, written): {by_part}\n{log[-4000:]}")
+    return msgs
 
 
 def _exactly_once(outputs: list[Any], total: int) -> None:
@@ -198,7 +209,7 @@ def test_once_and_available_now_process_what_is_there_and_exit_0(
     assert rc == 0, log[-3000:]
     assert "every available record is processed" in log
     assert committed_total(bootstrap, name, src) == n
-    outputs = _outputs(bootstrap, out, n)
+    outputs = _outputs(bootstrap, out, n, timeout=20, log=log)  # the worker has exited
     _exactly_once(outputs, n)
     # once: the input in one epoch, then one for the repartition topic's records;
     # available_now: at least three epochs for 2,000 input records, plus the drain
