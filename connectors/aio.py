@@ -272,6 +272,7 @@ class AioMember(GroupMember):
             self._queued.pop(tp, None)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.forget(offsets)  # the service would send it after this one (GroupMember.commit)
         if not offsets:
             return
         try:

@@ -162,7 +162,10 @@ class GroupMember(ABC):
     @abstractmethod
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit now and wait for the answer. Raises
-        :class:`~streamcore.core.errors.BrokerUnavailable` on failure."""
+        :class:`~streamcore.core.errors.BrokerUnavailable` on failure.
+
+        Supersedes what :meth:`commit_soon` queued for these partitions: that older commit
+        is dropped, never sent after this one (it would move the group's offsets back)."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -104,6 +104,7 @@ class ThreadedMember(GroupMember):
             self._queued.pop(tp, None)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.forget(offsets)  # the service would send it after this one (GroupMember.commit)
         if offsets:
             await asyncio.get_running_loop().run_in_executor(
                 self._membership, lambda: self.consumer.commit(offsets, asynchronous=False))

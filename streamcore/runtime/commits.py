@@ -89,7 +89,10 @@ class CommitProtocol(ABC):
         the stop itself succeeds."""
         await self.prepare(parts)
         try:
-            await self.commit(self.done_offsets(parts, only_moved=False))
+            offsets = self.done_offsets(parts, only_moved=False)
+            await self.commit(offsets)
+            if offsets:  # where the next owner starts: one line, as a revoke logs it
+                log.info("committed at stop: %s", fmt_offsets(offsets))
         except StreamcoreError as exc:
             log.warning("final commit failed: %s", exc)
 

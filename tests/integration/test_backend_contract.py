@@ -176,6 +176,33 @@ async def test_queued_commits_are_sent_by_the_service_and_forgotten_on_request(
         [(0, 5)] + [(1, i) for i in range(6)]
 
 
+async def test_a_synchronous_commit_supersedes_a_queued_one(clients: ClientBackend) -> None:
+    """A graceful stop queues periodic commits until its drain begins, then commits the final
+    offsets synchronously while the service goes on. A queued, older commit sent after the
+    final one moved the group's offset back: the next owner repeated records (CI saw five
+    duplicates across a graceful handover)."""
+    topic, group = unique("supersede"), unique("g")
+    clients.create_topics({topic: 1}, {})
+    await _produce(clients, topic, [(None, b"%d" % i) for i in range(8)], partition=0)
+    rec = _Recorder()
+    c = clients.consumer(group)
+    await c.join([topic], rec)
+    await _member_reads(c, rec, 8)
+    async with asyncio.TaskGroup() as tg:
+        serving = tg.create_task(c.run())
+        await asyncio.sleep(0.5)  # the service is in its loop, between two serves
+        c.commit_soon({(topic, 0): 2})  # a periodic commit, not sent yet
+        await c.commit({(topic, 0): 6})  # the final one
+        await asyncio.sleep(1.0)  # the service serves the group a few times more
+        serving.cancel()
+    await c.close()
+    again, rec2 = clients.consumer(group), _Recorder()
+    await again.join([topic], rec2)
+    rest = await _member_reads(again, rec2, 2)
+    await again.close()
+    assert [m.offset() for m in rest] == [6, 7]
+
+
 async def test_a_reader_reads_a_partition_to_its_end(clients: ClientBackend) -> None:
     topic = unique("reader")
     clients.create_topics({topic: 1}, {})
