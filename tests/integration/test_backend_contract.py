@@ -123,6 +123,17 @@ async def _member_reads(c: GroupMember, listener: _Recorder, want: int) -> list[
     return got
 
 
+async def _new_member_reads(clients: ClientBackend, topic: str, group: str,
+                            want: int) -> list[Message]:
+    """What a new member of group reads (from the group's committed offsets)."""
+    again, rec = clients.consumer(group), _Recorder()
+    await again.join([topic], rec)
+    try:
+        return await _member_reads(again, rec, want)
+    finally:
+        await again.close()
+
+
 async def test_a_member_reads_from_committed_offsets_and_commits_on_revoke(
         clients: ClientBackend) -> None:
     topic, group = unique("member"), unique("g")
@@ -168,10 +179,7 @@ async def test_queued_commits_are_sent_by_the_service_and_forgotten_on_request(
         await asyncio.sleep(1.0)
         serving.cancel()
     await c.close()
-    again, rec2 = clients.consumer(group), _Recorder()
-    await again.join([topic], rec2)
-    rest = await _member_reads(again, rec2, 7)
-    await again.close()
+    rest = await _new_member_reads(clients, topic, group, 7)
     assert sorted((m.partition(), m.offset()) for m in rest) == \
         [(0, 5)] + [(1, i) for i in range(6)]
 
@@ -196,10 +204,7 @@ async def test_a_synchronous_commit_supersedes_a_queued_one(clients: ClientBacke
         await asyncio.sleep(1.0)  # the service serves the group a few times more
         serving.cancel()
     await c.close()
-    again, rec2 = clients.consumer(group), _Recorder()
-    await again.join([topic], rec2)
-    rest = await _member_reads(again, rec2, 2)
-    await again.close()
+    rest = await _new_member_reads(clients, topic, group, 2)
     assert [m.offset() for m in rest] == [6, 7]
 
 
