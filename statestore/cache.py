@@ -58,10 +58,13 @@ class StateCache:
         self._values[key] = None
         self._dirty.add(key)
 
-    def live_keys(self) -> list[bytes]:
-        """Every key with a value: the store's, with the writes not flushed yet applied."""
-        out = {k for k, _ in self.store.range()}
+    def live_keys(self, prefix: bytes = b"") -> list[bytes]:
+        """Every key with prefix and a value: the store's (read from prefix on only), with
+        the writes not flushed yet applied."""
+        out = {k for k, _ in self.store.scan(prefix)}
         for k in self._dirty:
+            if not k.startswith(prefix):
+                continue
             if self._values[k] is None:
                 out.discard(k)
             else:

@@ -149,7 +149,7 @@ class TimedStep:
 
     def scan(self, prefix: bytes) -> list[bytes]:
         """Live keys with prefix, in order: the store's, with unflushed writes applied."""
-        return [k for k in self.cache.live_keys() if k.startswith(prefix)]
+        return self.cache.live_keys(prefix)
 
     # -- hooks ---------------------------------------------------------------------------
     def _watermark_hook(self, wm: int) -> None:

@@ -146,6 +146,21 @@ def test_cache_writes_each_dirty_key_once_per_flush(tmp_path: Path) -> None:
     store.close()
 
 
+def test_cache_live_keys_of_a_prefix_include_unflushed_writes(tmp_path: Path) -> None:
+    import orjson
+
+    store = RocksDBStore(tmp_path / "db")
+    cache = StateCache(store, orjson.dumps, orjson.loads)
+    for k in (b"a1", b"t1", b"t2", b"t3", b"w1"):
+        store.put(k, b"1")
+    cache.put(b"t4", 1)  # unflushed: live
+    cache.delete(b"t2")  # unflushed delete: gone
+    cache.put(b"w2", 1)  # another prefix
+    assert cache.live_keys(b"t") == [b"t1", b"t3", b"t4"]
+    assert cache.live_keys() == [b"a1", b"t1", b"t3", b"t4", b"w1", b"w2"]
+    store.close()
+
+
 def test_cache_keeps_the_most_recently_used_entries_after_a_flush(tmp_path: Path) -> None:
     """Before: past max_entries every entry was dropped at once, hot keys included, so each
     was read from RocksDB and decoded again after every commit."""
