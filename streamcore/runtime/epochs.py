@@ -7,18 +7,19 @@ and changelog record goes to a transactional producer. An epoch ends when its tr
   1. close the gate: no task takes a new batch; wait until every task is idle (no batch
      half-way, no map_async call out, no output held for room);
   2. stage: the operators' commit hooks, then each store's changes to its changelog (in the
-     transaction; RocksDB is not written yet);
-  3. wait until the producer has every record acknowledged (delivery reports are served on
-     the event loop: a failed delivery stops the worker, as in continuous mode);
-  4. open the gate: the tasks go on with the next epoch's records, their outputs kept back
-     (streamcore.runtime.deferred); send the input offsets (each task's last processed
-     offset + 1, taken in step 1) to the transaction with the group's metadata, and commit
-     it: outputs, changelogs and offsets at once; a member that is no longer in the
-     group's generation cannot commit;
+     transaction; RocksDB is not written yet), until every record of the epoch is with the
+     producer; take the input offsets (each task's last processed offset + 1);
+  3. open the gate: the tasks go on with the next epoch's records, their outputs kept back
+     (streamcore.runtime.deferred), while this epoch's records are acknowledged (delivery
+     reports are served on the event loop: a failed delivery stops the worker, as in
+     continuous mode);
+  4. send the input offsets to the transaction with the group's metadata, and commit it:
+     outputs, changelogs and offsets at once; a member that is no longer in the group's
+     generation cannot commit;
   5. post-commit: apply the staged changes to RocksDB (one batch per store) and checkpoint;
      begin the next transaction and hand it the outputs kept back meanwhile.
 
-If step 4 fails with an abortable error, the gate closes again and the tasks finish what they
+If step 3 or 4 fails with an abortable error, the gate closes again and the tasks finish what they
 had taken; the transaction is aborted, every store forgets its
 uncommitted changes, and every partition is read again from its committed offset (the fetch
 loop is parked meanwhile, so that no record fetched before the seek arrives after it): the
@@ -295,17 +296,18 @@ class EpochCommits(CommitProtocol):
                         raise TransactionAborted(str(self._failed))
                     for t in live:  # 2.
                         t.stage_epoch()
-                    await self._acknowledged(live)  # 3.
+                    await self._staged_sent(live)
                     offsets = {t.tp: t.last_offset + 1 for t in live
                                if t.last_offset is not None and t.last_offset + 1 > t.committed}
                     rows = w.status.processed() - self._rows_mark
                     if not offsets and rows == 0 and not self._changelogged(live):
                         self._discard_staged(live)
                         return False  # nothing happened: keep the transaction open
-                    await self._foreach_batch(live)
+                    await self._foreach_batch(live)  # before the gate opens: the epoch's rows
                     self._log.pending(self.epoch_id, offsets)
-                    self._overlap()  # 4.
-                    if offsets:
+                    self._overlap()  # 3.
+                    await self._acknowledged(live)
+                    if offsets:  # 4.
                         metadata = w.member.group_metadata()
                         await self._blocking(w.producer.send_offsets_to_transaction, offsets,
                                              metadata, _TXN_TIMEOUT_S)
@@ -361,8 +363,16 @@ class EpochCommits(CommitProtocol):
             await self._w.finish_running(suspended,
                                          time.monotonic() + self._w.config.shutdown_timeout_s)
 
+    async def _staged_sent(self, live: list[PartitionTask]) -> None:
+        """Until every staged changelog record is with the producer (before the gate opens:
+        one held for room then would be kept back for the next transaction)."""
+        while not all(t.stores is None or t.stores.staged_sent() for t in live):
+            self._w.producer.poll(0)
+            await asyncio.sleep(0.001)
+
     async def _acknowledged(self, live: list[PartitionTask]) -> None:
-        """Until every record of the epoch is acknowledged, delivery reports served here."""
+        """Until every record of the epoch is acknowledged, delivery reports served here.
+        The producer holds only this epoch's records: the next one's are kept back."""
         producer = self._w.producer
         while True:
             producer.poll(0)
@@ -372,17 +382,16 @@ class EpochCommits(CommitProtocol):
                 if t.stores is not None and t.stores.inflight is not None \
                         and t.stores.inflight.failure is not None:
                     raise producer.explain_failure(t.stores.inflight.failure)
-            if producer.in_flight() == 0 and all(
-                    t.stores is None or t.stores.staged_sent() for t in live):
+            if producer.in_flight() == 0:
                 return
             await asyncio.sleep(0.001)
 
     @staticmethod
     def _changelogged(live: list[PartitionTask]) -> bool:
-        """Some store wrote its changelog in this epoch (a hook may change state with no
+        """Some store staged changelog records in this epoch (a hook may change state with no
         input record)."""
         return any(t.stores is not None and t.stores.inflight is not None
-                   and t.stores.inflight.ends for t in live)
+                   and (t.stores.inflight.pending or t.stores.inflight.ends) for t in live)
 
     @staticmethod
     def _discard_staged(live: list[PartitionTask]) -> None:
