@@ -479,6 +479,9 @@ class ClientBackend(ABC):
     topics. Administration calls block; they run before the worker joins its group."""
 
     name: str = "?"
+    # An in-process cluster (the test driver's): no other process can see it, so nothing is
+    # announced to other workers (streamcore.runtime.owners).
+    in_process: bool = False
 
     @abstractmethod
     def consumer(self, group: str) -> GroupMember:

@@ -485,6 +485,7 @@ class MemoryClients(ClientBackend):
     producer made are kept, so that a test can crash them or hold their acknowledgements."""
 
     name = "memory"
+    in_process = True
 
     def __init__(self, cluster: MemoryCluster) -> None:
         self.cluster = cluster

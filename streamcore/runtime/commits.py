@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from connectors.base import TopicPartition, fmt_offsets
-from streamcore.core.errors import StreamcoreError
+from streamcore.core.errors import ProducerFenced, StreamcoreError
 from streamcore.runtime.partition import PartitionTask, TaskState
 
 if TYPE_CHECKING:
@@ -59,6 +59,11 @@ class CommitProtocol(ABC):
 
     def close(self) -> None:  # noqa: B027
         """After the worker left its group."""
+
+    async def explain_fence(self, exc: ProducerFenced) -> ProducerFenced:
+        """The fenced error to stop with (epoch mode names the worker that fenced this
+        one)."""
+        return exc
 
     @abstractmethod
     async def run(self) -> None:

@@ -48,10 +48,12 @@ from statestore.checkpoint import replace_file
 from streamcore.core.errors import (
     ConfigError,
     FatalError,
+    ProducerFenced,
     StreamcoreError,
     TransactionAborted,
 )
 from streamcore.plan.graph import OpKind
+from streamcore.runtime import owners
 from streamcore.runtime.commits import CommitProtocol
 from streamcore.runtime.deferred import DeferringProducer
 from streamcore.runtime.partition import PartitionTask, TaskState
@@ -145,6 +147,9 @@ class EpochCommits(CommitProtocol):
         self._full = asyncio.Event()
         self._failed: BaseException | None = None  # the running transaction failed
         self._overlapping = False  # a commit is running and the next epoch has begun
+        assert worker.transactional_id is not None
+        self._tid = worker.transactional_id
+        self._me = owners.identity(worker.group)  # as a worker we fence will name us
 
     @property
     def in_progress(self) -> bool:
@@ -163,11 +168,18 @@ class EpochCommits(CommitProtocol):
             log.warning("epoch mode: the outputs, state and offsets of this job are "
                         "exactly-once; the calls of %s are at-least-once (an aborted or "
                         "crashed epoch runs them again)", ", ".join(side_effects))
+        # Announced before the registration fences the previous holder: it can name us.
+        await self._blocking(owners.announce, self._w.clients, self._tid, self._me)
         await self._blocking(producer.init_transactions, _TXN_TIMEOUT_S)
         w = self._w
         self.epoch_id = await self._blocking(self._log.next_epoch, lambda parts: (
             w.clients.committed_offsets(w.group, parts)))
         self._begin()
+
+    async def explain_fence(self, exc: ProducerFenced) -> ProducerFenced:
+        """exc naming the worker that now holds the transactional id (if it said so)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, owners.name_the_fencer, exc, self._w.clients, self._tid, self._me)
 
     def close(self) -> None:
         self._txn_thread.shutdown(wait=False)

@@ -38,7 +38,7 @@ from metrics.exporter import Snapshot, WorkerMetrics
 from metrics.http import StatusServer
 from streamcore.api.config import WorkerConfig
 from streamcore.core.clock import Clock, SystemClock
-from streamcore.core.errors import ConfigError, FatalError, StreamcoreError
+from streamcore.core.errors import ConfigError, FatalError, ProducerFenced, StreamcoreError
 from streamcore.core.logs import BurstLogger
 from streamcore.plan.analysis import has_watermark
 from streamcore.plan.graph import OpKind
@@ -215,6 +215,8 @@ class Worker:
             cancelled = True
         except* BaseException as eg:
             failure = _first_error(eg)
+            if isinstance(failure, ProducerFenced):
+                failure = await self.committer.explain_fence(failure)
         finally:
             await self._shutdown(failure)
         if failure is not None:

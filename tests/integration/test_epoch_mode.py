@@ -174,14 +174,15 @@ def test_a_second_worker_with_the_same_transactional_id_fences_the_first(
     txn = unique("shared-txn")
     env = {"IN": src, "OUT": out, "STREAMCORE_TRIGGER": "100ms",
            "STREAMCORE_TRANSACTIONAL_ID": txn}
+    job_b = unique("epf-b")
     with PacedProducer(bootstrap, src, rate=200), \
             worker_process("stateful.py", bootstrap, {
                 **env, "JOB": unique("epf-a"), "STREAMCORE_STATE_DIR": str(tmp_path / "a")}) as a:
         a.wait_for("epoch 1 committed", timeout=60)
-        # Another job (its own group) registers the same transactional id.
+        # Another job (its own group, on another state directory) registers the same
+        # transactional id.
         with worker_process("stateful.py", bootstrap, {
-                **env, "JOB": unique("epf-b"),
-                "STREAMCORE_STATE_DIR": str(tmp_path / "b")}) as b:
+                **env, "JOB": job_b, "STREAMCORE_STATE_DIR": str(tmp_path / "b")}) as b:
             b.wait_for("assigned")
             rc = a.wait(60)
             log = a.log()
@@ -189,6 +190,9 @@ def test_a_second_worker_with_the_same_transactional_id_fences_the_first(
     assert rc == 1, log[-3000:]
     assert "ProducerFenced" in log or "fenced" in log
     assert repr(txn) in log, "the error must name the transactional id"
+    # ... and the other worker: Kafka does not say who, the owners' topic does.
+    assert f"The other worker: pid {b.proc.pid} on host" in log, log[-3000:]
+    assert repr(job_b) in log, log[-3000:]
 
 
 @pytest.mark.parametrize("trigger", ["once", "available_now"])
