@@ -122,7 +122,7 @@ def test_dashboard_queries_run_on_a_real_prometheus(bootstrap: str, tmp_path: Pa
         def scraped() -> bool:
             try:
                 targets = _api(port, "targets")["data"]["activeTargets"]
-            except OSError:
+            except (OSError, ValueError):  # not up, or "Service Unavailable" while it starts
                 return False
             return bool(targets) and all(t["health"] == "up" for t in targets)
 
