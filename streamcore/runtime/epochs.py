@@ -423,10 +423,12 @@ class EpochCommits(CommitProtocol):
         try:
             await self._blocking(w.producer.abort_transaction, 10.0)
         except TransactionAborted as exc:
-            # The producer cannot go on (fenced, most likely): stop; the next worker with
-            # this transactional id aborts what is left open.
-            raise FatalError(f"this worker may have been fenced: the epoch's transaction "
-                             f"could not be aborted: {exc}") from exc
+            # The producer cannot go on (fenced, most likely: a produce refused as fenced
+            # fails the transaction, then the abort): stop as fenced, so that the worker
+            # names the holder of the id if another one announced itself; the next worker
+            # with this transactional id aborts what is left open.
+            raise ProducerFenced(f"this worker may have been fenced: the epoch's "
+                                 f"transaction could not be aborted: {exc}") from exc
         async with w.fetch_parked():
             seek: dict[TopicPartition, int] = {}
             skip = set(gone)
