@@ -26,14 +26,16 @@ from collections.abc import Callable
 from itertools import compress
 from typing import Any
 
-from connectors.base import Message
+from connectors.base import Message, ProducerBackend
 from streamcore.core.serde import BYTES, KEY
 from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.context import Emit, PartitionContext, StepFailed
 from streamcore.runtime.operators import compile_chain
+from streamcore.runtime.tracking import Batch
 
-__all__ = ["BatchedChain", "Columns", "FusedRun", "SinkColumns", "decode", "fusable_run"]
+__all__ = ["BatchedChain", "Columns", "FusedRun", "SinkColumns", "decode", "fusable_run",
+           "produce_rows"]
 
 _FUSABLE = frozenset({OpKind.MAP, OpKind.FILTER, OpKind.KEY_BY, OpKind.PEEK,
                       OpKind.WITH_TIMESTAMPS})
@@ -220,6 +222,42 @@ class SinkColumns:
         except Exception:
             return None
         return vs, ks
+
+
+def produce_rows(cols: Columns, ks: list[Any], vs: list[Any], msgs: list[Message],
+                 headers: bool, producer: ProducerBackend, topic: str, batch: Batch,
+                 counter: Any) -> list[tuple[int, Any, Any, int]]:
+    """Hand a batch's serialized outputs to the producer, each with the batch's
+    acknowledgement (and its input record's headers if the sink passes them on): the fast
+    path for a batch with no failure among its records.
+
+    The batch's pending count and the sink's counter are raised once for all rows, not per
+    row: nothing acknowledges an output before the next ``producer.poll``, which cannot run
+    here (no await). A full queue (BufferError) at some row returns the rows (index, key,
+    value, timestamp) not handed over, that one first, with their counts taken back: the
+    caller's record-by-record loop tries it again and holds it until there is room. Any
+    other refusal seals the batch before that record and raises, as that loop does.
+    """
+    n = len(vs)
+    batch.pending += n
+    counter.n += n
+    produce, ack = producer.produce, batch.ack
+    rows = zip(cols.idx, ks, vs, cols.tss, strict=True)
+    for i, k, v, t in rows:
+        try:
+            produce(topic, v, k, -1, ack, None, t, msgs[i].headers() if headers else None)
+        except BufferError:
+            left = [(i, k, v, t), *rows]
+            batch.pending -= len(left)
+            counter.n -= len(left)
+            return left
+        except Exception as exc:
+            unsent = len(list(rows))  # the refused record stays counted, never acknowledged
+            batch.pending -= unsent
+            counter.n -= unsent
+            batch.seal((msgs[i].offset() or 0) - 1)
+            raise producer.delivery_error(topic, exc) from exc
+    return []
 
 
 class BatchedChain:

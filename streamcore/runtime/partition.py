@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from connectors.base import Message, PartitionReader, ProducerBackend, TopicPartition
@@ -36,7 +36,7 @@ from streamcore.core.logs import BurstLogger
 from streamcore.core.serde import BYTES, KEY
 from streamcore.plan.graph import Node
 from streamcore.plan.physical import PhysicalPlan
-from streamcore.runtime.batches import BatchedChain, decode
+from streamcore.runtime.batches import BatchedChain, decode, produce_rows
 from streamcore.runtime.context import Emit, GlobalTableView, PartitionContext, StepFailed
 from streamcore.runtime.eventtime import EventTime
 from streamcore.runtime.operators import compile_chain
@@ -484,7 +484,12 @@ class PartitionTask:
             topic, with_headers, counter = b.sink.topic, b.sink.headers, b.counter
             producer = ctx.producer
             produce, held, ack = producer.produce, ctx.outbox.held, batch.ack
-            for i, k, v, t in zip(cols.idx, ks, vs, cols.tss, strict=True):
+            rows: Iterable[tuple[int, Any, Any, int]] = zip(cols.idx, ks, vs, cols.tss,
+                                                            strict=True)
+            if not failed and not held:
+                rows = produce_rows(cols, ks, vs, msgs, with_headers, producer, topic, batch,
+                                    counter)
+            for i, k, v, t in rows:  # what is left: failures in between, or a full queue
                 while fi < nf and order[fi] < i:
                     self._record_failed(msgs[order[fi]], failed[order[fi]])
                     fi += 1

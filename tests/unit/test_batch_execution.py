@@ -6,7 +6,7 @@ stateless steps with random failures (hypothesis), on the test driver."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -140,3 +140,80 @@ def test_a_failure_in_the_middle_of_a_batch_is_handled_at_its_place(policy: str)
     else:
         assert out == [10, 20, 30, 40, 60, 70, 80, 90, 100]
         assert dlq == ([b"5"] if policy == "dead_letter" else [])
+
+
+class _Counter:
+    n = 0
+
+
+@dataclass(frozen=True)
+class _Msg:
+    off: int
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [("h", b"%d" % self.off)]
+
+    def offset(self) -> int:
+        return self.off
+
+
+class _Producer:
+    """Takes produce() calls until the refused_at-th, which raises refusal."""
+
+    def __init__(self, refused_at: int | None, refusal: Exception) -> None:
+        self.sent: list[tuple[Any, ...]] = []
+        self.refused_at, self.refusal = refused_at, refusal
+
+    def produce(self, *args: Any) -> None:
+        if len(self.sent) == self.refused_at:
+            raise self.refusal
+        self.sent.append(args)
+
+    def delivery_error(self, topic: str, exc: Exception) -> Exception:
+        return RuntimeError(f"{topic}: {exc}")
+
+
+def _fast_path(refused_at: int | None, refusal: Exception, headers: bool) -> Any:
+    from connectors.base import Message, ProducerBackend
+    from streamcore.runtime.batches import Columns, produce_rows
+    from streamcore.runtime.tracking import OffsetTracker
+
+    cols = Columns([0, 2, 3, 5], [b"a", b"b", b"c", b"d"], ["A", "B", "C", "D"],
+                   [10, 20, 30, 40])
+    ks, vs = list(cols.keys), [b"1", b"2", b"3", b"4"]
+    msgs = cast(list[Message], [_Msg(100 + i) for i in range(6)])
+    producer, batch, counter = _Producer(refused_at, refusal), OffsetTracker().open(), _Counter()
+    try:
+        left: Any = produce_rows(cols, ks, vs, msgs, headers,
+                                 cast(ProducerBackend, producer), "out", batch, counter)
+    except RuntimeError as exc:
+        left = exc
+    n = 4 if refused_at is None else refused_at
+    assert [(a[0], a[1], a[2], a[4], a[6], a[7]) for a in producer.sent] == \
+        [("out", vs[j], ks[j], batch.ack, cols.tss[j],
+          [("h", b"%d" % (100 + cols.idx[j]))] if headers else None) for j in range(n)]
+    return cols, ks, vs, batch, counter, left
+
+
+@pytest.mark.parametrize("headers", [False, True])
+@pytest.mark.parametrize("refused_at", [0, 2, None])
+def test_the_fast_produce_path_hands_back_what_the_producer_had_no_room_for(
+        refused_at: int | None, headers: bool) -> None:
+    """produce_rows raises the batch's pending count once for all rows; at the first row the
+    producer has no room for, it returns that row and the rest, and takes their counts back,
+    so that the record-by-record loop retries exactly those (nothing skipped, nothing
+    counted twice)."""
+    cols, ks, vs, batch, counter, left = _fast_path(refused_at, BufferError("full"), headers)
+    n = 4 if refused_at is None else refused_at
+    assert batch.pending == n and counter.n == n and not batch.sealed
+    assert left == [(cols.idx[j], ks[j], vs[j], cols.tss[j]) for j in range(n, 4)]
+
+
+def test_the_fast_produce_path_stops_the_batch_at_a_refused_record() -> None:
+    """Any other refusal (an aborted transaction, a fenced producer) is raised, the batch
+    sealed before the refused record so that neither it nor anything after it is done, and
+    nothing after it is tried (as in the record-by-record loop)."""
+    _, _, _, batch, counter, left = _fast_path(1, KeyError("fenced"), False)
+    assert isinstance(left, RuntimeError) and "fenced" in str(left)
+    assert batch.sealed and batch.last_offset == 101  # the refused record is at offset 102
+    assert batch.pending == 2 and counter.n == 2  # one sent, one refused: never acknowledged
