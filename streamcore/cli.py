@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import importlib.util
 import logging
@@ -201,10 +202,23 @@ def _bootstrap_in_env() -> bool:
                 or os.environ.get("STREAMCORE_BOOTSTRAP"))
 
 
+def _tune_gc() -> None:
+    """The worker process allocates a dict or two per record, nearly all freed by reference
+    counting, never by the cycle collector; at the default threshold (700) the collector
+    still runs every few hundred records and rescans what start-up loaded. Freeze the
+    start-up heap (the job, its imports, the clients) out of every collection and run the
+    youngest one every 10,000 allocations: measured about 3% more W1 throughput, for a
+    little more memory between collections. Only `streamcore run` does it: it owns the
+    process, an embedding application does not."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 async def _run_worker(job: Any, config: WorkerConfig) -> None:
     from streamcore.runtime.worker import Worker
 
     worker = Worker(job, config)
+    _tune_gc()
     loop = asyncio.get_running_loop()
     signals = {"n": 0}
 
