@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from bench import profile
 from bench.workload import PRODUCER_W1, record
 from connectors.admin import create_topics
 from streamcore import broker
@@ -76,8 +77,10 @@ def _start(system: str, mode: str, bootstrap: str, src: str, out: str,
                "--bootstrap", bootstrap, "--group", group]
         env = {**os.environ, "BENCH_IN": src, "BENCH_OUT": out, "BENCH_JOB": group,
                "BENCH_MODE": mode, **(extra_env or {})}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"),
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
+    profile.attach(proc.pid, system)
+    return proc
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -191,6 +194,8 @@ def run_w1(system: str, records: int, mode: str = "w1", trigger: str | None = No
         first = last = 0.0
         cpu_first = cpu_last = 0.0
         seen = at_cpu_first = at_cpu_last = 0
+        threads_first: dict[int, tuple[str, float]] = {}
+        threads_last = threads_first
         deadline = time.monotonic() + 300
         while seen < expected and time.monotonic() < deadline:
             n = sum(1 for m in reader.consume(10000, 0.2) if m.error() is None)
@@ -198,15 +203,20 @@ def run_w1(system: str, records: int, mode: str = "w1", trigger: str | None = No
                 last = time.monotonic()
                 res.rss_mb = max(res.rss_mb, _rss_mb(proc.pid))
                 cpu = _cpu_seconds(proc.pid)
+                threads = profile.thread_cpu(proc.pid) if profile.enabled() else {}
                 if not seen:
                     first, cpu_first, at_cpu_first = last, cpu, n
+                    threads_first = threads
                 seen += n
-                cpu_last, at_cpu_last = cpu, seen
+                cpu_last, at_cpu_last, threads_last = cpu, seen, threads
             elif seen and time.monotonic() - last > 15:
                 break
             elif proc.poll() is not None:
                 raise RuntimeError(f"{system} {mode} exited {proc.returncode}:\n"
                                    f"{log.read_text(errors='replace')[-2000:]}")
+        if profile.enabled() and at_cpu_last > at_cpu_first:
+            print(f"  {system} {mode} CPU per record by thread: " + profile.per_record(
+                threads_first, threads_last, at_cpu_last - at_cpu_first), flush=True)
         _stop(proc)
         reader.close()
         res.outputs = seen
@@ -388,11 +398,16 @@ def main() -> int:
     ap.add_argument("--epochs", action="store_true",
                     help="epoch mode (100 ms trigger): W1 and W2 against continuous mode and "
                          "the raw loop, W3 latency, and the transaction commit time")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="print each run's CPU per record by thread, and write py-spy "
+                         "profiles of the steady state to DIR (bench/profile.py)")
     ap.add_argument("--client", choices=("confluent-kafka", "aiokafka"),
                     default="confluent-kafka",
                     help="aiokafka: streamcore on its aiokafka backend against the raw "
                          "aiokafka loop (W1 and W3, equal settings)")
     args = ap.parse_args()
+    if args.profile:
+        os.environ["BENCH_PROFILE"] = args.profile
     if args.client == "aiokafka":
         os.environ["STREAMCORE_CLIENT"] = "aiokafka"
         args.settings = "equal"
