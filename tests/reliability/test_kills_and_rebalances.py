@@ -61,7 +61,13 @@ def _check_no_update_lost(outputs: list[tuple[str, dict[str, Any]]], total: int)
 def test_kill_loop_ten_sigkills_lose_no_update(bootstrap: str, tmp_path: Path) -> None:
     src, out, name = unique("kl-in"), unique("kl-out"), unique("kl")
     make_topics(bootstrap, src, out)
-    env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(tmp_path)}
+    # The consumer's own default fetch wait (100 ms), not the job's 20 ms: the last worker
+    # catches up on two minutes of backlog while its caught-up partitions are fetched at
+    # their end, which costs the local broker CPU in proportion to what they hold
+    # (DESIGN.md section 9). At 20 ms, on a slower 2-core machine, that starved the broker:
+    # the last worker read 20-300 records/s and the 120 s read timed out.
+    env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(tmp_path),
+           "FETCH_WAIT_MS": "100"}
     rng = random.Random(7)
     with PacedProducer(bootstrap, src, rate=1000) as producer:
         for i in range(10):
