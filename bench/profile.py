@@ -58,8 +58,7 @@ def per_record(first: dict[int, tuple[str, float]], last: dict[int, tuple[str, f
     two thread_cpu samples."""
     by_name: dict[str, float] = {}
     for tid, (name, cpu) in last.items():
-        key = "rdk:broker" if name.startswith("rdk:broker") and name != "rdk:broker-1" \
-            else name
+        key = "rdk:broker" if name.startswith("rdk:broker") else name
         by_name[key] = by_name.get(key, 0.0) + cpu - first.get(tid, (name, 0.0))[1]
     busy = sorted(((v, k) for k, v in by_name.items() if v > 0), reverse=True)
     return ", ".join(f"{k} {1e6 * v / records:.2f} us" for v, k in busy)

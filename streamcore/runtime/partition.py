@@ -484,12 +484,13 @@ class PartitionTask:
             topic, with_headers, counter = b.sink.topic, b.sink.headers, b.counter
             producer = ctx.producer
             produce, held, ack = producer.produce, ctx.outbox.held, batch.ack
-            rows: Iterable[tuple[int, Any, Any, int]] = zip(cols.idx, ks, vs, cols.tss,
-                                                            strict=True)
-            if not failed and not held:
+            rows: Iterable[tuple[int, Any, Any, int]]
+            if not failed and not held:  # all at once; what it hands back goes on below
                 rows = produce_rows(cols, ks, vs, msgs, with_headers, producer, topic, batch,
                                     counter)
-            for i, k, v, t in rows:  # what is left: failures in between, or a full queue
+            else:
+                rows = zip(cols.idx, ks, vs, cols.tss, strict=True)
+            for i, k, v, t in rows:  # failures in between, or what a full queue refused
                 while fi < nf and order[fi] < i:
                     self._record_failed(msgs[order[fi]], failed[order[fi]])
                     fi += 1
