@@ -30,6 +30,7 @@ from streamcore.core.errors import (
     BrokerUnavailable,
     ConfigError,
     DeliveryFailed,
+    FatalError,
     ProducerFenced,
     RebalanceError,
     TransactionAborted,
@@ -410,7 +411,7 @@ class ConfluentProducer(ProducerBackend):
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.transactional_id: str | None = settings.get("transactional.id")
         self.transactional = self.transactional_id is not None
-        self._fatal: KafkaError | None = None  # a transactional producer's fatal error
+        self._fatal: KafkaError | None = None  # librdkafka's fatal error, once raised
         if self.transactional:
             settings = {**settings, "error_cb": self._on_error}
         try:
@@ -420,7 +421,6 @@ class ConfluentProducer(ProducerBackend):
         # The client's own methods have the interface's signatures: bind them directly, so
         # that the hot path has no Python frame of ours in between.
         self.produce = cast(Any, self._p.produce)  # type: ignore[method-assign]
-        self.poll = self._p.poll  # type: ignore[method-assign]
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
@@ -429,15 +429,44 @@ class ConfluentProducer(ProducerBackend):
         self._p.produce(topic, value, key, partition, on_delivery, reserved, timestamp,
                         cast(Any, headers))
 
-    def _on_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            self._fatal = err
+    @staticmethod
+    def _on_error(err: KafkaError) -> None:
+        # Only non-fatal errors come here: confluent-kafka raises a fatal one from the poll.
         log.warning("producer: %s", err)
+
+    def poll(self, timeout: float) -> int:
+        """Serve delivery reports. librdkafka's fatal error (a transactional producer's
+        fence, an idempotence failure) is never handed to error_cb: confluent-kafka raises it
+        from the poll that serves it, once. It is kept, and raised as the engine's error from
+        this poll and every later one: the producer can send nothing more."""
+        if self._fatal is not None:
+            raise self._fatal_error()
+        try:
+            return int(self._p.poll(timeout))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.fatal()):
+                raise
+            self._fatal = err
+            raise self._fatal_error() from exc
+
+    def _fatal_error(self) -> Exception:
+        assert self._fatal is not None
+        if self.transactional:  # a transactional producer's fatal error is its fence
+            return _txn_error("the producer", self.transactional_id,
+                              KafkaException(self._fatal))
+        return FatalError(f"the producer stopped on librdkafka's fatal error: "
+                          f"{self._fatal.str()}; it can send nothing more")
+
+    def _fatal_seen(self) -> bool:
+        """Serve the poll (the fatal error arrives there) and say whether it came."""
+        with contextlib.suppress(FatalError, TransactionAborted):
+            self.poll(0)
+        return self._fatal is not None
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
         if self.transactional and self._p is not None:
-            self._p.poll(0)  # serve the error callback: a fenced producer says so there
-            if self._fatal is not None:
+            if self._fatal_seen():  # a fenced producer says so there
                 return _txn_error(f"producing to {topic!r}", self.transactional_id,
                                   KafkaException(self._fatal))
             err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
@@ -457,10 +486,9 @@ class ConfluentProducer(ProducerBackend):
     def explain_failure(self, failure: Exception) -> Exception:
         """A fenced transactional producer's records fail their delivery with
         PRODUCER_FENCED (or after its fatal error): that is the fence, naming the id."""
-        if self.transactional and self._p is not None:
-            self._p.poll(0)  # serve the error callback
-            if self._fatal is not None or "PRODUCER_FENCED" in str(failure):
-                return _fenced(f"a delivery failed ({failure})", self.transactional_id)
+        if self.transactional and self._p is not None \
+                and (self._fatal_seen() or "PRODUCER_FENCED" in str(failure)):
+            return _fenced(f"a delivery failed ({failure})", self.transactional_id)
         return failure
 
     # -- transactions (epoch mode) ---------------------------------------------------------
@@ -497,15 +525,12 @@ class ConfluentProducer(ProducerBackend):
     def abort_transaction(self, timeout: float) -> None:
         self._txn("abort_transaction", lambda: self._p.abort_transaction(timeout))
 
-    def poll(self, timeout: float) -> int:  # replaced per instance in __init__
-        return int(self._p.poll(timeout))
-
     def in_flight(self) -> int:
         return len(self._p) if self._p is not None else 0
 
     def close(self) -> None:
         # confluent-kafka frees the client when the last reference goes; drop ours.
-        self._p = self.produce = self.poll = None  # type: ignore[assignment]
+        self._p = self.produce = None  # type: ignore[assignment]
 
 
 class ConfluentClients(ClientBackend):

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka import TopicPartition as CTP
 
-from connectors.confluent import ConfluentConsumer, consumer_settings
+from connectors.confluent import (
+    ConfluentConsumer,
+    ConfluentProducer,
+    consumer_settings,
+    producer_settings,
+)
+from streamcore.core.errors import ProducerFenced
 from tests.helpers import make_topics, produce, unique
 
 
@@ -35,3 +43,36 @@ def test_a_partition_paused_when_revoked_is_fetched_again_when_it_comes_back(
         assert _read(c, 20) == 20, "the partition stayed paused after coming back"
     finally:
         c.close()
+
+
+def test_a_fenced_transactional_producer_says_so_wherever_the_fence_surfaces(
+        bootstrap: str) -> None:
+    """librdkafka reports a fatal error (the fence, when a fenced producer adds a partition
+    to its transaction) by raising it from the next poll, never through error_cb. Before the
+    fix that poll, inside delivery_error or the worker's poll loop, let the raw
+    KafkaException(_FENCED) out: the worker stopped without ProducerFenced, so the fencing
+    worker was not named (CI, test_epoch_mode, 1 run in several)."""
+    topic, txn = unique("fence"), unique("txn")
+    make_topics(bootstrap, topic, partitions=2)
+    settings = producer_settings(bootstrap, {}, {})
+    a = ConfluentProducer({**settings, "transactional.id": txn})
+    b = ConfluentProducer({**settings, "transactional.id": txn})
+    try:
+        a.init_transactions(30)
+        a.begin_transaction()
+        a.produce(topic, b"v", None, 0, lambda err, msg: None, None, 0, None)
+        while a.in_flight():
+            a.poll(0.1)
+        b.init_transactions(30)  # fences a
+        a.produce(topic, b"v", None, 1, lambda err, msg: None, None, 0, None)  # new partition
+        with pytest.raises(ProducerFenced, match=repr(txn)):
+            for _ in range(50):
+                a.poll(0.1)
+        # Once fatal, every later way in says the same: the poll, and a refused produce.
+        with pytest.raises(ProducerFenced):
+            a.poll(0)
+        err = a.delivery_error(topic, KafkaException(KafkaError(KafkaError._STATE)))
+        assert isinstance(err, ProducerFenced) and repr(txn) in str(err)
+    finally:
+        a.close()
+        b.close()

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from connectors.confluent import ConfluentProducer, producer_settings
-from streamcore.core.errors import DeliveryFailed, ProducerFenced
+from streamcore.core.errors import DeliveryFailed, FatalError, ProducerFenced
 
 
 @pytest.fixture
@@ -36,3 +36,19 @@ def test_a_delivery_report_failed_by_the_fence_is_the_fence(producer: ConfluentP
 def test_a_produce_refused_with_a_fatal_error_is_the_fence(producer: ConfluentProducer) -> None:
     err = producer.delivery_error("out", KafkaException(KafkaError(KafkaError._FATAL)))
     assert isinstance(err, ProducerFenced) and "'t-1'" in str(err)
+
+
+def test_an_idempotent_producers_fatal_error_stops_every_later_poll() -> None:
+    """Without a transactional id the fatal error (an idempotence failure) is no fence: it
+    stops the worker as a FatalError that quotes librdkafka, at every later poll."""
+    p = ConfluentProducer(producer_settings("127.0.0.1:1", {}, {
+        "logger": logging.getLogger("tests.fencing")}))
+    try:
+        assert p.poll(0) == 0
+        p._fatal = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence gap", fatal=True)
+        for _ in range(2):
+            with pytest.raises(FatalError, match="sequence gap") as info:
+                p.poll(0)
+            assert not isinstance(info.value, ProducerFenced)
+    finally:
+        p.close()
