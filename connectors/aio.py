@@ -183,6 +183,7 @@ class AioMember(GroupMember):
         self._start_at_end: Callable[[str], bool] = lambda topic: False
         self._assigned: set[TopicPartition] = set()
         self._queued: dict[TopicPartition, int] = {}
+        self._sending = False  # a commit taken from _queued, its answer not back yet
         self._wake = asyncio.Event()
         self._commit_seconds: Callable[[float], None] | None = None
         self._commit_failed: Callable[[dict[TopicPartition, int]], None] | None = None
@@ -244,7 +245,11 @@ class AioMember(GroupMember):
             commit, self._queued = self._queued, {}
             commit = {tp: o for tp, o in commit.items() if tp in self._assigned}
             if commit:
-                await self._send(commit)
+                self._sending = True
+                try:
+                    await self._send(commit)
+                finally:
+                    self._sending = False
 
     async def _send(self, offsets: dict[TopicPartition, int]) -> None:
         t0 = time.perf_counter()
@@ -266,6 +271,10 @@ class AioMember(GroupMember):
     def commit_soon(self, offsets: dict[TopicPartition, int]) -> None:
         self._queued.update(offsets)
         self._wake.set()
+
+    @property
+    def commit_pending(self) -> bool:
+        return bool(self._queued) or self._sending
 
     def forget(self, parts: Iterable[TopicPartition]) -> None:
         for tp in parts:

@@ -154,6 +154,13 @@ class GroupMember(ABC):
         reported to the observer of :meth:`observe_commit_failures` (or to the listener's
         ``fenced``). Non-blocking."""
 
+    @property
+    @abstractmethod
+    def commit_pending(self) -> bool:
+        """True while a :meth:`commit_soon` is queued or not yet handed to the client: a
+        process killed now would lose it. (The test driver waits for it before it calls the
+        job settled.)"""
+
     @abstractmethod
     def forget(self, parts: Iterable[TopicPartition]) -> None:
         """Drop anything queued for these partitions: a commit must never land after the

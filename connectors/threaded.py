@@ -55,6 +55,7 @@ class ThreadedMember(GroupMember):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: RebalanceListener | None = None
         self._queued: dict[TopicPartition, int] = {}  # the next asynchronous commit
+        self._sending = False  # a commit taken from _queued, not yet with the client
         self._backlog = False  # the last fetch was full: read the next one on the loop
         self._fetching: asyncio.Future[list[Message]] | None = None  # on the fetch thread
         # Clear while a fetch is out: a revoke waits for it (see _taken).
@@ -78,8 +79,12 @@ class ThreadedMember(GroupMember):
             commit, self._queued = self._queued, {}
             if time.monotonic() - self.last_served > self.max_poll_interval_s:
                 commit = {}  # the member has left the group: nothing may land any more
-            errors = await loop.run_in_executor(self._membership, self._commit_then_serve,
-                                                commit)
+            self._sending = bool(commit)
+            try:
+                errors = await loop.run_in_executor(self._membership,
+                                                    self._commit_then_serve, commit)
+            finally:
+                self._sending = False
             self.last_served = time.monotonic()
             for err in errors:
                 if getattr(err, "fatal", lambda: False)():
@@ -94,10 +99,15 @@ class ThreadedMember(GroupMember):
                 self.consumer.commit(commit, asynchronous=True)
             except StreamcoreError as exc:  # a failed async commit is retried by the next one
                 log.warning("commit failed: %s", exc)
+            self._sending = False
         return self.consumer.serve(_SERVE_TIMEOUT_S)
 
     def commit_soon(self, offsets: dict[TopicPartition, int]) -> None:
         self._queued.update(offsets)
+
+    @property
+    def commit_pending(self) -> bool:
+        return bool(self._queued) or self._sending
 
     def forget(self, parts: Iterable[TopicPartition]) -> None:
         for tp in parts:
