@@ -137,7 +137,7 @@ def test_sigkill_mid_epoch_four_times_loses_nothing(bootstrap: str, tmp_path: Pa
     src, out, name = unique("epk-in"), unique("epk-out"), unique("epk")
     make_topics(bootstrap, src, out)
     env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(tmp_path),
-           "STREAMCORE_TRIGGER": "100ms"}
+           "STREAMCORE_TRIGGER": "100ms", "SESSION_TIMEOUT_MS": "3000"}
     rng = random.Random(11)
     with PacedProducer(bootstrap, src, rate=600) as producer:
         for _ in range(4):

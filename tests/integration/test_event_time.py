@@ -74,7 +74,7 @@ def test_windows_survive_sigkill_and_graceful_restart(bootstrap: str, tmp_path: 
     src, out, late, name = (unique("win-in"), unique("win-out"), unique("win-late"),
                             unique("win"))
     make_topics(bootstrap, src, out, late)
-    env = {"IN": src, "OUT": out, "LATE": late, "JOB": name,
+    env = {"IN": src, "OUT": out, "LATE": late, "JOB": name, "SESSION_TIMEOUT_MS": "3000",
            "STREAMCORE_STATE_DIR": str(tmp_path / "state")}
     args = ["--mode", "epoch", "--trigger", "300ms"] if mode == "epoch" else []
     with PacedProducer(bootstrap, src, rate=1000) as producer:

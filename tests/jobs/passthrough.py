@@ -5,6 +5,8 @@ what. LINGER_MS: producer linger (a long linger widens the window between "hande
 producer" and "acknowledged"). BREAK_COMMIT_ORDER=1: deliberately commit offsets before the
 outputs are acknowledged, to prove that the crash test catches a broken commit order.
 SLOW_US: busy time per record, so that a backlog builds up and lasts.
+SESSION_TIMEOUT_MS: the consumer's session.timeout.ms (default: streamcore's, 6000); the
+kill tests shorten it, since a restart waits for the killed member's session to expire.
 """
 
 import os
@@ -36,8 +38,11 @@ def stamp(v: dict[str, object]) -> dict[str, object]:
     return {**v, "w": worker}
 
 
+session = os.environ.get("SESSION_TIMEOUT_MS")
 job = Job(os.environ["JOB"], config=WorkerConfig(
-    producer={"linger.ms": linger}, consumer={"fetch.wait.max.ms": 20}))
+    producer={"linger.ms": linger},
+    consumer={"fetch.wait.max.ms": 20, **({"session.timeout.ms": int(session)} if session
+                                          else {})}))
 (job.stream(KafkaSource(os.environ["IN"], value=JSON))
     .map(stamp)
     .key_by(lambda v: str(v["p"]))

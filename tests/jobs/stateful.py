@@ -3,6 +3,8 @@
 IN, OUT, JOB: topics and job name (the state directory comes from STREAMCORE_STATE_DIR).
 WORKER_ID, if set, is stamped on each aggregate (provenance checks of the fault tests).
 FETCH_WAIT_MS: the consumer's fetch.wait.max.ms (default 20).
+SESSION_TIMEOUT_MS: the consumer's session.timeout.ms (default: streamcore's, 6000); the
+kill tests shorten it, since a restart waits for the killed member's session to expire.
 Per key (seq % 20) it keeps the count and the sum of seq, after a repartition by that key,
 and writes each new aggregate to OUT. BREAK_STATE_ORDER=1 deliberately commits input offsets
 without waiting for the state: the stores are flushed on their own schedule (every 30 s) and
@@ -43,9 +45,10 @@ def add(a: dict[str, object], v: dict[str, int]) -> dict[str, object]:
     return new
 
 
-fetch_wait = int(os.environ.get("FETCH_WAIT_MS", "20"))
-job = Job(os.environ["JOB"], config=WorkerConfig(consumer={"fetch.wait.max.ms": fetch_wait},
-                                                 commit_interval="300ms"))
+consumer: dict[str, object] = {"fetch.wait.max.ms": int(os.environ.get("FETCH_WAIT_MS", "20"))}
+if os.environ.get("SESSION_TIMEOUT_MS"):
+    consumer["session.timeout.ms"] = int(os.environ["SESSION_TIMEOUT_MS"])
+job = Job(os.environ["JOB"], config=WorkerConfig(consumer=consumer, commit_interval="300ms"))
 (job.stream(KafkaSource(os.environ["IN"], value=JSON))
     .key_by(lambda v: f"k{v['seq'] % 20}")
     .aggregate(lambda: {"n": 0, "sum": 0}, add, name="totals")

@@ -4,7 +4,8 @@ variables: IN, OUT, LATE, JOB (the state directory and the mode come from STREAM
 Event time is the record's ``seq`` times 10 ms after BASE (the source's timestamp
 extractor); per key k{seq % 10} it counts records per 1-second tumbling window, after a
 repartition by that key (the watermark crosses it), and writes each window once, when the
-watermark (500 ms behind) passes its end. Late records go to LATE.
+watermark (500 ms behind) passes its end. Late records go to LATE. SESSION_TIMEOUT_MS:
+the consumer's session.timeout.ms (default: streamcore's, 6000).
 """
 
 import os
@@ -13,7 +14,10 @@ from streamcore import JSON, Job, KafkaSink, KafkaSource, Tumbling, WorkerConfig
 
 BASE = 1_700_000_000_000
 
-job = Job(os.environ["JOB"], config=WorkerConfig(commit_interval="200ms"))
+session = os.environ.get("SESSION_TIMEOUT_MS")
+job = Job(os.environ["JOB"], config=WorkerConfig(
+    commit_interval="200ms",
+    consumer={"session.timeout.ms": int(session)} if session else {}))
 (job.stream(KafkaSource(os.environ["IN"], value=JSON,
                         timestamp=lambda v: BASE + v["seq"] * 10))
     .with_watermark("500ms")

@@ -66,8 +66,11 @@ def test_kill_loop_ten_sigkills_lose_no_update(bootstrap: str, tmp_path: Path) -
     # their end, which costs the local broker CPU in proportion to what they hold
     # (DESIGN.md section 9). At 20 ms, on a slower 2-core machine, that starved the broker:
     # the last worker read 20-300 records/s and the 120 s read timed out.
+    # A 3 s session (streamcore's default is 6 s): each restart waits for the killed
+    # member's session to expire before the group rebalances; one worker at a time, so a
+    # short session costs nothing else.
     env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(tmp_path),
-           "FETCH_WAIT_MS": "100"}
+           "FETCH_WAIT_MS": "100", "SESSION_TIMEOUT_MS": "3000"}
     rng = random.Random(7)
     with PacedProducer(bootstrap, src, rate=1000) as producer:
         for i in range(10):
