@@ -79,7 +79,7 @@ def _start(system: str, mode: str, bootstrap: str, src: str, out: str,
                "BENCH_MODE": mode, **(extra_env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
-    profile.attach(proc.pid, system)
+    profile.attach(proc.pid, f"{system}-{mode}")
     return proc
 
 
