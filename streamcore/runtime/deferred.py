@@ -20,31 +20,59 @@ class DeferringProducer(ProducerBackend):
     """Produces through ``inner``, or keeps the records while ``deferring`` (and behind any
     kept record, so that order holds). Past ``limit`` kept records it refuses with
     ``BufferError``, as a full queue does: the task then waits for room (backpressure).
-    Event loop thread only."""
+    Event loop thread only.
+
+    ``produce`` is ``inner.produce`` itself while nothing is deferred or kept (no Python frame
+    of ours per output), and :meth:`_keep` otherwise; it is re-pointed whenever
+    ``deferring`` is set or :meth:`release` runs. Callers look ``produce`` up again after
+    every await: the coordinator changes it only between two of theirs."""
 
     def __init__(self, inner: ProducerBackend, *, deferring: bool = False,
                  limit: int = 20_000) -> None:
         self.inner = inner
         self.transactional = inner.transactional
-        self.deferring = deferring
         self.limit = limit
         self._outbox = Outbox(inner)  # its held records are the kept ones; retry hands over
         self.kept = self._outbox.held
+        self._deferring = False
+        self.deferring = deferring  # points produce
+
+    @property
+    def deferring(self) -> bool:
+        return self._deferring
+
+    @deferring.setter
+    def deferring(self, on: bool) -> None:
+        self._deferring = on
+        self._point()
+
+    def _point(self) -> None:
+        self.produce = (self._keep if self._deferring or self.kept  # type: ignore[method-assign]
+                        else self.inner.produce)
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
                 headers: list[tuple[str, bytes]] | None, /) -> None:
-        if self.deferring or self.kept:
-            if len(self.kept) >= self.limit:
-                raise BufferError("waiting for the next transaction")
-            self.kept.append((topic, value, key, partition, on_delivery, timestamp, headers))
+        # Replaced per instance (_point); kept for the interface.
+        if self._deferring or self.kept:
+            self._keep(topic, value, key, partition, on_delivery, reserved, timestamp, headers)
             return
         self.inner.produce(topic, value, key, partition, on_delivery, None, timestamp,
                            headers)
 
+    def _keep(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
+              on_delivery: DeliveryCallback, reserved: None, timestamp: int,
+              headers: list[tuple[str, bytes]] | None, /) -> None:
+        if len(self.kept) >= self.limit:
+            raise BufferError("waiting for the next transaction")
+        self.kept.append((topic, value, key, partition, on_delivery, timestamp, headers))
+
     def release(self) -> bool:
         """Hand kept records to the producer while it takes them; True when none is left."""
-        return self._outbox.retry()
+        try:
+            return self._outbox.retry()
+        finally:
+            self._point()
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
         return self.inner.delivery_error(topic, exc)

@@ -353,8 +353,7 @@ def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
     kser = sink.key.serialize
     raw_keys = sink.key in (BYTES, KEY)  # keys that are already bytes need no call
     with_headers = sink.headers
-    producer = ctx.producer
-    produce = producer.produce
+    producer = ctx.producer  # its produce is looked up per record: epoch mode re-points it
     outbox = ctx.outbox
     held = outbox.held  # non-empty: the producer's queue was full; keep the order
     counter = SinkCounter(topic)
@@ -374,7 +373,7 @@ def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
         batch.pending += 1
         if not held:  # Outbox.send, inlined: one call less per output record
             try:
-                produce(topic, v, k, -1, batch.ack, None, ts, h)  # positional: no kwargs dict
+                producer.produce(topic, v, k, -1, batch.ack, None, ts, h)  # positional
                 return
             except BufferError:
                 pass

@@ -512,6 +512,7 @@ class PartitionTask:
                 ctx.msg = m
                 if await self._unblocked(batch):
                     return i + 1
+                produce = producer.produce  # epoch mode may have re-pointed it meanwhile
         else:
             tail = b.tail
             for i, k, v, t in zip(cols.idx, cols.keys, cols.values, cols.tss, strict=True):
