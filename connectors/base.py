@@ -157,9 +157,9 @@ class GroupMember(ABC):
     @property
     @abstractmethod
     def commit_pending(self) -> bool:
-        """True while a :meth:`commit_soon` is queued or not yet handed to the client: a
-        process killed now would lose it. (The test driver waits for it before it calls the
-        job settled.)"""
+        """True from :meth:`commit_soon` until the client has taken the commit (at the
+        latest, until the serve that sends it returns): a process killed now may lose it.
+        (The test driver waits for it before it calls the job settled.)"""
 
     @abstractmethod
     def forget(self, parts: Iterable[TopicPartition]) -> None:

@@ -55,7 +55,7 @@ class ThreadedMember(GroupMember):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: RebalanceListener | None = None
         self._queued: dict[TopicPartition, int] = {}  # the next asynchronous commit
-        self._sending = False  # a commit taken from _queued, not yet with the client
+        self._sending = False  # a commit taken from _queued, its serve not returned yet
         self._backlog = False  # the last fetch was full: read the next one on the loop
         self._fetching: asyncio.Future[list[Message]] | None = None  # on the fetch thread
         # Clear while a fetch is out: a revoke waits for it (see _taken).
@@ -99,7 +99,6 @@ class ThreadedMember(GroupMember):
                 self.consumer.commit(commit, asynchronous=True)
             except StreamcoreError as exc:  # a failed async commit is retried by the next one
                 log.warning("commit failed: %s", exc)
-            self._sending = False
         return self.consumer.serve(_SERVE_TIMEOUT_S)
 
     def commit_soon(self, offsets: dict[TopicPartition, int]) -> None:
