@@ -335,7 +335,8 @@ class ProducerBackend(ABC):
         """Deliver everything produced in the transaction and commit it (with its offsets).
         Raises :class:`~streamcore.core.errors.TransactionAborted` when the transaction
         must be aborted and retried, :class:`~streamcore.core.errors.ProducerFenced` when
-        another producer took over the transactional id or the group moved on."""
+        another producer took over the transactional id or the group moved on. Blocks for
+        at most timeout seconds, retries included."""
         raise NotImplementedError
 
     def abort_transaction(self, timeout: float) -> None:

@@ -387,6 +387,10 @@ class ConfluentReader(PartitionReader):
         self._c.close()
 
 
+# A retriable commit failure is tried again only with at least this much of its timeout left.
+_MIN_RETRY_S = 0.5
+
+
 def _fenced(what: str, transactional_id: str | None) -> ProducerFenced:
     return ProducerFenced(
         f"this worker was fenced: {what}; transactional id {transactional_id!r}. Another "
@@ -511,15 +515,21 @@ class ConfluentProducer(ProducerBackend):
                   lambda: self._p.send_offsets_to_transaction(parts, group_metadata, timeout))
 
     def commit_transaction(self, timeout: float) -> None:
-        for attempt in range(3):
+        """Commit, calling again after a retriable failure (as librdkafka documents), all
+        within timeout: a commit that timed out used the whole of it. (A fenced producer's
+        commit is never answered on the local broker, which closes the coordinator
+        connection; three full attempts kept a fenced worker running for 90 s.)"""
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                self._p.commit_transaction(timeout)
+                self._p.commit_transaction(max(deadline - time.monotonic(), 0.0))
                 return
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
-                if (isinstance(err, KafkaError) and err.retriable() and attempt < 2
-                        and not err.txn_requires_abort() and not err.fatal()):
-                    continue  # the same commit again, as librdkafka documents
+                if (isinstance(err, KafkaError) and err.retriable()
+                        and not err.txn_requires_abort() and not err.fatal()
+                        and deadline - time.monotonic() > _MIN_RETRY_S):
+                    continue  # the same commit again, with the time left
                 raise _txn_error("commit_transaction", self.transactional_id, exc) from exc
 
     def abort_transaction(self, timeout: float) -> None:

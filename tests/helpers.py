@@ -258,8 +258,12 @@ class WorkerProcess:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 60.0) -> int:
+        """The exit code; a worker still running after timeout fails with its log's tail."""
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker still running after {timeout}s:\n"
+                                 f"{self.tail(80)}") from None
         finally:
             self._log.close()
 

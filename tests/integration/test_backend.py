@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka import TopicPartition as CTP
@@ -12,7 +14,7 @@ from connectors.confluent import (
     consumer_settings,
     producer_settings,
 )
-from streamcore.core.errors import ProducerFenced
+from streamcore.core.errors import ProducerFenced, TransactionAborted
 from tests.helpers import make_topics, produce, unique
 
 
@@ -73,6 +75,34 @@ def test_a_fenced_transactional_producer_says_so_wherever_the_fence_surfaces(
             a.poll(0)
         err = a.delivery_error(topic, KafkaException(KafkaError(KafkaError._STATE)))
         assert isinstance(err, ProducerFenced) and repr(txn) in str(err)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_commit_that_times_out_gives_up_within_its_timeout(bootstrap: str) -> None:
+    """commit_transaction(timeout) retries a retriable failure only within that timeout.
+    On the local broker a fenced producer's commit is never answered (the broker closes the
+    coordinator connection): librdkafka times out with a retriable error. Before the fix each
+    of three attempts took the whole timeout, so an epoch-mode worker fenced at its commit
+    stopped only after 3 x 30 s plus the abort (CI: the fenced worker still ran 60 s later)."""
+    topic, txn = unique("fence-commit"), unique("txn")
+    make_topics(bootstrap, topic)
+    settings = producer_settings(bootstrap, {}, {})
+    a = ConfluentProducer({**settings, "transactional.id": txn})
+    b = ConfluentProducer({**settings, "transactional.id": txn})
+    try:
+        a.init_transactions(30)
+        a.begin_transaction()
+        a.produce(topic, b"v", None, 0, lambda err, msg: None, None, 0, None)
+        while a.in_flight():
+            a.poll(0.1)
+        b.init_transactions(30)  # fences a, whose commit comes next
+        t0 = time.monotonic()
+        with pytest.raises((TransactionAborted, ProducerFenced), match=repr(txn)):
+            a.commit_transaction(3.0)
+        took = time.monotonic() - t0
+        assert took < 5.0, f"commit_transaction(3.0) gave up after {took:.1f}s"
     finally:
         a.close()
         b.close()
