@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
@@ -56,16 +58,7 @@ def test_a_fenced_transactional_producer_says_so_wherever_the_fence_surfaces(
     worker was not named (CI, test_epoch_mode, 1 run in several)."""
     topic, txn = unique("fence"), unique("txn")
     make_topics(bootstrap, topic, partitions=2)
-    settings = producer_settings(bootstrap, {}, {})
-    a = ConfluentProducer({**settings, "transactional.id": txn})
-    b = ConfluentProducer({**settings, "transactional.id": txn})
-    try:
-        a.init_transactions(30)
-        a.begin_transaction()
-        a.produce(topic, b"v", None, 0, lambda err, msg: None, None, 0, None)
-        while a.in_flight():
-            a.poll(0.1)
-        b.init_transactions(30)  # fences a
+    with _fenced_in_a_transaction(bootstrap, topic, txn) as a:
         a.produce(topic, b"v", None, 1, lambda err, msg: None, None, 0, None)  # new partition
         with pytest.raises(ProducerFenced, match=repr(txn)):
             for _ in range(50):
@@ -75,9 +68,6 @@ def test_a_fenced_transactional_producer_says_so_wherever_the_fence_surfaces(
             a.poll(0)
         err = a.delivery_error(topic, KafkaException(KafkaError(KafkaError._STATE)))
         assert isinstance(err, ProducerFenced) and repr(txn) in str(err)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_commit_that_times_out_gives_up_within_its_timeout(bootstrap: str) -> None:
@@ -88,6 +78,19 @@ def test_a_commit_that_times_out_gives_up_within_its_timeout(bootstrap: str) -> 
     stopped only after 3 x 30 s plus the abort (CI: the fenced worker still ran 60 s later)."""
     topic, txn = unique("fence-commit"), unique("txn")
     make_topics(bootstrap, topic)
+    with _fenced_in_a_transaction(bootstrap, topic, txn) as a:  # its commit comes next
+        t0 = time.monotonic()
+        with pytest.raises((TransactionAborted, ProducerFenced), match=repr(txn)):
+            a.commit_transaction(3.0)
+        took = time.monotonic() - t0
+        assert took < 5.0, f"commit_transaction(3.0) gave up after {took:.1f}s"
+
+
+@contextmanager
+def _fenced_in_a_transaction(bootstrap: str, topic: str,
+                             txn: str) -> Iterator[ConfluentProducer]:
+    """A transactional producer with one acknowledged record (partition 0) in its open
+    transaction, fenced since by a second producer with the same transactional id."""
     settings = producer_settings(bootstrap, {}, {})
     a = ConfluentProducer({**settings, "transactional.id": txn})
     b = ConfluentProducer({**settings, "transactional.id": txn})
@@ -97,12 +100,8 @@ def test_a_commit_that_times_out_gives_up_within_its_timeout(bootstrap: str) -> 
         a.produce(topic, b"v", None, 0, lambda err, msg: None, None, 0, None)
         while a.in_flight():
             a.poll(0.1)
-        b.init_transactions(30)  # fences a, whose commit comes next
-        t0 = time.monotonic()
-        with pytest.raises((TransactionAborted, ProducerFenced), match=repr(txn)):
-            a.commit_transaction(3.0)
-        took = time.monotonic() - t0
-        assert took < 5.0, f"commit_transaction(3.0) gave up after {took:.1f}s"
+        b.init_transactions(30)  # fences a
+        yield a
     finally:
         a.close()
         b.close()
