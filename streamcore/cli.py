@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import gc
 import importlib
 import importlib.util
@@ -263,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         return _broker(args)
     from streamcore.core import logs
 
+    # A crash inside a C extension (librdkafka, RocksDB) prints every thread's Python stack
+    # to stderr before the process dies: the only trace such a crash leaves.
+    faulthandler.enable()
     logs.configure(os.environ.get("STREAMCORE_LOG_LEVEL", "INFO"))
     try:
         job = load_job(args.job)

@@ -102,6 +102,18 @@ def test_a_job_module_that_fails_to_import_exits_2_in_one_line(tmp_path: Path) -
     assert "Traceback" not in r.stderr
 
 
+def test_a_crash_in_native_code_leaves_the_python_stack_on_stderr(tmp_path: Path) -> None:
+    """A segfault (here: the job module reads address 0 through ctypes) kills the process
+    with no Python traceback; the worker prints every thread's stack first (faulthandler),
+    the only trace such a crash leaves (a CLI run once died of SIGSEGV on exit, unexplained)."""
+    bad = tmp_path / "crashing_job.py"
+    bad.write_text("import ctypes\nctypes.string_at(0)\n")
+    r = _run([f"{bad}:job"])
+    assert r.returncode == -11, r.stderr
+    assert "Fatal Python error: Segmentation fault" in r.stderr
+    assert "crashing_job.py" in r.stderr
+
+
 def test_a_missing_job_attribute_names_the_jobs_the_module_has(tmp_path: Path) -> None:
     r = _run([f"{PASSTHROUGH}:nosuch"], {"IN": "a", "OUT": "b", "JOB": "j"})
     assert r.returncode == 2, r.stderr
