@@ -166,34 +166,12 @@ class Worker:
         if self._stop_requested:
             self._stopping.set()
         log.info("worker config: %s", self.config.redacted())
-        if self.plan.stateful or self.plan.tables:
-            startup.check_state_dir(self._state_dir)
-        await self._loop.run_in_executor(None, startup.check_kafka, self.plan, self.config,
-                                         self.clients)
-        if self.plan.uses_dead_letter:
-            await self._loop.run_in_executor(None, startup.create_dlq, self.plan, self.clients)
-        self._start_http()
-        # Internal topics and global tables first: a partition must not start before its
-        # repartition and changelog topics exist, nor a join before its table is complete.
-        table_sizes = await self._loop.run_in_executor(
-            None, startup.create_internal_topics, self.plan, self.clients)
-        await self._open_tables(table_sizes)
-        self._marker_topics = await self._loop.run_in_executor(None, self._watermark_routes)
-        topics = self.plan.subscription()
-        self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
-        await self._producer.start()
-        await self.committer.start()
-        if self.transactional_id is not None:
-            log.info("epoch mode, trigger %s, transactional id %s",
-                     self.config.trigger_spec.describe(), self.transactional_id)
-        self._member.observe_commits(self.commit_latency.record)
-        self._member.observe_connectivity(self._set_connected)
-        self._member.observe_commit_failures(self.committer.commit_failed)
-        await self._member.join(topics, _Rebalances(self), start_at_end=self._starts_at_end)
-        log.info("worker started: job=%s group=%s topics=%s", self.plan.name, self.group, topics)
         failure: BaseException | None = None
         cancelled = False
         try:
+            # Inside the try: a start-up failure must close the clients too (their threads
+            # would otherwise go on reconnecting for the life of the process).
+            await self._start()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 poll = tg.create_task(self._poll_loop(), name="poll")
@@ -223,6 +201,35 @@ class Worker:
             raise failure
         if cancelled:  # the caller cancelled run(): it gets a plain CancelledError
             raise asyncio.CancelledError
+
+    async def _start(self) -> None:
+        """Check, create what the plan needs, join the group (run's first part)."""
+        assert self._loop is not None
+        if self.plan.stateful or self.plan.tables:
+            startup.check_state_dir(self._state_dir)
+        await self._loop.run_in_executor(None, startup.check_kafka, self.plan, self.config,
+                                         self.clients)
+        if self.plan.uses_dead_letter:
+            await self._loop.run_in_executor(None, startup.create_dlq, self.plan, self.clients)
+        self._start_http()
+        # Internal topics and global tables first: a partition must not start before its
+        # repartition and changelog topics exist, nor a join before its table is complete.
+        table_sizes = await self._loop.run_in_executor(
+            None, startup.create_internal_topics, self.plan, self.clients)
+        await self._open_tables(table_sizes)
+        self._marker_topics = await self._loop.run_in_executor(None, self._watermark_routes)
+        topics = self.plan.subscription()
+        self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
+        await self._producer.start()
+        await self.committer.start()
+        if self.transactional_id is not None:
+            log.info("epoch mode, trigger %s, transactional id %s",
+                     self.config.trigger_spec.describe(), self.transactional_id)
+        self._member.observe_commits(self.commit_latency.record)
+        self._member.observe_connectivity(self._set_connected)
+        self._member.observe_commit_failures(self.committer.commit_failed)
+        await self._member.join(topics, _Rebalances(self), start_at_end=self._starts_at_end)
+        log.info("worker started: job=%s group=%s topics=%s", self.plan.name, self.group, topics)
 
     # -- polling -------------------------------------------------------------------------
     async def _poll_loop(self) -> None:

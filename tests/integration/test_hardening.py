@@ -314,3 +314,32 @@ async def test_a_graceful_stop_whose_final_commit_is_refused_still_stops_cleanly
     assert worker.records_in >= 100
     worker.stop()
     await asyncio.wait_for(task, 60)  # before: BrokerUnavailable escaped the stop
+
+
+def _librdkafka_threads() -> int:
+    """Threads of this process that librdkafka started (named rdk:main, rdk:broker...)."""
+    tasks = Path("/proc/self/task")
+    names = []
+    for t in tasks.iterdir():
+        try:
+            names.append((t / "comm").read_text())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sum(name.startswith("rdk:") for name in names)
+
+
+def test_a_worker_that_cannot_start_closes_its_clients(tmp_path: Path) -> None:
+    """A start-up failure (Kafka unreachable, a missing input topic) used to leave the
+    member's two consumers and the producer open: in an application that embeds the worker
+    their threads went on reconnecting for the life of the process, and `streamcore run`
+    destroyed them only at interpreter exit (a clean-checkout run once died of SIGSEGV
+    right after its "cannot reach Kafka" message)."""
+    before = _librdkafka_threads()
+    job = Job(unique("nostart"))
+    job.stream(KafkaSource("in", value=JSON)).to(KafkaSink("out", value=JSON))
+    worker = Worker(job.build(), _cfg("127.0.0.1:1", tmp_path, startup_timeout="1s"))
+    assert _librdkafka_threads() > before  # the clients exist from construction on
+    with pytest.raises(BrokerUnavailable, match="cannot reach Kafka"):
+        asyncio.run(worker.run())
+    wait_until(lambda: _librdkafka_threads() <= before, 10,
+               "the worker's librdkafka threads to end after its failed start")
