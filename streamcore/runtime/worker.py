@@ -90,6 +90,7 @@ class Worker:
         self._tasks: dict[TopicPartition, PartitionTask] = {}
         self._running: dict[TopicPartition, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
+        self.exiting = False  # run() is on its way out (a failure or a stop): shutting down
         self._stop_requested = False  # stop() before run() set the loop: run() stops at once
         self._joined = False  # a rebalance completed: the member is in the group
         self._state_dir = Path(config.state_dir)
@@ -192,6 +193,7 @@ class Worker:
         except* asyncio.CancelledError:
             cancelled = True
         except* BaseException as eg:
+            self.exiting = True
             failure = _first_error(eg)
             if isinstance(failure, ProducerFenced):
                 failure = await self.committer.explain_fence(failure)
@@ -565,6 +567,7 @@ class Worker:
         """Runs on every exit. After a failure, commit only what is done (never the failing
         record), then leave the group so its partitions move on at once."""
         assert self._loop is not None
+        self.exiting = True
         try:
             if failure is not None and self._live(self._tasks):
                 await self.committer.commit_after_failure(self._live(self._tasks))

@@ -392,6 +392,11 @@ class TestDriver:
         consumer = clients.last_consumer
         if consumer is None or not w.joined:
             return False
+        # A failing worker is not idle while it shuts down (its tasks closed first, so they
+        # look idle): its TaskGroup cancels run() at the failure, then run() exits.
+        run = self._run
+        if w.exiting or (run is not None and run.cancelling()):
+            return False
         if not _caught_up(consumer, self.cluster) or consumer.returned != w.records_in:
             return False
         # Global tables follow their topics on their own threads: caught up too, so that a

@@ -4,12 +4,14 @@ injection); the engine's guarantees are tested on it elsewhere and on a broker."
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from connectors.memory import murmur2_partition
 from streamcore import JSON, STR, DeliveryFailed, Job, KafkaSink, KafkaSource, WorkerConfig
+from streamcore.core.errors import UserFunctionError
 from streamcore.testing import TestDriver
 
 T0 = 1_700_000_000_000
@@ -174,3 +176,30 @@ def test_bad_records_go_to_the_dead_letter_topic() -> None:
 def test_a_topic_the_job_does_not_read_is_refused() -> None:
     with TestDriver(_totals_job()) as d, pytest.raises(KeyError, match="not a topic"):
         d.send("nope", {"user": "a", "amount": 1})
+
+
+def test_a_failure_is_seen_however_long_the_worker_takes_to_stop() -> None:
+    """The driver used to settle while a failing worker was still shutting down (its tasks
+    closed, so it looked idle): d.exception() then said None for a job that had failed
+    (the hypothesis test of batch execution; 3 runs in 200 under load). Here leaving the
+    group at shutdown takes a few real milliseconds, longer than the driver's idle looks."""
+    def refuse(v: dict[str, Any]) -> str:
+        if v["n"] == 2:
+            raise ValueError("no 2")
+        return str(v["n"])
+
+    job = Job("slow-stop", on_error="fail")
+    job.stream(KafkaSource("in", key=STR, value=JSON)).key_by(refuse).to(
+        KafkaSink("out", key=STR, value=JSON))
+    with TestDriver(job) as d:
+        member = d.worker.member
+        real_close = member.close
+
+        async def slow_close() -> None:  # the tasks are closed by then: nothing looks busy
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+            await real_close()
+
+        member.close = slow_close  # type: ignore[method-assign]
+        d.send_many("in", [{"n": 1}, {"n": 2}, {"n": 3}])
+        assert isinstance(d.exception(), UserFunctionError), d.exception()
