@@ -34,7 +34,9 @@ class StateCache:
         self._loads = loads
         self._max = max_entries
         self._values: dict[bytes, Any] = {}  # decoded value, or None for "no such key"
-        self._dirty: set[bytes] = set()
+        # Keys written since the last flush, in the order first written: the changelog gets
+        # them in that order (see put_last).
+        self._dirty: dict[bytes, None] = {}
 
     # The dict's order is the recency order (least recently used first): every access moves
     # its key to the end, one pop and one insert.
@@ -51,12 +53,20 @@ class StateCache:
     def put(self, key: bytes, value: Any) -> None:
         self._values.pop(key, None)
         self._values[key] = value
-        self._dirty.add(key)
+        self._dirty[key] = None
+
+    def put_last(self, key: bytes, value: Any) -> None:
+        """As put, but the next flush writes key after every other key written before this
+        call. For a value that summarizes the state written so far (how far the step got):
+        a crash in the middle of the changelog's writes leaves a prefix of them, so the
+        summary is durable only if what it summarizes is."""
+        self._dirty.pop(key, None)
+        self.put(key, value)
 
     def delete(self, key: bytes) -> None:
         self._values.pop(key, None)
         self._values[key] = None
-        self._dirty.add(key)
+        self._dirty[key] = None
 
     def live_keys(self, prefix: bytes = b"") -> list[bytes]:
         """Every key with prefix and a value: the store's (read from prefix on only), with

@@ -17,6 +17,12 @@ does not hold the others back for ever (off by default, as in Spark). The waterm
 moves back. Spark advances it between micro-batches; so does the engine: after each fetched
 batch in continuous mode, at the end of each epoch in epoch mode. A record is late against
 the watermark as it stood before its batch.
+
+The upstream watermarks survive a restart or a move of the task: each event-time step saves
+them in its store with its state (:attr:`EventTime.settled`, streamcore.runtime.timed), and
+the restarted task starts from them. Without that, a task would start from the upstream
+tasks whose markers it reads first, and the records of one that is behind would be late
+(Spark checkpoints its watermark for the same reason).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ class EventTime:
     def __init__(self, task: str, *, policy: str = "min", idle_timeout_ms: int | None = None,
                  now_ms: Callable[[], int] = lambda: 0,
                  targets: list[tuple[str, int]] | None = None,
-                 reads_markers: bool = False) -> None:
+                 reads_markers: bool = False,
+                 feeds: Callable[[str], bool] | None = None) -> None:
         self.task = task  # "topic:partition", names this task in its markers
         self._combine = min if policy == "min" else max
         self.idle_timeout_ms = idle_timeout_ms
@@ -56,6 +63,13 @@ class EventTime:
         # upstream task -> [its watermark, processing time (ms) it last advanced]
         self._upstream: dict[str, list[int]] = {}
         self.sent = NO_WATERMARK  # the watermark last written in markers
+        # The upstream watermarks as they stood after the last batch (every record before
+        # their markers has been through the chain): what a restarted task may start from.
+        self.settled: dict[str, int] = {}
+        self._moved = False  # an upstream watermark moved since settled was taken
+        # Whether an upstream task (by name) still writes to this task's topic: a saved
+        # watermark of one that no longer does (the job changed) must not hold it back.
+        self.feeds = feeds or (lambda task: True)
 
     def step(self, delay_ms: int) -> list[int]:
         """A with_watermark step's box: the step writes box[0] = max event time seen."""
@@ -67,8 +81,19 @@ class EventTime:
         seen = self._upstream.get(task)
         if seen is None:
             self._upstream[task] = [watermark, self.now_ms()]
+            self._moved = True
         elif watermark > seen[0]:
             seen[0], seen[1] = watermark, self.now_ms()
+            self._moved = True
+
+    def resume(self, saved: dict[str, int]) -> None:
+        """A restarted task: start from the upstream watermarks saved with its state (before
+        any marker is read), those of upstream tasks that still feed it."""
+        for task, wm in saved.items():
+            if self.feeds(task):
+                self.upstream(task, wm)
+        self.settled = {k: v[0] for k, v in self._upstream.items()}
+        self._moved = False
 
     def take_markers(self, msgs: list[Message]) -> list[Message]:
         """The data records of msgs; the markers among them update the upstream inputs."""
@@ -95,13 +120,15 @@ class EventTime:
                 batch.pending += 1
                 outbox.send(topic, None, None, p, batch.ack, max(wm, 0), headers)
 
-    def snapshot(self) -> tuple[int, list[int], dict[str, list[int]], int]:
+    def snapshot(self) -> tuple[int, list[int], dict[str, list[int]], int, dict[str, int]]:
         """What an aborted epoch must go back to (epoch mode: taken at each commit)."""
         return (self.watermark, [box[0] for box in self._local],
-                {k: list(v) for k, v in self._upstream.items()}, self.sent)
+                {k: list(v) for k, v in self._upstream.items()}, self.sent, self.settled)
 
-    def restore(self, snap: tuple[int, list[int], dict[str, list[int]], int]) -> None:
-        self.watermark, local, upstream, self.sent = snap
+    def restore(self, snap: tuple[int, list[int], dict[str, list[int]], int,
+                                  dict[str, int]]) -> None:
+        self.watermark, local, upstream, self.sent, self.settled = snap
+        self._moved = False
         for box, mx in zip(self._local, local, strict=False):
             box[0] = mx
         for box in self._local[len(local):]:  # a step compiled after the snapshot
@@ -111,6 +138,9 @@ class EventTime:
     def advance(self) -> bool:
         """Recompute the watermark from the inputs; True if it moved forward."""
         values = [mx - delay for mx, delay in self._local if mx != NO_WATERMARK]
+        if self._moved:  # called between batches: every marker taken so far is settled
+            self.settled = {k: v[0] for k, v in self._upstream.items()}
+            self._moved = False
         if self._upstream:
             now = self.now_ms()
             active = [wm for wm, at in self._upstream.values()

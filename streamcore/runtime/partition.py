@@ -319,6 +319,8 @@ class PartitionTask:
         self.transition(TaskState.RESTORING)
         await self._restore()
         if self.state is TaskState.RESTORING:
+            for step in self.ctx.timed_steps:
+                step.resume()
             self.transition(TaskState.RUNNING)
         try:
             async with asyncio.TaskGroup() as tg:

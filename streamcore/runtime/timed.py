@@ -10,6 +10,9 @@ What they share (:class:`TimedStep`):
 * the watermark is the partition task's (streamcore.runtime.eventtime), never lower than
   the one the step last saved in its store: after a restart, records that were late before
   the crash are late again, and closed windows do not reopen;
+* behind a repartition, the step also saves the upstream tasks' watermarks (after the rest
+  of its state, :meth:`StateCache.put_last`) and a restarted task starts from them: a
+  restart does not make the records of an upstream task that is behind late;
 * state whose final result a step emits is deleted only once that output is acknowledged
   (the batch that carried it has nothing pending), at a commit: a crash in between
   restores the state and emits the result again, never loses it.
@@ -41,6 +44,7 @@ log = logging.getLogger("streamcore.timed")
 _OFFSET = 2**63  # times are signed; stored unsigned so that bytes order as numbers
 _Q = struct.Struct(">Q")
 META = b"m"  # the step's saved watermark
+UPSTREAM = b"mu"  # behind a repartition: the upstream tasks' watermarks (EventTime.settled)
 
 
 def pack_time(ms: int) -> bytes:
@@ -66,6 +70,10 @@ class Records(list):  # type: ignore[type-arg]
     """A key's raw records, [[ts, value], ...] (sliding windows)."""
 
 
+class Watermarks(dict):  # type: ignore[type-arg]
+    """Upstream task -> its watermark (the step's UPSTREAM entry)."""
+
+
 def envelope(serde: Serde) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
     """The store's value encoding: a tag byte, then the user's serde for their values."""
     ser, de = serde.serialize, serde.deserialize
@@ -76,6 +84,8 @@ def envelope(serde: Serde) -> tuple[Callable[[Any], bytes], Callable[[bytes], An
             return b"t" + str(int(v)).encode()
         if t is Records:
             return b"r" + orjson.dumps(v)
+        if t is Watermarks:
+            return b"u" + orjson.dumps(v)
         return b"v" + ser(v)
 
     def loads(b: bytes) -> Any:
@@ -84,6 +94,8 @@ def envelope(serde: Serde) -> tuple[Callable[[Any], bytes], Callable[[bytes], An
             return Ticks(int(body))
         if tag == b"r":
             return Records(orjson.loads(body))
+        if tag == b"u":
+            return Watermarks(orjson.loads(body))
         return de(body)
     return dumps, loads
 
@@ -120,6 +132,7 @@ class TimedStep:
         self.kde = INTERNAL_KEY.deserialize
         self.has_watermark = has_watermark(node)
         self.saved_wm = NO_WATERMARK  # from the store (restored), then as last saved
+        self.saved_upstream: dict[str, int] | None = None  # the UPSTREAM entry, as last saved
         self.ready = False  # the index has been built from the store
         self.closing: list[tuple[Any, Any]] = []  # (what to expire, batch of its output)
         self.late: Emit | None = None
@@ -146,6 +159,16 @@ class TimedStep:
 
     def build_index(self) -> None:
         raise NotImplementedError
+
+    def resume(self) -> None:
+        """The store is restored, no record has been read yet: the task's watermark starts
+        from the upstream watermarks saved with the state."""
+        et = self.ctx.event_time
+        if et.reads_markers:
+            saved = self.cache.get(UPSTREAM)
+            if saved:
+                self.saved_upstream = dict(saved)
+                et.resume(saved)
 
     def scan(self, prefix: bytes) -> list[bytes]:
         """Live keys with prefix, in order: the store's, with unflushed writes applied."""
@@ -196,6 +219,10 @@ class TimedStep:
                     self.expired_rows += 1
             self.closing = keep
             self.expiry_s += time.perf_counter() - t0
+        settled = self.ctx.event_time.settled
+        if settled and settled != self.saved_upstream and self.ctx.event_time.reads_markers:
+            self.saved_upstream = settled
+            self.cache.put_last(UPSTREAM, Watermarks(settled))
 
     def before_commit(self) -> None:
         return None
@@ -208,6 +235,7 @@ class TimedStep:
         self.ready = False
         self.closing = []
         self.saved_wm = NO_WATERMARK
+        self.saved_upstream = None
         self.aborted()
 
     def aborted(self) -> None:

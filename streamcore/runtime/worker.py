@@ -38,7 +38,13 @@ from metrics.exporter import Snapshot, WorkerMetrics
 from metrics.http import StatusServer
 from streamcore.api.config import WorkerConfig
 from streamcore.core.clock import Clock, SystemClock
-from streamcore.core.errors import ConfigError, FatalError, ProducerFenced, StreamcoreError
+from streamcore.core.errors import (
+    ConfigError,
+    FatalError,
+    JobDefinitionError,
+    ProducerFenced,
+    StreamcoreError,
+)
 from streamcore.core.logs import BurstLogger
 from streamcore.plan.analysis import has_watermark
 from streamcore.plan.graph import OpKind
@@ -363,12 +369,20 @@ class Worker:
         topics it forwards it to, and whether it reads upstream tasks' markers."""
         root = self.plan.source_for_topic(tp[0])
         idle = self.config.watermark_idle_timeout
+        writers = {r for r, t in self._marker_topics if t == tp[0]}
+
+        def feeds(task: str) -> bool:  # task: "topic:partition" of an upstream task
+            try:
+                return self.plan.source_for_topic(task.rpartition(":")[0]).id in writers
+            except JobDefinitionError:
+                return False
         return EventTime(
             f"{tp[0]}:{tp[1]}", policy=self.config.watermark_policy,
             idle_timeout_ms=None if idle is None else int(float(idle) * 1000),
             now_ms=self.clock.now_ms,
             targets=[(t, n) for (r, t), n in self._marker_topics.items() if r == root.id],
-            reads_markers=root.kind == OpKind.REPARTITION and has_watermark(root))
+            reads_markers=root.kind == OpKind.REPARTITION and has_watermark(root),
+            feeds=feeds)
 
     async def _revoke(self, parts: list[TopicPartition], *,
                       commit: bool) -> dict[TopicPartition, int]:

@@ -185,6 +185,17 @@ class TestDriver:
                 self._loop.run_until_complete(self._run)
         self._start()
 
+    def restart(self) -> None:
+        """As SIGTERM, then a restart: the worker finishes what it took, commits and leaves;
+        the new one resumes from the committed offsets and restores its stores."""
+        run = self._run
+        assert run is not None
+        self._running().stop()
+        self._loop.run_until_complete(asyncio.wait([run], timeout=self._timeout))
+        if not run.done():
+            raise AssertionError(f"the worker did not stop within {self._timeout}s")
+        self._start()
+
     # -- input -----------------------------------------------------------------------------
     def send(self, topic: str, value: Any, *, key: Any = None, timestamp: int | None = None,
              partition: int | None = None,

@@ -30,11 +30,13 @@ from streamcore import (
 )
 from tests.helpers import (
     PacedProducer,
+    committed,
     make_topics,
     produce,
     read_topic,
     unique,
     wait_committed,
+    wait_until,
     worker_process,
 )
 
@@ -117,6 +119,57 @@ def test_windows_survive_sigkill_and_graceful_restart(bootstrap: str, tmp_path: 
     # (DESIGN.md section 9): the window step reads again what the killed worker's open
     # epoch wrote to the repartition topic, so only "nothing lost" holds there. The test
     # driver checks epoch-mode windows across a crash exactly (tests/unit/test_windows.py).
+
+
+def _caught_up(bootstrap: str, group: str, topic: str) -> None:
+    """Until the group has committed everything now in topic (markers included): what the
+    upstream tasks wrote, the window tasks have read."""
+    last: dict[int, int] = {}
+    for m in read_topic(bootstrap, topic, expect=1, timeout=30, settle=2.0):
+        last[m.partition()] = max(last.get(m.partition(), -1), m.offset())
+    wait_until(lambda: all(committed(bootstrap, group, topic).get(p, -1) > off
+                           for p, off in last.items()),
+               60, f"{group} to read all of {topic}", interval=0.25)
+
+
+def test_a_restart_does_not_make_the_records_of_a_lagging_upstream_partition_late(
+        bootstrap: str, tmp_path: Path) -> None:
+    # Partition 3 lags behind the others across a graceful restart (on a fresh state
+    # directory: the window tasks restore from their changelogs). Its records must still
+    # count: the restarted window tasks go on holding the watermark at partition 3's, as the
+    # first worker did, though partition 3 has written nothing since the restart.
+    src, out, late, name = (unique("lag-in"), unique("lag-out"), unique("lag-late"),
+                            unique("lag"))
+    make_topics(bootstrap, src, out, late)
+    rep = f"{name}-counts-repartition"
+
+    def seqs(lo: int, hi: int, parts: set[int]) -> list[tuple[None, dict[str, int], int]]:
+        return [(None, {"seq": s}, s % 4) for s in range(lo, hi) if s % 4 in parts]
+
+    env = {"IN": src, "OUT": out, "LATE": late, "JOB": name}
+    produce(bootstrap, src, seqs(0, 200, {0, 1, 2, 3}))  # event time 0 to 2 s everywhere
+    with worker_process("windowed.py", bootstrap,
+                        {**env, "STREAMCORE_STATE_DIR": str(tmp_path / "a")}) as w:
+        w.wait_for("assigned")
+        wait_committed(bootstrap, name, src, 199)
+        _caught_up(bootstrap, name, rep)
+        w.signal(signal.SIGTERM)
+        assert w.wait(60) == 0, w.tail()
+    produce(bootstrap, src, seqs(200, 600, {0, 1, 2}))  # 2 to 6 s, partition 3 still at 2 s
+    with worker_process("windowed.py", bootstrap,
+                        {**env, "STREAMCORE_STATE_DIR": str(tmp_path / "b")}) as w:
+        w.wait_for("assigned")
+        wait_committed(bootstrap, name, src, 499)
+        _caught_up(bootstrap, name, rep)  # partitions 0 to 2's markers are read
+        produce(bootstrap, src, seqs(200, 600, {3}))  # partition 3 catches up
+        _close_all(bootstrap, src, 600)
+        rows = _windows(bootstrap, out, expect=len(_expected(600)))
+        w.signal(signal.SIGTERM)
+        assert w.wait(60) == 0, w.tail()
+    late_seqs = [orjson.loads(m.value())["seq"] for m in read_topic(
+        bootstrap, late, expect=0, timeout=10, settle=1.0)]
+    assert late_seqs == [], f"{len(late_seqs)} records late, seq {sorted(late_seqs)[:5]}.."
+    assert sorted(rows) == sorted((k, start, n) for (k, start), n in _expected(600).items())
 
 
 def _cfg(bootstrap: str, **kw: Any) -> WorkerConfig:

@@ -146,6 +146,21 @@ def test_cache_writes_each_dirty_key_once_per_flush(tmp_path: Path) -> None:
     store.close()
 
 
+def test_cache_put_last_reaches_the_changelog_after_everything_written_before_it() -> None:
+    import orjson
+
+    cache = StateCache(MemoryStore(), orjson.dumps, orjson.loads)
+    cache.put(b"summary", 0)
+    for k in (b"z", b"a", b"m"):
+        cache.put(k, 1)
+    cache.put_last(b"summary", 1)  # written first, but summarizes z, a and m
+    cache.put(b"a", 2)  # already dirty: keeps its place, before the summary
+    cache.put(b"later", 1)
+    logged: list[bytes] = []
+    cache.flush(lambda k, v: logged.append(k))
+    assert logged == [b"z", b"a", b"m", b"summary", b"later"]
+
+
 def test_cache_live_keys_of_a_prefix_include_unflushed_writes(tmp_path: Path) -> None:
     import orjson
 

@@ -27,6 +27,7 @@ from streamcore import (
     WorkerConfig,
     processing_time,
 )
+from streamcore.runtime.eventtime import EventTime
 from streamcore.testing import TestDriver
 
 T0 = 1_700_000_040_000  # a multiple of one minute: windows start here
@@ -370,6 +371,38 @@ def test_the_watermark_across_a_repartition_is_the_minimum_of_the_upstream_tasks
         tasks = d.worker.tasks
         repart = [t for tp, t in tasks.items() if tp[0].endswith("-repartition")]
         assert {t.ctx.event_time.watermark for t in repart} == {T0 + 3 * MIN}
+
+
+@pytest.mark.parametrize("restart", ["crash", "graceful"])
+@pytest.mark.parametrize("trigger", [None, "300ms"], ids=["continuous", "epoch"])
+def test_a_restarted_window_task_still_waits_for_an_upstream_task_that_is_behind(
+        restart: str, trigger: str | None) -> None:
+    # Before the restart, partition 1's task is at 2 s. After it, the window task must go on
+    # counting it in the minimum though partition 1 has sent nothing since: the restart must
+    # not make its records late (the records of partition 0 alone do not close [0, 1m)).
+    with TestDriver(_count_job(Tumbling("1m"), delay="0s", late=True), partitions=2,
+                    start_ms=T0, trigger=trigger) as d:
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 1_000, partition=0)
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 2_000, partition=1)
+        d.advance_time("1s")
+        d.commit()
+        d.crash() if restart == "crash" else d.restart()
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 5 * MIN, partition=0)
+        d.advance_time("1s")
+        assert _rows(d) == []
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 30_000, partition=1)
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 3 * MIN, partition=1)
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 0, MIN, 3)] and d.read("late") == []
+
+
+def test_a_restarted_task_ignores_saved_watermarks_of_tasks_that_no_longer_feed_it() -> None:
+    # The job changed its input from "old" to "in": the saved watermark of old:0 would hold
+    # the minimum back for ever (no marker of old:0 will come again).
+    et = EventTime("w-repartition:0", reads_markers=True,
+                   feeds=lambda task: task.startswith("in:"))
+    et.resume({"old:0": 1_000, "in:0": 5_000, "in:1": 7_000})
+    assert et.advance() and et.watermark == 5_000
 
 
 def test_max_policy_follows_the_fastest_input() -> None:
