@@ -99,6 +99,7 @@ class TestDriver:
             d.advance_time("5s")          # commits, progress (timers and triggers later)
             rows = d.read("out")          # records written since the last read
             d.crash()                     # as SIGKILL, then a restart that restores state
+            d.restart()                   # as SIGTERM, then a restart
             d.store("per-user")["a"]
 
     Topics read or written by the job exist from the start with ``partitions`` partitions.
