@@ -219,8 +219,8 @@ class TimedStep:
                     self.expired_rows += 1
             self.closing = keep
             self.expiry_s += time.perf_counter() - t0
-        settled = self.ctx.event_time.settled
-        if settled and settled != self.saved_upstream and self.ctx.event_time.reads_markers:
+        settled = self.ctx.event_time.settled  # a new dict whenever it changes
+        if settled and settled is not self.saved_upstream and self.ctx.event_time.reads_markers:
             self.saved_upstream = settled
             self.cache.put_last(UPSTREAM, Watermarks(settled))
 
