@@ -92,7 +92,10 @@ def test_kill_loop_ten_sigkills_lose_no_update(bootstrap: str, tmp_path: Path) -
 def test_rebalance_storm_one_two_three_one(bootstrap: str, tmp_path: Path) -> None:
     src, out, name = unique("rs-in"), unique("rs-out"), unique("rs")
     make_topics(bootstrap, src, out)
-    env = {"IN": src, "OUT": out, "JOB": name}
+    # A 100 ms fetch wait, as the kill loop's (see there): three caught-up workers fetching
+    # every 20 ms starved the local broker late in a full suite run (its topics hold the
+    # whole run's records), so that the test's own producer could not flush in 30 s.
+    env = {"IN": src, "OUT": out, "JOB": name, "FETCH_WAIT_MS": "100"}
 
     def start(wid: str) -> WorkerProcess:
         return WorkerProcess("stateful.py", bootstrap, {
