@@ -80,7 +80,8 @@ class Store(ABC):
 
     @abstractmethod
     def flush(self) -> None:
-        """Make completed writes durable."""
+        """Make completed writes durable, across a power loss too (the engine calls it before
+        a checkpoint claims them)."""
 
     @abstractmethod
     def close(self) -> None:
