@@ -135,17 +135,25 @@ class EventTime:
             box[0] = NO_WATERMARK
         self._upstream = {k: list(v) for k, v in upstream.items()}
 
-    def advance(self) -> bool:
-        """Recompute the watermark from the inputs; True if it moved forward."""
+    def capture(self) -> tuple[list[int], dict[str, int] | None]:
+        """The inputs as they stand at the end of a batch: what :meth:`apply` turns into the
+        watermark once every record of the batch has been through the chain."""
         values = [mx - delay for mx, delay in self._local if mx != NO_WATERMARK]
-        if self._moved:  # called between batches: every marker taken so far is settled
-            self.settled = {k: v[0] for k, v in self._upstream.items()}
+        settled = None
+        if self._moved:  # every marker taken so far is settled once the batch is through
+            settled = {k: v[0] for k, v in self._upstream.items()}
             self._moved = False
         if self._upstream:
             now = self.now_ms()
-            active = [wm for wm, at in self._upstream.values()
-                      if self.idle_timeout_ms is None or now - at < self.idle_timeout_ms]
-            values.extend(active)
+            values.extend(wm for wm, at in self._upstream.values()
+                          if self.idle_timeout_ms is None or now - at < self.idle_timeout_ms)
+        return values, settled
+
+    def apply(self, captured: tuple[list[int], dict[str, int] | None]) -> bool:
+        """Move the watermark to what captured gives; True if it moved forward."""
+        values, settled = captured
+        if settled is not None:
+            self.settled = settled
         if not values:
             return False
         new = self._combine(values)
@@ -153,3 +161,7 @@ class EventTime:
             self.watermark = new
             return True
         return False
+
+    def advance(self) -> bool:
+        """Recompute the watermark from the inputs (between batches); True if it moved."""
+        return self.apply(self.capture())

@@ -119,6 +119,9 @@ class PartitionTask:
         assert isinstance(spec, Source)
         self._spec = spec
         self._inbox: deque[tuple[float, list[Message]]] = deque()
+        # Continuous mode with map_async lanes: (last offset of a batch, the event-time
+        # inputs at its end), applied once every record of the batch is through the chain.
+        self._watermarks_due: deque[tuple[int, Any]] = deque()
         self._queued = 0
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -195,8 +198,12 @@ class PartitionTask:
         input's watermark may stop holding the task's back."""
         if self.state is TaskState.RUNNING and not self.fenced:
             self._run_hooks(self.ctx.hooks.timer, now_ms)
-            if self.ctx.event_time.idle_timeout_ms is not None and not self.busy \
-                    and not self.ctx.epochs:
+            if self.ctx.epochs:
+                return
+            if self._watermarks_due:
+                self._apply_due_watermarks(None)
+            elif self.ctx.event_time.idle_timeout_ms is not None and not self.busy \
+                    and not any(len(lane) for lane in self.ctx.lanes):
                 self.advance_watermark()
 
     def advance_watermark(self) -> None:
@@ -204,6 +211,30 @@ class PartitionTask:
         epoch in epoch mode); if it moved, the operators' watermark hooks."""
         et = self.ctx.event_time
         if et.advance():
+            self._run_hooks(self.ctx.hooks.watermark, et.watermark)
+
+    def _watermark_after(self, last: int) -> None:
+        """Continuous mode, a batch up to offset last has been taken: advance the watermark,
+        but only once every record of the batch has been through the chain. A record still
+        in a map_async lane must not meet a watermark its own batch moved: a record is late
+        against the watermark as it stood before its batch, whatever the steps before it."""
+        if not self._watermarks_due and not any(len(lane) for lane in self.ctx.lanes):
+            self.advance_watermark()
+            return
+        self._watermarks_due.append((last, self.ctx.event_time.capture()))
+        self._apply_due_watermarks(last)
+
+    def _apply_due_watermarks(self, last: int | None) -> None:
+        """Apply the captured watermarks of the batches every record of which is through
+        the chain (last: the batch just taken, else the last one)."""
+        done = last if last is not None else self.last_offset
+        firsts = [f for f in (lane.first_offset() for lane in self.ctx.lanes) if f is not None]
+        if firsts:
+            done = min(firsts) - 1
+        due, et, moved = self._watermarks_due, self.ctx.event_time, False
+        while due and done is not None and due[0][0] <= done:
+            moved = et.apply(due.popleft()[1]) or moved
+        if moved:
             self._run_hooks(self.ctx.hooks.watermark, et.watermark)
 
     def _send_markers(self) -> None:
@@ -447,7 +478,7 @@ class PartitionTask:
             for hook in ctx.hooks.batch_end:
                 hook()
         if not ctx.epochs:  # epoch mode moves it at the end of each epoch
-            self.advance_watermark()
+            self._watermark_after(last)
         batch.seal(last)
         if n:
             self._latency.record(time.perf_counter() - handed_at, n)

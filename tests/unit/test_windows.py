@@ -405,6 +405,34 @@ def test_a_restarted_task_ignores_saved_watermarks_of_tasks_that_no_longer_feed_
     assert et.advance() and et.watermark == 5_000
 
 
+@pytest.mark.parametrize("use_async", [False, True], ids=["map", "map_async"])
+def test_a_map_async_before_a_window_does_not_change_which_records_are_late(
+        use_async: bool) -> None:
+    # One batch, out of order: 1m05s, then 30 s. The watermark before the batch holds
+    # nothing back, so 30 s counts in [0, 1m) (a record is late against the watermark as it
+    # stood before its batch). Records still in a map_async lane when the batch ends must
+    # not meet the watermark their own batch moved.
+    async def enrich(v: dict[str, Any]) -> dict[str, Any]:
+        return v
+
+    def plain(v: dict[str, Any]) -> dict[str, Any]:
+        return v
+
+    job = Job("w")
+    s = (job.stream(KafkaSource("in", key=STR, value=JSON))
+         .with_timestamps(lambda v: T0 + v["t"]).with_watermark("0s"))
+    s = s.map_async(enrich) if use_async else s.map(plain)
+    (s.window(Tumbling("1m"))
+        .count(name="counts", late=KafkaSink("late", key=STR, value=JSON))
+        .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
+    with TestDriver(job, start_ms=T0) as d:
+        d.send_many("in", [("a", {"t": MIN + 5_000}), ("a", {"t": 30_000})])
+        d.send("in", {"t": 5 * MIN}, key="a")
+        d.advance_time("1s")
+        assert sorted(_rows(d)) == [("a", 0, MIN, 1), ("a", MIN, 2 * MIN, 1)]
+        assert d.read("late") == []
+
+
 def test_max_policy_follows_the_fastest_input() -> None:
     job = _count_job(Tumbling("1m"), delay="0s")
     with TestDriver(job, partitions=2, start_ms=T0,
