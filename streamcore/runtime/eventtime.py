@@ -27,6 +27,7 @@ tasks whose markers it reads first, and the records of one that is behind would 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 from connectors.base import Message, Outbox
@@ -70,6 +71,9 @@ class EventTime:
         # Whether an upstream task (by name) still writes to this task's topic: a saved
         # watermark of one that no longer does (the job changed) must not hold it back.
         self.feeds = feeds or (lambda task: True)
+        # Continuous mode with map_async: (a batch's last offset, the inputs captured at its
+        # end), applied once every record of the batch is through the chain (hold, release).
+        self.held: deque[tuple[int, tuple[list[int], dict[str, int] | None]]] = deque()
 
     def step(self, delay_ms: int) -> list[int]:
         """A with_watermark step's box: the step writes box[0] = max event time seen."""
@@ -165,3 +169,14 @@ class EventTime:
     def advance(self) -> bool:
         """Recompute the watermark from the inputs (between batches); True if it moved."""
         return self.apply(self.capture())
+
+    def hold(self, last: int) -> None:
+        """The batch up to offset last ended with records still in flight: keep its inputs."""
+        self.held.append((last, self.capture()))
+
+    def release(self, done: int) -> bool:
+        """Apply the held inputs of the batches up to offset done; True if it moved."""
+        moved = False
+        while self.held and self.held[0][0] <= done:
+            moved = self.apply(self.held.popleft()[1]) or moved
+        return moved

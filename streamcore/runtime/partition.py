@@ -119,9 +119,6 @@ class PartitionTask:
         assert isinstance(spec, Source)
         self._spec = spec
         self._inbox: deque[tuple[float, list[Message]]] = deque()
-        # Continuous mode with map_async lanes: (last offset of a batch, the event-time
-        # inputs at its end), applied once every record of the batch is through the chain.
-        self._watermarks_due: deque[tuple[int, Any]] = deque()
         self._queued = 0
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -200,8 +197,8 @@ class PartitionTask:
             self._run_hooks(self.ctx.hooks.timer, now_ms)
             if self.ctx.epochs:
                 return
-            if self._watermarks_due:
-                self._apply_due_watermarks(None)
+            if self.ctx.event_time.held:
+                self._release_watermarks(self.last_offset)
             elif self.ctx.event_time.idle_timeout_ms is not None and not self.busy \
                     and not any(len(lane) for lane in self.ctx.lanes):
                 self.advance_watermark()
@@ -218,23 +215,20 @@ class PartitionTask:
         but only once every record of the batch has been through the chain. A record still
         in a map_async lane must not meet a watermark its own batch moved: a record is late
         against the watermark as it stood before its batch, whatever the steps before it."""
-        if not self._watermarks_due and not any(len(lane) for lane in self.ctx.lanes):
+        et = self.ctx.event_time
+        if not et.held and not any(len(lane) for lane in self.ctx.lanes):
             self.advance_watermark()
             return
-        self._watermarks_due.append((last, self.ctx.event_time.capture()))
-        self._apply_due_watermarks(last)
+        et.hold(last)
+        self._release_watermarks(last)
 
-    def _apply_due_watermarks(self, last: int | None) -> None:
-        """Apply the captured watermarks of the batches every record of which is through
-        the chain (last: the batch just taken, else the last one)."""
-        done = last if last is not None else self.last_offset
+    def _release_watermarks(self, done: int | None) -> None:
+        """The held watermarks of the batches whose records are all through the chain."""
         firsts = [f for f in (lane.first_offset() for lane in self.ctx.lanes) if f is not None]
         if firsts:
             done = min(firsts) - 1
-        due, et, moved = self._watermarks_due, self.ctx.event_time, False
-        while due and done is not None and due[0][0] <= done:
-            moved = et.apply(due.popleft()[1]) or moved
-        if moved:
+        et = self.ctx.event_time
+        if done is not None and et.release(done):
             self._run_hooks(self.ctx.hooks.watermark, et.watermark)
 
     def _send_markers(self) -> None:
