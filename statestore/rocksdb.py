@@ -119,8 +119,8 @@ class RocksDBStore(Store):
                 wb.delete(k)
             else:
                 wb.put(k, v)
-        # Synced: the WAL alone survives a killed process, not a power loss, and the caller
-        # moves the checkpoint and the committed offsets past these changes next.
+        # Not synced: the WAL survives a killed process; flush() makes it survive a power
+        # loss, before a checkpoint claims these changes.
         self.db.write(wb)
 
     def range(self, start: bytes | None = None,

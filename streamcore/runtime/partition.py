@@ -170,10 +170,12 @@ class PartitionTask:
             await asyncio.wait([fut])
             raise
 
-    def processed_offset(self) -> int:
+    def processed_offset(self, last: int | None = None) -> int:
         """The highest offset whose records have all been through the whole chain (their
-        state changes are in the stores' caches)."""
-        off = self.last_offset if self.last_offset is not None else -1
+        state changes are in the stores' caches); last: the batch just taken, if
+        last_offset does not include it yet."""
+        off = last if last is not None else \
+            self.last_offset if self.last_offset is not None else -1
         for lane in self.ctx.lanes:
             first = lane.first_offset()
             if first is not None:
@@ -198,9 +200,9 @@ class PartitionTask:
             if self.ctx.epochs:
                 return
             if self.ctx.event_time.held:
-                self._release_watermarks(self.last_offset)
+                self._release_watermarks(None)
             elif self.ctx.event_time.idle_timeout_ms is not None and not self.busy \
-                    and not any(len(lane) for lane in self.ctx.lanes):
+                    and not self._in_lanes():
                 self.advance_watermark()
 
     def advance_watermark(self) -> None:
@@ -216,20 +218,22 @@ class PartitionTask:
         in a map_async lane must not meet a watermark its own batch moved: a record is late
         against the watermark as it stood before its batch, whatever the steps before it."""
         et = self.ctx.event_time
-        if not et.held and not any(len(lane) for lane in self.ctx.lanes):
+        if not et.held and not self._in_lanes():
             self.advance_watermark()
             return
         et.hold(last)
         self._release_watermarks(last)
 
-    def _release_watermarks(self, done: int | None) -> None:
-        """The held watermarks of the batches whose records are all through the chain."""
-        firsts = [f for f in (lane.first_offset() for lane in self.ctx.lanes) if f is not None]
-        if firsts:
-            done = min(firsts) - 1
+    def _release_watermarks(self, last: int | None) -> None:
+        """The held watermarks of the batches whose records are all through the chain
+        (last: the batch just taken)."""
         et = self.ctx.event_time
-        if done is not None and et.release(done):
+        if et.release(self.processed_offset(last)):
             self._run_hooks(self.ctx.hooks.watermark, et.watermark)
+
+    def _in_lanes(self) -> bool:
+        """Some record is in a map_async call, not yet through the chain."""
+        return any(len(lane) for lane in self.ctx.lanes)
 
     def _send_markers(self) -> None:
         """Tell the tasks downstream of each repartition topic this task's watermark."""
@@ -580,7 +584,7 @@ class PartitionTask:
 
     def idle(self) -> bool:
         """Nothing in progress: no batch half-way, no async call out, no output held."""
-        return not self.busy and not any(len(lane) for lane in self.ctx.lanes) \
+        return not self.busy and not self._in_lanes() \
             and not self.ctx.blocked
 
     def stage_epoch(self) -> None:

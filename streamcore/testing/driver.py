@@ -164,8 +164,7 @@ class TestDriver:
         """Stop the job gracefully (finish, commit, leave), then release everything."""
         try:
             if self._worker is not None and self._run is not None and not self._run.done():
-                self._worker.stop()
-                self._loop.run_until_complete(asyncio.wait([self._run], timeout=self._timeout))
+                self._stop()
         finally:
             self._loop.close()
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -189,13 +188,16 @@ class TestDriver:
     def restart(self) -> None:
         """As SIGTERM, then a restart: the worker finishes what it took, commits and leaves;
         the new one resumes from the committed offsets and restores its stores."""
-        run = self._run
-        assert run is not None
-        self._running().stop()
-        self._loop.run_until_complete(asyncio.wait([run], timeout=self._timeout))
-        if not run.done():
+        self._stop()
+        if self._run is not None and not self._run.done():
             raise AssertionError(f"the worker did not stop within {self._timeout}s")
         self._start()
+
+    def _stop(self) -> None:
+        """Ask the worker to stop gracefully and wait for it (up to the timeout)."""
+        assert self._run is not None
+        self._running().stop()
+        self._loop.run_until_complete(asyncio.wait([self._run], timeout=self._timeout))
 
     # -- input -----------------------------------------------------------------------------
     def send(self, topic: str, value: Any, *, key: Any = None, timestamp: int | None = None,
