@@ -264,23 +264,19 @@ def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,
     assert name is not None and ctx.open_state is not None
     serde = node.params["value"]
     cache = ctx.open_state(name, serde.serialize, serde.deserialize)
-    get, put, delete = cache.get, cache.put, cache.delete
     kser = INTERNAL_KEY.serialize
     update: Any = node.fn
     batch_fn = node.params.get("batch_fn")
     if batch_fn is not None and ctx.epochs:
         emit = _make_epoch_update(batch_fn, down, ctx, cache, step, policy)
     else:
+        apply = cache.update  # read, update and write back in one call (None deletes)
+
         def emit(key: Any, value: Any, ts: int) -> None:
             try:
-                kb = kser(key)
-                new = update(get(kb), value)
+                new = apply(kser(key), update, value)
             except Exception as exc:
                 raise StepFailed(step, policy, exc) from exc
-            if new is None:
-                delete(kb)
-            else:
-                put(kb, new)
             down(key, new, ts)
     if complete is not None:  # after the epoch update's own hook: the table it leaves
         kde = INTERNAL_KEY.deserialize

@@ -162,6 +162,29 @@ def test_cache_put_last_reaches_the_changelog_after_everything_written_before_it
     assert logged == [b"z", b"a", b"m", b"summary", b"later"]
 
 
+def test_cache_update_reads_writes_and_deletes_in_one_call(tmp_path: Path) -> None:
+    import orjson
+
+    store = RocksDBStore(tmp_path / "db")
+    store.put(b"a", b"5")
+    cache = StateCache(store, orjson.dumps, orjson.loads)
+    assert cache.update(b"a", lambda old, v: old + v, 2) == 7  # read from the store
+    assert cache.update(b"n", lambda old, v: (old or 0) + v, 1) == 1  # no such key: None
+    assert cache.update(b"a", lambda old, v: None, 0) is None  # None deletes
+
+    def boom(old: Any, v: Any) -> Any:
+        raise ValueError("bad record")
+
+    with pytest.raises(ValueError):
+        cache.update(b"n", boom, 1)
+    assert cache.get(b"n") == 1 and cache.dirty == 2  # a raising update changes nothing
+    logged: list[tuple[bytes, bytes | None]] = []
+    cache.flush(lambda k, v: logged.append((k, v)))
+    assert logged == [(b"a", None), (b"n", b"1")]
+    assert store.get(b"a") is None and store.get(b"n") == b"1"
+    store.close()
+
+
 def test_cache_live_keys_of_a_prefix_include_unflushed_writes(tmp_path: Path) -> None:
     import orjson
 
