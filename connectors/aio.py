@@ -47,6 +47,7 @@ from connectors.base import (
     Message,
     PartitionReader,
     ProducerBackend,
+    QueuedCommits,
     RebalanceListener,
     TopicPartition,
     fmt_offsets,
@@ -166,13 +167,14 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._m.assign([(tp.topic, tp.partition) for tp in assigned])
 
 
-class AioMember(GroupMember):
+class AioMember(QueuedCommits, GroupMember):
     """A group member on aiokafka. aiokafka keeps the group itself (heartbeats, rebalances)
     in its own coroutines; :meth:`run` sends the queued commits. aiokafka never returns a
     record across a rebalance (getmany waits for the new assignment), which is the ordering
     :class:`~connectors.base.GroupMember` promises."""
 
     def __init__(self, bootstrap: str, group: str, settings: Mapping[str, Any]) -> None:
+        super().__init__()
         self._args = {**_CONSUMER_DEFAULTS, **settings, "bootstrap_servers": bootstrap,
                       "group_id": group, "enable_auto_commit": False,
                       "auto_offset_reset": "earliest"}
@@ -182,8 +184,6 @@ class AioMember(GroupMember):
         self._listener: RebalanceListener | None = None
         self._start_at_end: Callable[[str], bool] = lambda topic: False
         self._assigned: set[TopicPartition] = set()
-        self._queued: dict[TopicPartition, int] = {}
-        self._sending = False  # a commit taken from _queued, its answer not back yet
         self._wake = asyncio.Event()
         self._commit_seconds: Callable[[float], None] | None = None
         self._commit_failed: Callable[[dict[TopicPartition, int]], None] | None = None
@@ -269,16 +269,8 @@ class AioMember(GroupMember):
             self._commit_seconds(time.perf_counter() - t0)
 
     def commit_soon(self, offsets: dict[TopicPartition, int]) -> None:
-        self._queued.update(offsets)
+        super().commit_soon(offsets)
         self._wake.set()
-
-    @property
-    def commit_pending(self) -> bool:
-        return bool(self._queued) or self._sending
-
-    def forget(self, parts: Iterable[TopicPartition]) -> None:
-        for tp in parts:
-            self._queued.pop(tp, None)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.forget(offsets)  # the service would send it after this one (GroupMember.commit)

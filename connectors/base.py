@@ -39,6 +39,7 @@ __all__ = [
     "GroupMember",
     "Message",
     "Outbox",
+    "QueuedCommits",
     "PartitionReader",
     "PartitionsCallback",
     "ProducerBackend",
@@ -201,6 +202,27 @@ class GroupMember(ABC):
     def observe_connectivity(self, connected: Callable[[bool], None]) -> None:  # noqa: B027
         """Have the client's view of the cluster reported to connected every few seconds
         (True while it holds a working connection to a broker; any thread). Optional."""
+
+
+class QueuedCommits:
+    """:meth:`GroupMember.commit_soon`, ``commit_pending`` and ``forget`` over one dict, for
+    a member whose serve of the group takes the queued offsets whole: it swaps ``_queued``
+    for an empty dict and keeps ``_sending`` true until the client has taken them."""
+
+    def __init__(self) -> None:
+        self._queued: dict[TopicPartition, int] = {}  # the next asynchronous commit
+        self._sending = False  # a commit taken from _queued, not yet taken by the client
+
+    def commit_soon(self, offsets: dict[TopicPartition, int]) -> None:
+        self._queued.update(offsets)
+
+    @property
+    def commit_pending(self) -> bool:
+        return bool(self._queued) or self._sending
+
+    def forget(self, parts: Iterable[TopicPartition]) -> None:
+        for tp in parts:
+            self._queued.pop(tp, None)
 
 
 class ConsumerBackend(ABC):

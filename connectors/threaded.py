@@ -21,13 +21,14 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from connectors.base import (
     ConsumerBackend,
     GroupMember,
     Message,
+    QueuedCommits,
     RebalanceListener,
     TopicPartition,
     fmt_offsets,
@@ -45,8 +46,9 @@ _SERVE_TIMEOUT_S = 0.02
 T = TypeVar("T")
 
 
-class ThreadedMember(GroupMember):
+class ThreadedMember(QueuedCommits, GroupMember):
     def __init__(self, consumer: ConsumerBackend) -> None:
+        super().__init__()
         self.consumer = consumer
         self.max_poll_interval_s = consumer.max_poll_interval_s
         self.last_served = time.monotonic()
@@ -54,8 +56,6 @@ class ThreadedMember(GroupMember):
         self._fetcher = concurrent.futures.ThreadPoolExecutor(1, "sc-fetch")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: RebalanceListener | None = None
-        self._queued: dict[TopicPartition, int] = {}  # the next asynchronous commit
-        self._sending = False  # a commit taken from _queued, its serve not returned yet
         self._backlog = False  # the last fetch was full: read the next one on the loop
         self._fetching: asyncio.Future[list[Message]] | None = None  # on the fetch thread
         # Clear while a fetch is out: a revoke waits for it (see _taken).
@@ -100,17 +100,6 @@ class ThreadedMember(GroupMember):
             except StreamcoreError as exc:  # a failed async commit is retried by the next one
                 log.warning("commit failed: %s", exc)
         return self.consumer.serve(_SERVE_TIMEOUT_S)
-
-    def commit_soon(self, offsets: dict[TopicPartition, int]) -> None:
-        self._queued.update(offsets)
-
-    @property
-    def commit_pending(self) -> bool:
-        return bool(self._queued) or self._sending
-
-    def forget(self, parts: Iterable[TopicPartition]) -> None:
-        for tp in parts:
-            self._queued.pop(tp, None)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.forget(offsets)  # the service would send it after this one (GroupMember.commit)
