@@ -12,6 +12,8 @@ kill tests shorten it, since a restart waits for the killed member's session to 
 import os
 import time
 
+from _settings import consumer  # tests/jobs: `streamcore run` puts a job's folder on the path
+
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 
 if os.environ.get("BREAK_COMMIT_ORDER") == "1":
@@ -38,11 +40,8 @@ def stamp(v: dict[str, object]) -> dict[str, object]:
     return {**v, "w": worker}
 
 
-session = os.environ.get("SESSION_TIMEOUT_MS")
 job = Job(os.environ["JOB"], config=WorkerConfig(
-    producer={"linger.ms": linger},
-    consumer={"fetch.wait.max.ms": 20, **({"session.timeout.ms": int(session)} if session
-                                          else {})}))
+    producer={"linger.ms": linger}, consumer=consumer({"fetch.wait.max.ms": 20})))
 (job.stream(KafkaSource(os.environ["IN"], value=JSON))
     .map(stamp)
     .key_by(lambda v: str(v["p"]))

@@ -15,6 +15,8 @@ catches it.
 import os
 import time
 
+from _settings import consumer  # tests/jobs: `streamcore run` puts a job's folder on the path
+
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 
 if os.environ.get("BREAK_STATE_ORDER") == "1":
@@ -45,10 +47,9 @@ def add(a: dict[str, object], v: dict[str, int]) -> dict[str, object]:
     return new
 
 
-consumer: dict[str, object] = {"fetch.wait.max.ms": int(os.environ.get("FETCH_WAIT_MS", "20"))}
-if os.environ.get("SESSION_TIMEOUT_MS"):
-    consumer["session.timeout.ms"] = int(os.environ["SESSION_TIMEOUT_MS"])
-job = Job(os.environ["JOB"], config=WorkerConfig(consumer=consumer, commit_interval="300ms"))
+job = Job(os.environ["JOB"], config=WorkerConfig(
+    consumer=consumer({"fetch.wait.max.ms": int(os.environ.get("FETCH_WAIT_MS", "20"))}),
+    commit_interval="300ms"))
 (job.stream(KafkaSource(os.environ["IN"], value=JSON))
     .key_by(lambda v: f"k{v['seq'] % 20}")
     .aggregate(lambda: {"n": 0, "sum": 0}, add, name="totals")

@@ -10,14 +10,13 @@ the consumer's session.timeout.ms (default: streamcore's, 6000).
 
 import os
 
+from _settings import consumer  # tests/jobs: `streamcore run` puts a job's folder on the path
+
 from streamcore import JSON, Job, KafkaSink, KafkaSource, Tumbling, WorkerConfig
 
 BASE = 1_700_000_000_000
 
-session = os.environ.get("SESSION_TIMEOUT_MS")
-job = Job(os.environ["JOB"], config=WorkerConfig(
-    commit_interval="200ms",
-    consumer={"session.timeout.ms": int(session)} if session else {}))
+job = Job(os.environ["JOB"], config=WorkerConfig(commit_interval="200ms", consumer=consumer()))
 (job.stream(KafkaSource(os.environ["IN"], value=JSON,
                         timestamp=lambda v: BASE + v["seq"] * 10))
     .with_watermark("500ms")
