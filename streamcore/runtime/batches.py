@@ -18,24 +18,33 @@ is written). ``WorkerConfig(batch_execution=False)`` keeps record-at-a-time exec
 A step that raises on some record is rerun record by record for that batch, to find every
 failing record; each is taken out of the batch and its policy applied at its position when the
 batch is emitted.
+
+An aggregate whose one child is a sink, right after the run (W2's shape: ``aggregate(...)
+.to(sink)``), is fused too in continuous mode (:class:`FusedAggregate`): the state updates of
+the rows before the batch's first failure run in one loop, one cache call per record, and the
+sink writes their new states from columns. Their state being updated, every one of those rows
+is written, even by a task that is stopping. The rows from the first failure on go through the
+closures record by record, so that a failure under ``"fail"`` finds nothing after it in the
+state, as in record-at-a-time execution.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from itertools import compress
 from typing import Any
 
 from connectors.base import Message, ProducerBackend
-from streamcore.core.serde import BYTES, KEY
+from streamcore.core.serde import BYTES, INTERNAL_KEY, KEY
 from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.context import Emit, PartitionContext, StepFailed
 from streamcore.runtime.operators import compile_chain
 from streamcore.runtime.tracking import Batch
 
-__all__ = ["BatchedChain", "Columns", "FusedRun", "SinkColumns", "decode", "fusable_run",
-           "produce_rows"]
+__all__ = ["BatchRunner", "BatchedChain", "Columns", "FusedAggregate", "FusedRun", "SinkColumns",
+           "decode", "fusable_run", "produce_rows"]
 
 _FUSABLE = frozenset({OpKind.MAP, OpKind.FILTER, OpKind.KEY_BY, OpKind.PEEK,
                       OpKind.WITH_TIMESTAMPS})
@@ -260,6 +269,55 @@ def produce_rows(cols: Columns, ks: list[Any], vs: list[Any], msgs: list[Message
     return []
 
 
+class FusedAggregate:
+    """An aggregate step whose one child is a sink, after the fused run (continuous mode; see
+    the module docstring). The step's closure still takes the rows that :meth:`update`
+    leaves."""
+
+    def __init__(self, node: Node, sink: Node, ctx: PartitionContext,
+                 built: dict[int, Emit]) -> None:
+        assert node.name is not None and sink.sink is not None and node.fn is not None
+        self._apply = ctx.caches[node.name].update
+        self._fn = node.fn
+        self._step, self._policy = node.describe(), node.params.get("on_error")
+        topic = sink.sink.topic
+        self.sink = SinkColumns(sink, topic)
+        self.counter = next(c for c in ctx.sinks if c.topic == topic)
+        self.write = built[sink.id]  # the sink's closure: the exact error of what it refuses
+
+    @staticmethod
+    def fits(plan: PhysicalPlan, node: Node, ctx: PartitionContext) -> Node | None:
+        """The sink node if node is an aggregate this class can take, else None."""
+        if node.kind != OpKind.AGGREGATE or ctx.epochs or node.params.get("event_time") \
+                or node.name not in ctx.caches:
+            return None
+        kids = plan.children[node.id]
+        return kids[0] if len(kids) == 1 and kids[0].kind == OpKind.TO else None
+
+    def update(self, cols: Columns) -> Columns:
+        """Apply the step to the rows of cols before its first failure, in order, and take
+        them out of cols: returned as columns whose values are their new states. A row the
+        step raises on ends them; it is taken out of cols too, its failure noted."""
+        first = min(cols.failed) if cols.failed else None
+        upto = len(cols.idx) if first is None else bisect_left(cols.idx, first)
+        apply, fn, kser = self._apply, self._fn, INTERNAL_KEY.serialize
+        keys, values = cols.keys, cols.values
+        news: list[Any] = []
+        try:
+            for j in range(upto):
+                news.append(apply(kser(keys[j]), fn, values[j]))
+        except Exception as exc:
+            failed = StepFailed(self._step, self._policy, exc)
+            failed.__cause__ = exc
+            cols.failed[cols.idx[len(news)]] = failed
+            upto = len(news) + 1
+        n = len(news)
+        head = Columns(cols.idx[:n], keys[:n], news, cols.tss[:n])
+        cols.idx, cols.keys = cols.idx[upto:], keys[upto:]
+        cols.values, cols.tss = values[upto:], cols.tss[upto:]
+        return head
+
+
 class BatchedChain:
     """What batch-at-a-time execution of one partition's chain needs: the fused run, and
     either a sink that ends it (written from columns) or the closure of what follows."""
@@ -269,11 +327,16 @@ class BatchedChain:
         steps, after = fusable_run(plan, source)
         self.run = FusedRun(steps)
         self.sink: SinkColumns | None = None
+        self.agg: FusedAggregate | None = None
         self.tail: Emit = _nowhere
         if after is None:
             return
         # The closures compiled for the whole chain: never a second copy of a step.
         self.tail = compile_chain(plan, source, ctx, start=after, built=built)
+        agg_sink = FusedAggregate.fits(plan, after, ctx)
+        if agg_sink is not None:
+            self.agg = FusedAggregate(after, agg_sink, ctx, built)
+            return
         if after.kind == OpKind.TO or (after.kind == OpKind.REPARTITION and after is not source):
             assert after.sink is not None
             topic = plan.repartition_topic(after) if after.kind == OpKind.REPARTITION \
@@ -281,6 +344,148 @@ class BatchedChain:
             # The sink's closure counts its outputs there; the columns path counts on it too.
             self.counter = next(c for c in ctx.sinks if c.topic == topic)
             self.sink = SinkColumns(after, topic)
+
+
+class BatchRunner:
+    """Takes one partition task's fetched batches through its :class:`BatchedChain`: decode,
+    the fused steps, then the outputs (from columns where the chain allows, else through the
+    closures), each failed record's policy applied at its place. Owned by the partition task;
+    event loop only."""
+
+    def __init__(self, chain: BatchedChain, ctx: PartitionContext,
+                 failed: Callable[[Message, StepFailed], None],
+                 stopping: Callable[[], bool]) -> None:
+        self.chain = chain
+        self.ctx = ctx
+        self._failed = failed  # the record's error policy (raises under "fail")
+        self._stopping = stopping  # the task is stopping: the rest of a batch may be left
+
+    async def take(self, msgs: list[Message], batch: Batch,
+                   vde: Callable[[bytes], Any], kde: Callable[[bytes], Any] | None,
+                   ts_of: Callable[[Any], int] | None) -> int:
+        """Decode, the fused steps over the whole batch, then each surviving record to what
+        follows, in order, with the policy of each failed record applied at its place.
+        Returns how many of msgs were taken (fewer when the task stops while waiting for room
+        in the producer)."""
+        b = self.chain
+        ctx = self.ctx
+        cols = decode(msgs, vde, kde, ts_of)
+        b.run.apply(cols)
+        if b.agg is not None:  # the head of the batch through the fused aggregate; cols the rest
+            head = b.agg.update(cols)
+            if head.idx:
+                await self._write_aggregated(msgs, batch, head)
+        elif b.sink is not None:
+            serialized = b.sink.serialize(cols)
+            if serialized is not None:
+                return await self._write_columns(msgs, batch, cols, serialized, b.sink,
+                                                 b.counter, stop_early=True)
+        failed = cols.failed
+        order = sorted(failed)
+        nf, fi = len(order), 0
+        tail = b.tail
+        for i, k, v, t in zip(cols.idx, cols.keys, cols.values, cols.tss, strict=True):
+            while fi < nf and order[fi] < i:
+                self._failed(msgs[order[fi]], failed[order[fi]])
+                fi += 1
+            m = ctx.msg = msgs[i]
+            try:
+                tail(k, v, t)
+            except StepFailed as step_failed:
+                self._failed(m, step_failed)
+            except Exception:
+                batch.seal((m.offset() or 0) - 1)  # as record-at-a-time: see below
+                raise
+            if ctx.blocked and await self._unblocked(batch):
+                return i + 1
+        return await self._failed_after(msgs, batch, order[fi:], failed)
+
+    async def _write_columns(self, msgs: list[Message], batch: Batch, cols: Columns,
+                             serialized: tuple[list[Any], list[Any]], sink: SinkColumns,
+                             counter: Any, *, stop_early: bool) -> int:
+        """A batch whose chain ends in a sink after the fused steps: its serialized outputs to
+        the producer, each failed record's policy at its place. A full queue is waited out;
+        with stop_early, a task stopping meanwhile leaves the rest of the batch to the next
+        owner. Returns how many of msgs were taken."""
+        ctx = self.ctx
+        failed = cols.failed
+        order = sorted(failed)
+        nf, fi = len(order), 0
+        vs, ks = serialized
+        topic, with_headers = sink.topic, sink.headers
+        producer = ctx.producer
+        produce, held, ack = producer.produce, ctx.outbox.held, batch.ack
+        rows: Iterable[tuple[int, Any, Any, int]]
+        if not failed and not held:  # all at once; what it hands back goes on below
+            rows = produce_rows(cols, ks, vs, msgs, with_headers, producer, topic, batch,
+                                counter)
+        else:
+            rows = zip(cols.idx, ks, vs, cols.tss, strict=True)
+        for i, k, v, t in rows:  # failures in between, or what a full queue refused
+            while fi < nf and order[fi] < i:
+                self._failed(msgs[order[fi]], failed[order[fi]])
+                fi += 1
+            m = msgs[i]
+            h = m.headers() if with_headers else None
+            batch.pending += 1
+            counter.n += 1
+            if not held:  # Outbox.send, inlined (as the sink's closure does)
+                try:
+                    produce(topic, v, k, -1, ack, None, t, h)
+                    continue
+                except BufferError:
+                    pass
+                except Exception as exc:
+                    batch.seal((m.offset() or 0) - 1)
+                    raise producer.delivery_error(topic, exc) from exc
+            held.append((topic, v, k, -1, ack, t, h))
+            ctx.blocked = True
+            ctx.msg = m
+            if await self._unblocked(batch) and stop_early:
+                return i + 1
+            produce = producer.produce  # epoch mode may have re-pointed it meanwhile
+        return await self._failed_after(msgs, batch, order[fi:], failed)
+
+    async def _write_aggregated(self, msgs: list[Message], batch: Batch,
+                                head: Columns) -> None:
+        """The new states of the rows a fused aggregate updated, to its sink, every one of
+        them (their state is updated: a stopping task still writes them)."""
+        agg = self.chain.agg
+        assert agg is not None
+        serialized = agg.sink.serialize(head)
+        if serialized is not None:
+            await self._write_columns(msgs, batch, head, serialized, agg.sink, agg.counter,
+                                      stop_early=False)
+            return
+        ctx = self.ctx  # a state the sink's serde refuses: its closure raises the exact error
+        for i, k, v, t in zip(head.idx, head.keys, head.values, head.tss, strict=True):
+            m = ctx.msg = msgs[i]
+            try:
+                agg.write(k, v, t)
+            except Exception:
+                batch.seal((m.offset() or 0) - 1)
+                raise
+            if ctx.blocked:
+                await self._unblocked(batch)
+
+    async def _failed_after(self, msgs: list[Message], batch: Batch, rest: list[int],
+                            failed: dict[int, StepFailed]) -> int:
+        """The policies of the failed records after the last output, then all of msgs are
+        taken."""
+        ctx = self.ctx
+        for i in rest:
+            ctx.msg = msgs[i]
+            self._failed(msgs[i], failed[i])
+        if ctx.blocked:  # a dead-letter write waits for room like any output
+            await ctx.wait_unblocked()
+            ctx.batch = batch
+        return len(msgs)
+
+    async def _unblocked(self, batch: Batch) -> bool:
+        """Wait for room in the producer; True if the task is stopping meanwhile."""
+        await self.ctx.wait_unblocked()
+        self.ctx.batch = batch
+        return self._stopping()
 
 
 def _nowhere(key: Any, value: Any, ts: int) -> None:

@@ -88,9 +88,9 @@ class OperatorHooks:
 
 
 class PartitionContext:
-    __slots__ = ("batch", "blocked", "collected", "epochs", "event_time", "failed", "hooks",
-                 "lanes", "late_records", "msg", "now_ms", "open_state", "outbox", "partition",
-                 "producer", "sinks", "tables", "timed_steps", "topic")
+    __slots__ = ("batch", "blocked", "caches", "collected", "epochs", "event_time", "failed",
+                 "hooks", "lanes", "late_records", "msg", "now_ms", "open_state", "outbox",
+                 "partition", "producer", "sinks", "tables", "timed_steps", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
                  open_state: OpenState | None = None,
@@ -98,6 +98,7 @@ class PartitionContext:
                  epochs: bool = False) -> None:
         self.epochs = epochs  # epoch mode: operators may gather per epoch (hooks.commit)
         self.open_state = open_state  # (step name, dumps, loads) -> the step's store cache
+        self.caches: dict[str, StateCache] = {}  # aggregate step name -> its cache (batches)
         self.tables = tables or {}  # TABLE node id -> its global table
         self.topic = topic
         self.partition = partition

@@ -264,6 +264,7 @@ def _make_aggregate(node: Node, down: Emit, ctx: PartitionContext, step: str,
     assert name is not None and ctx.open_state is not None
     serde = node.params["value"]
     cache = ctx.open_state(name, serde.serialize, serde.deserialize)
+    ctx.caches[name] = cache
     kser = INTERNAL_KEY.serialize
     update: Any = node.fn
     batch_fn = node.params.get("batch_fn")

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from connectors.base import Message, PartitionReader, ProducerBackend, TopicPartition
@@ -36,7 +36,7 @@ from streamcore.core.logs import BurstLogger
 from streamcore.core.serde import BYTES, KEY
 from streamcore.plan.graph import Node
 from streamcore.plan.physical import PhysicalPlan
-from streamcore.runtime.batches import BatchedChain, decode, produce_rows
+from streamcore.runtime.batches import BatchedChain, BatchRunner
 from streamcore.runtime.context import Emit, GlobalTableView, PartitionContext, StepFailed
 from streamcore.runtime.eventtime import EventTime
 from streamcore.runtime.operators import compile_chain
@@ -109,7 +109,8 @@ class PartitionTask:
         try:
             built: dict[int, Emit] = {}  # node id -> closure, shared by both compiles
             self._chain = compile_chain(plan, source, self.ctx, built=built)
-            self._batched = BatchedChain(plan, source, self.ctx, built) \
+            self._batched = BatchRunner(BatchedChain(plan, source, self.ctx, built), self.ctx,
+                                        self._record_failed, lambda: self._closing) \
                 if batch_execution else None
         except BaseException:
             self.close_stores()
@@ -408,7 +409,7 @@ class PartitionTask:
                     msgs = data
             try:
                 if self._batched is not None:
-                    kept = await self._take_batch(msgs, batch, vde, kde, ts_of)
+                    kept = await self._batched.take(msgs, batch, vde, kde, ts_of)
                     if kept < len(msgs):  # stopping: the rest of the batch is the next owner's
                         self._queued -= len(msgs) - kept
                         msgs = msgs[:kept]
@@ -492,88 +493,6 @@ class PartitionTask:
         if self.paused and self._queued <= self._low:
             self.paused = False
             self._resume(self.tp)
-
-    async def _take_batch(self, msgs: list[Message], batch: Batch,
-                          vde: Callable[[bytes], Any], kde: Callable[[bytes], Any] | None,
-                          ts_of: Callable[[Any], int] | None) -> int:
-        """Batch-at-a-time (streamcore.runtime.batches): decode, the fused steps over the
-        whole batch, then each surviving record to what follows, in order, with the policy of
-        each failed record applied at its place. Returns how many of msgs were taken (fewer
-        when the task stops while waiting for room in the producer)."""
-        b = self._batched
-        assert b is not None
-        ctx = self.ctx
-        cols = decode(msgs, vde, kde, ts_of)
-        b.run.apply(cols)
-        failed = cols.failed
-        order = sorted(failed)
-        nf, fi = len(order), 0
-        serialized = b.sink.serialize(cols) if b.sink is not None else None
-        if serialized is not None:
-            assert b.sink is not None
-            vs, ks = serialized
-            topic, with_headers, counter = b.sink.topic, b.sink.headers, b.counter
-            producer = ctx.producer
-            produce, held, ack = producer.produce, ctx.outbox.held, batch.ack
-            rows: Iterable[tuple[int, Any, Any, int]]
-            if not failed and not held:  # all at once; what it hands back goes on below
-                rows = produce_rows(cols, ks, vs, msgs, with_headers, producer, topic, batch,
-                                    counter)
-            else:
-                rows = zip(cols.idx, ks, vs, cols.tss, strict=True)
-            for i, k, v, t in rows:  # failures in between, or what a full queue refused
-                while fi < nf and order[fi] < i:
-                    self._record_failed(msgs[order[fi]], failed[order[fi]])
-                    fi += 1
-                m = msgs[i]
-                h = m.headers() if with_headers else None
-                batch.pending += 1
-                counter.n += 1
-                if not held:  # Outbox.send, inlined (as the sink's closure does)
-                    try:
-                        produce(topic, v, k, -1, ack, None, t, h)
-                        continue
-                    except BufferError:
-                        pass
-                    except Exception as exc:
-                        batch.seal((m.offset() or 0) - 1)
-                        raise producer.delivery_error(topic, exc) from exc
-                held.append((topic, v, k, -1, ack, t, h))
-                ctx.blocked = True
-                ctx.msg = m
-                if await self._unblocked(batch):
-                    return i + 1
-                produce = producer.produce  # epoch mode may have re-pointed it meanwhile
-        else:
-            tail = b.tail
-            for i, k, v, t in zip(cols.idx, cols.keys, cols.values, cols.tss, strict=True):
-                while fi < nf and order[fi] < i:
-                    self._record_failed(msgs[order[fi]], failed[order[fi]])
-                    fi += 1
-                m = ctx.msg = msgs[i]
-                try:
-                    tail(k, v, t)
-                except StepFailed as step_failed:
-                    self._record_failed(m, step_failed)
-                except Exception:
-                    batch.seal((m.offset() or 0) - 1)  # as record-at-a-time: see below
-                    raise
-                if ctx.blocked and await self._unblocked(batch):
-                    return i + 1
-        while fi < nf:
-            ctx.msg = msgs[order[fi]]
-            self._record_failed(msgs[order[fi]], failed[order[fi]])
-            fi += 1
-        if ctx.blocked:  # a dead-letter write waits for room like any output
-            await ctx.wait_unblocked()
-            ctx.batch = batch
-        return len(msgs)
-
-    async def _unblocked(self, batch: Batch) -> bool:
-        """Wait for room in the producer; True if the task is stopping meanwhile."""
-        await self.ctx.wait_unblocked()
-        self.ctx.batch = batch
-        return self._closing
 
     # -- epoch mode (streamcore.runtime.epochs) ------------------------------------------
     @property

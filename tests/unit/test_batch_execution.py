@@ -71,9 +71,18 @@ def _job(chain: list[Step], policy: str, tail: str, batch: bool) -> Job:
     for step in chain:
         kw = {} if step.policy is None else {"on_error": step.policy}
         s = getattr(s, step.kind)(_fn(step), **kw)
-    if tail == "aggregate":  # a stateful step after the fused run (a closure per record)
+    if tail == "aggregate":  # a stateful step behind a repartition, then a sink
         s = s.key_by(lambda v: f"k{v % 3}").aggregate(
             lambda: 0, lambda total, v: total + v, name="sum").to_stream()
+    elif tail.startswith("aggregate-"):  # fused with the run (batches.FusedAggregate)
+        agg_policy = tail.removeprefix("aggregate-")
+        on_error: dict[str, Any] = {} if agg_policy == "job" else {"on_error": agg_policy}
+
+        def add(total: int, v: int) -> int:
+            if v % 13 == 0:
+                raise ValueError(f"aggregate refuses {v}")
+            return total + v
+        s = s.aggregate(lambda: 0, add, name="sum", **on_error).to_stream()
     elif tail == "fan-out":  # two sinks after the run
         s.to(KafkaSink("side", key=STR, value=JSON))
     s.to(KafkaSink("out", key=STR, value=JSON))
@@ -86,7 +95,11 @@ def _run(chain: list[Step], policy: str, tail: str, inputs: list[Any], batch: bo
         d.send_many("in", [(f"u{i % 4}", v) for i, v in enumerate(inputs)])
         d.advance_time("1s")
         failure = d.exception()
+        if tail.startswith("aggregate-") and failure is None:
+            d.crash()  # the state as restored from the changelog: what was committed
         return {
+            "state": dict(d.store("sum"))
+            if tail.startswith("aggregate-") and failure is None else {},
             "out": [(r.partition, r.key, r.value, r.timestamp) for r in d.read("out")],
             "side": [(r.partition, r.key, r.value) for r in d.read("side")]
             if tail == "fan-out" else [],
@@ -101,7 +114,8 @@ def _run(chain: list[Step], policy: str, tail: str, inputs: list[Any], batch: bo
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chain=st.lists(steps, min_size=1, max_size=5),
        policy=st.sampled_from(POLICIES),
-       tail=st.sampled_from(["sink", "sink", "aggregate", "fan-out"]),
+       tail=st.sampled_from(["sink", "sink", "aggregate", "fan-out", "aggregate-job",
+                             *(f"aggregate-{p}" for p in POLICIES)]),
        inputs=st.lists(st.integers(1, 200), min_size=1, max_size=60))
 def test_batch_execution_equals_record_execution(chain: list[Step], policy: str, tail: str,
                                                  inputs: list[int]) -> None:
@@ -139,6 +153,48 @@ def test_a_failure_in_the_middle_of_a_batch_is_handled_at_its_place(policy: str)
         assert committed in ({}, {0: 4})  # never past the failing record (offset 4)
     else:
         assert out == [10, 20, 30, 40, 60, 70, 80, 90, 100]
+        assert dlq == ([b"5"] if policy == "dead_letter" else [])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_an_aggregate_failing_in_the_middle_of_a_batch_leaves_the_same_state(
+        policy: str) -> None:
+    """aggregate(...).to(sink) is fused (batches.FusedAggregate): one fetched batch of 10, the
+    aggregate failing on the 5th. The outputs, the DLQ, the committed offsets and the state
+    (as restored from the changelog after a crash) are those of record-at-a-time execution:
+    under "fail" nothing after the failing record reaches the state."""
+    results = {}
+    for batch in (True, False):
+        job = Job("agg", on_error=policy, config=WorkerConfig(batch_execution=batch))
+
+        def add(total: int, v: int) -> int:
+            if v == 5:
+                raise ValueError("five")
+            return total + v
+
+        (job.stream(KafkaSource("in", key=STR, value=JSON)).map(lambda v: v * 1)
+            .aggregate(lambda: 0, add, name="sum").to(KafkaSink("out", key=STR, value=JSON)))
+        with TestDriver(job) as d:
+            d.send_many("in", [(f"k{v % 2}", v) for v in range(1, 11)])
+            d.advance_time("1s")
+            out = [(r.key, r.value) for r in d.read("out")]
+            dlq = [r.value for r in d.read("agg-dlq")] if "agg-dlq" in d.cluster.topics \
+                else []
+            failure, committed = type(d.exception()).__name__, d.committed("in")
+            state = {}
+            if policy != "fail":
+                d.crash()
+                state = dict(d.store("sum"))
+            results[batch] = (out, dlq, failure, committed, state)
+    assert results[True] == results[False]
+    out, dlq, failure, committed, state = results[True]
+    if policy == "fail":
+        assert out == [("k1", 1), ("k0", 2), ("k1", 4), ("k0", 6)]
+        assert failure == "UserFunctionError" and committed in ({}, {0: 4})
+    else:
+        assert out == [("k1", 1), ("k0", 2), ("k1", 4), ("k0", 6), ("k0", 12), ("k1", 11),
+                       ("k0", 20), ("k1", 20), ("k0", 30)]
+        assert state == {"k0": 30, "k1": 20}
         assert dlq == ([b"5"] if policy == "dead_letter" else [])
 
 
