@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,6 +384,17 @@ def _epoch_rows(args: argparse.Namespace) -> list[str]:
     return rows
 
 
+def _variants(choice: str) -> Iterator[str]:
+    """The client-settings variants of a W1 or W2 run ("both": equal, then defaults), each
+    set in BENCH_SETTINGS while it runs; "equal" again afterwards."""
+    try:
+        for variant in ("equal", "defaults") if choice == "both" else (choice,):
+            os.environ["BENCH_SETTINGS"] = variant
+            yield variant
+    finally:
+        os.environ["BENCH_SETTINGS"] = "equal"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--w1-records", type=int, default=500_000)
@@ -417,8 +428,7 @@ def main() -> int:
         print("\n".join(_epoch_rows(args)))
         return 0
     if args.only in (None, "w1"):
-        for variant in ("equal", "defaults") if args.settings == "both" else (args.settings,):
-            os.environ["BENCH_SETTINGS"] = variant
+        for variant in _variants(args.settings):
             pairs = []
             for i in range(args.repeat):
                 pair = (run_w1("raw", args.w1_records), run_w1("streamcore", args.w1_records))
@@ -428,12 +438,10 @@ def main() -> int:
                           f"rec/s {r.cpu_us:5.1f} us CPU/record {r.rss_mb:4.0f} MB peak RSS "
                           f"(startup {r.startup_s:.1f}s, {r.outputs} outputs)", flush=True)
             rows += _paired_rows(f"W1 stateless, {variant} settings", pairs, target=0.85)
-        os.environ["BENCH_SETTINGS"] = "equal"
     if args.only in (None, "w2"):
         # As W1: "defaults" is streamcore's aggregate with its own client defaults against
         # the raw W1 loop with librdkafka's; "equal" gives both W1's tuned settings.
-        for variant in ("equal", "defaults") if args.settings == "both" else (args.settings,):
-            os.environ["BENCH_SETTINGS"] = variant
+        for variant in _variants(args.settings):
             pairs = []
             for i in range(args.repeat):
                 pairs.append((run_w1("raw", args.w1_records),
@@ -447,7 +455,6 @@ def main() -> int:
             rows.append(f"W2 restore after the run {w2.in_worker.get('restored', 0)} "
                         f"changelog records, {w2.in_worker.get('rate', 0.0):,.0f} records/s "
                         "per store (small stores: dominated by the fixed end-of-log check)")
-        os.environ["BENCH_SETTINGS"] = "equal"
     if args.only in (None, "w2", "w2win"):
         pairs = []
         for i in range(args.repeat):

@@ -394,7 +394,7 @@ class BatchRunner:
             except StepFailed as step_failed:
                 self._failed(m, step_failed)
             except Exception:
-                batch.seal((m.offset() or 0) - 1)  # as record-at-a-time: see below
+                batch.seal((m.offset() or 0) - 1)  # as record-at-a-time execution does
                 raise
             if ctx.blocked and await self._unblocked(batch):
                 return i + 1
