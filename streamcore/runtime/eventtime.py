@@ -10,6 +10,13 @@ Inputs of a task's watermark:
   ``streamcore.watermark`` = ``b"<upstream task>|<ms>"``) that the upstream task writes to
   every partition of the topic whenever its watermark has advanced, at each commit.
 
+A task between two repartitions (it reads markers and writes them) does not forward its own
+combined watermark but each of its inputs by name, ``<task>><upstream task>``, several
+entries to a marker (``;`` between them): the last task of the chain saves them with its
+state (below), and the task in the middle, which has no store, starts empty after a restart.
+Had it forwarded its minimum over the inputs that have reported since, one upstream task
+that is behind and silent would no longer hold the last task back.
+
 The task's watermark combines the inputs that have reported by the policy ``min`` (Spark's
 default: the slowest input holds it back) or ``max``; an upstream input whose watermark has
 not moved for ``idle_timeout`` of processing time is left out, so that an idle partition
@@ -33,14 +40,34 @@ from collections.abc import Callable
 from connectors.base import Message, Outbox
 from streamcore.runtime.tracking import Batch
 
-__all__ = ["MARKER_HEADER", "NO_WATERMARK", "EventTime", "marker"]
+__all__ = ["MARKER_HEADER", "NO_WATERMARK", "EventTime", "marker", "still_feeds"]
 
 MARKER_HEADER = "streamcore.watermark"
 NO_WATERMARK = -(2**62)  # before any input reported: nothing is late, nothing closes
 
 
-def marker(task: str, watermark: int) -> list[tuple[str, bytes]]:
-    return [(MARKER_HEADER, f"{task}|{watermark}".encode())]
+# What the end of a batch leaves for the watermark: the with_watermark steps' values, those
+# and the inputs' that count (idle ones left out), and the settled inputs if they moved.
+Captured = tuple[list[int], list[int], dict[str, int] | None]
+
+
+def marker(entries: dict[str, int]) -> list[tuple[str, bytes]]:
+    """The header of a marker record: input name -> watermark (Kafka topic names hold
+    neither ``|`` nor ``;``)."""
+    return [(MARKER_HEADER, ";".join(f"{name}|{wm}" for name, wm in entries.items()).encode())]
+
+
+def still_feeds(task: str, reader: str, writes_to: Callable[[str, str], bool]) -> bool:
+    """Whether the input named task still writes markers to the topic reader, through each
+    hop of its path (``"mid:0>in:1"``: in writes to mid, mid to reader); writes_to(topic,
+    reader) asks the plan. A saved watermark of an input that no longer does (the job
+    changed) must not hold the watermark back for ever."""
+    for hop in task.split(">"):
+        topic = hop.rpartition(":")[0]
+        if not writes_to(topic, reader):
+            return False
+        reader = topic
+    return True
 
 
 class EventTime:
@@ -63,7 +90,9 @@ class EventTime:
         self._local: list[list[int]] = []
         # upstream task -> [its watermark, processing time (ms) it last advanced]
         self._upstream: dict[str, list[int]] = {}
-        self.sent = NO_WATERMARK  # the watermark last written in markers
+        # What markers last carried: the entry of each input (see the module docstring)
+        self.sent: dict[str, int] = {}
+        self.local_wm = NO_WATERMARK  # the with_watermark steps' own, as last applied
         # The upstream watermarks as they stood after the last batch (every record before
         # their markers has been through the chain): what a restarted task may start from.
         self.settled: dict[str, int] = {}
@@ -73,7 +102,7 @@ class EventTime:
         self.feeds = feeds or (lambda task: True)
         # Continuous mode with map_async: (a batch's last offset, the inputs captured at its
         # end), applied once every record of the batch is through the chain (hold, release).
-        self.held: deque[tuple[int, tuple[list[int], dict[str, int] | None]]] = deque()
+        self.held: deque[tuple[int, Captured]] = deque()
 
     def step(self, delay_ms: int) -> list[int]:
         """A with_watermark step's box: the step writes box[0] = max event time seen."""
@@ -106,8 +135,9 @@ class EventTime:
             if m.value() is None and m.key() is None:
                 for name, raw in m.headers() or ():
                     if name == MARKER_HEADER:
-                        task, _, wm = raw.decode().partition("|")
-                        self.upstream(task, int(wm))
+                        for entry in raw.decode().split(";"):
+                            task, _, wm = entry.partition("|")
+                            self.upstream(task, int(wm))
                         break
                 else:
                     data.append(m)
@@ -115,23 +145,39 @@ class EventTime:
                 data.append(m)
         return data
 
-    def write_markers(self, outbox: Outbox, batch: Batch) -> None:
-        """The watermark to every partition of each target, as outputs of batch."""
-        self.sent = wm = self.watermark
-        headers = marker(self.task, wm)
+    def news(self) -> dict[str, int]:
+        """The entries that markers have not carried yet: this task's own watermark, or,
+        for a task that reads markers, its with_watermark steps' and each settled input's
+        under ``<task>><input>``."""
+        if not self.reads_markers:
+            entries = {self.task: self.watermark}
+        else:
+            entries = {f"{self.task}>{name}": wm for name, wm in self.settled.items()}
+            if self.local_wm != NO_WATERMARK:
+                entries[self.task] = self.local_wm
+        sent = self.sent
+        return {name: wm for name, wm in entries.items()
+                if wm != NO_WATERMARK and sent.get(name, NO_WATERMARK) < wm}
+
+    def write_markers(self, outbox: Outbox, batch: Batch, news: dict[str, int]) -> None:
+        """news (from :meth:`news`) to every partition of each target, as outputs of batch."""
+        self.sent = {**self.sent, **news}
+        headers = marker(news)
+        ts = max(0, min(news.values()))
         for topic, partitions in self.targets:
             for p in range(partitions):
                 batch.pending += 1
-                outbox.send(topic, None, None, p, batch.ack, max(wm, 0), headers)
+                outbox.send(topic, None, None, p, batch.ack, ts, headers)
 
-    def snapshot(self) -> tuple[int, list[int], dict[str, list[int]], int, dict[str, int]]:
+    def snapshot(self) -> tuple[int, int, list[int], dict[str, list[int]], dict[str, int],
+                                dict[str, int]]:
         """What an aborted epoch must go back to (epoch mode: taken at each commit)."""
-        return (self.watermark, [box[0] for box in self._local],
+        return (self.watermark, self.local_wm, [box[0] for box in self._local],
                 {k: list(v) for k, v in self._upstream.items()}, self.sent, self.settled)
 
-    def restore(self, snap: tuple[int, list[int], dict[str, list[int]], int,
+    def restore(self, snap: tuple[int, int, list[int], dict[str, list[int]], dict[str, int],
                                   dict[str, int]]) -> None:
-        self.watermark, local, upstream, self.sent, self.settled = snap
+        self.watermark, self.local_wm, local, upstream, self.sent, self.settled = snap
         self._moved = False
         for box, mx in zip(self._local, local, strict=False):
             box[0] = mx
@@ -139,25 +185,28 @@ class EventTime:
             box[0] = NO_WATERMARK
         self._upstream = {k: list(v) for k, v in upstream.items()}
 
-    def capture(self) -> tuple[list[int], dict[str, int] | None]:
+    def capture(self) -> Captured:
         """The inputs as they stand at the end of a batch: what :meth:`apply` turns into the
         watermark once every record of the batch has been through the chain."""
-        values = [mx - delay for mx, delay in self._local if mx != NO_WATERMARK]
+        local = [mx - delay for mx, delay in self._local if mx != NO_WATERMARK]
         settled = None
         if self._moved:  # every marker taken so far is settled once the batch is through
             settled = {k: v[0] for k, v in self._upstream.items()}
             self._moved = False
+        values = local
         if self._upstream:
             now = self.now_ms()
-            values.extend(wm for wm, at in self._upstream.values()
-                          if self.idle_timeout_ms is None or now - at < self.idle_timeout_ms)
-        return values, settled
+            values = local + [wm for wm, at in self._upstream.values()
+                              if self.idle_timeout_ms is None or now - at < self.idle_timeout_ms]
+        return local, values, settled
 
-    def apply(self, captured: tuple[list[int], dict[str, int] | None]) -> bool:
+    def apply(self, captured: Captured) -> bool:
         """Move the watermark to what captured gives; True if it moved forward."""
-        values, settled = captured
+        local, values, settled = captured
         if settled is not None:
             self.settled = settled
+        if local:
+            self.local_wm = max(self.local_wm, self._combine(local))
         if not values:
             return False
         new = self._combine(values)

@@ -239,13 +239,15 @@ class PartitionTask:
     def _send_markers(self) -> None:
         """Tell the tasks downstream of each repartition topic this task's watermark."""
         et = self.ctx.event_time
-        if et.targets and et.watermark > et.sent:
-            self._run_hooks([self._write_markers])
+        if et.targets:
+            news = et.news()
+            if news:
+                self._run_hooks([self._write_markers], news)
 
-    def _write_markers(self) -> None:
+    def _write_markers(self, news: dict[str, int]) -> None:
         ctx = self.ctx
         assert ctx.batch is not None
-        ctx.event_time.write_markers(ctx.outbox, ctx.batch)  # outputs of the hook's batch
+        ctx.event_time.write_markers(ctx.outbox, ctx.batch, news)  # the hook batch's outputs
         if ctx.outbox.held:
             ctx.blocked = True
 

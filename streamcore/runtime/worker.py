@@ -53,7 +53,7 @@ from streamcore.plan.physical import plan
 from streamcore.runtime import startup
 from streamcore.runtime.commits import CommitProtocol, ContinuousCommits
 from streamcore.runtime.epochs import EpochCommits, transactional_id
-from streamcore.runtime.eventtime import EventTime
+from streamcore.runtime.eventtime import EventTime, still_feeds
 from streamcore.runtime.partition import PartitionTask, TaskState
 from streamcore.runtime.progress import LatencyHistogram
 from streamcore.runtime.state import PartitionStores
@@ -369,12 +369,11 @@ class Worker:
         topics it forwards it to, and whether it reads upstream tasks' markers."""
         root = self.plan.source_for_topic(tp[0])
         idle = self.config.watermark_idle_timeout
-        writers = {r for r, t in self._marker_topics if t == tp[0]}
 
-        def feeds(task: str) -> bool:  # task: "topic:partition" of an upstream task
+        def writes_to(topic: str, reader: str) -> bool:
             try:
-                return self.plan.source_for_topic(task.rpartition(":")[0]).id in writers
-            except JobDefinitionError:
+                return (self.plan.source_for_topic(topic).id, reader) in self._marker_topics
+            except JobDefinitionError:  # no longer a topic of the job
                 return False
         return EventTime(
             f"{tp[0]}:{tp[1]}", policy=self.config.watermark_policy,
@@ -382,7 +381,7 @@ class Worker:
             now_ms=self.clock.now_ms,
             targets=[(t, n) for (r, t), n in self._marker_topics.items() if r == root.id],
             reads_markers=root.kind == OpKind.REPARTITION and has_watermark(root),
-            feeds=feeds)
+            feeds=lambda task: still_feeds(task, tp[0], writes_to))
 
     async def _revoke(self, parts: list[TopicPartition], *,
                       commit: bool) -> dict[TopicPartition, int]:

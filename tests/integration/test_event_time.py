@@ -132,29 +132,32 @@ def _caught_up(bootstrap: str, group: str, topic: str) -> None:
                60, f"{group} to read all of {topic}", interval=0.25)
 
 
-@pytest.mark.parametrize("mode", ["continuous", "epoch"])
+@pytest.mark.parametrize(("mode", "chain"), [("continuous", False), ("epoch", False),
+                                             ("continuous", True)])
 def test_a_restart_does_not_make_the_records_of_a_lagging_upstream_partition_late(
-        bootstrap: str, tmp_path: Path, mode: str) -> None:
+        bootstrap: str, tmp_path: Path, mode: str, chain: bool) -> None:
     # Partition 3 lags behind the others across a graceful restart (on a fresh state
     # directory: the window tasks restore from their changelogs). Its records must still
     # count: the restarted window tasks go on holding the watermark at partition 3's, as the
-    # first worker did, though partition 3 has written nothing since the restart.
+    # first worker did, though partition 3 has written nothing since the restart. With
+    # chain, a second repartition comes first: its tasks have no store.
     src, out, late, name = (unique("lag-in"), unique("lag-out"), unique("lag-late"),
                             unique("lag"))
     make_topics(bootstrap, src, out, late)
-    rep = f"{name}-counts-repartition"
+    reps = [f"{name}-mid-repartition"] * chain + [f"{name}-counts-repartition"]
 
     def seqs(lo: int, hi: int, parts: set[int]) -> list[tuple[None, dict[str, int], int]]:
         return [(None, {"seq": s}, s % 4) for s in range(lo, hi) if s % 4 in parts]
 
-    env = {"IN": src, "OUT": out, "LATE": late, "JOB": name}
+    env = {"IN": src, "OUT": out, "LATE": late, "JOB": name, "CHAIN": "1" if chain else "0"}
     args = ["--mode", "epoch", "--trigger", "300ms"] if mode == "epoch" else []
     produce(bootstrap, src, seqs(0, 200, {0, 1, 2, 3}))  # event time 0 to 2 s everywhere
     with worker_process("windowed.py", bootstrap,
                         {**env, "STREAMCORE_STATE_DIR": str(tmp_path / "a")}, args) as w:
         w.wait_for("assigned")
         wait_committed(bootstrap, name, src, 199)
-        _caught_up(bootstrap, name, rep)
+        for rep in reps:
+            _caught_up(bootstrap, name, rep)
         w.signal(signal.SIGTERM)
         assert w.wait(60) == 0, w.tail()
     produce(bootstrap, src, seqs(200, 600, {0, 1, 2}))  # 2 to 6 s, partition 3 still at 2 s
@@ -162,7 +165,8 @@ def test_a_restart_does_not_make_the_records_of_a_lagging_upstream_partition_lat
                         {**env, "STREAMCORE_STATE_DIR": str(tmp_path / "b")}, args) as w:
         w.wait_for("assigned")
         wait_committed(bootstrap, name, src, 499)
-        _caught_up(bootstrap, name, rep)  # partitions 0 to 2's markers are read
+        for rep in reps:
+            _caught_up(bootstrap, name, rep)  # partitions 0 to 2's markers are read
         produce(bootstrap, src, seqs(200, 600, {3}))  # partition 3 catches up
         _close_all(bootstrap, src, 600)
         rows = _windows(bootstrap, out, expect=len(_expected(600)),

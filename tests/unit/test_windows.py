@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from connectors.memory import MemoryMessage as Message
 from streamcore import (
     JSON,
     STR,
@@ -27,7 +28,7 @@ from streamcore import (
     WorkerConfig,
     processing_time,
 )
-from streamcore.runtime.eventtime import EventTime
+from streamcore.runtime.eventtime import EventTime, marker, still_feeds
 from streamcore.testing import TestDriver
 
 T0 = 1_700_000_040_000  # a multiple of one minute: windows start here
@@ -396,6 +397,33 @@ def test_a_restarted_window_task_still_waits_for_an_upstream_task_that_is_behind
         assert _rows(d) == [("a", 0, MIN, 3)] and d.read("late") == []
 
 
+@pytest.mark.parametrize("restart", ["crash", "graceful"])
+@pytest.mark.parametrize("trigger", [None, "300ms"], ids=["continuous", "epoch"])
+def test_a_task_between_two_repartitions_does_not_forget_an_upstream_task_that_is_behind(
+        restart: str, trigger: str | None) -> None:
+    # in -> "mid" repartition -> key_by -> window: the middle tasks have no store of their
+    # own. After the restart they must not tell the window task that partition 1 of "in"
+    # has caught up just because only partition 0 has reported since.
+    job = Job("w")
+    (job.stream(KafkaSource("in", key=STR, value=JSON)).with_watermark("0s")
+        .repartition(name="mid").key_by(lambda v: v["k"]).window(Tumbling("1m"))
+        .count(name="counts", late=KafkaSink("late", key=STR, value=JSON))
+        .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
+    with TestDriver(job, partitions=2, start_ms=T0, trigger=trigger) as d:
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 1_000, partition=0)
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 2_000, partition=1)
+        d.advance_time("1s")
+        d.commit()
+        d.crash() if restart == "crash" else d.restart()
+        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 5 * MIN, partition=0)
+        d.advance_time("1s")
+        assert _rows(d) == []
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 30_000, partition=1)
+        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 3 * MIN, partition=1)
+        d.advance_time("1s")
+        assert _rows(d) == [("a", 0, MIN, 3)] and d.read("late") == []
+
+
 def test_a_restarted_task_ignores_saved_watermarks_of_tasks_that_no_longer_feed_it() -> None:
     # The job changed its input from "old" to "in": the saved watermark of old:0 would hold
     # the minimum back for ever (no marker of old:0 will come again).
@@ -403,6 +431,37 @@ def test_a_restarted_task_ignores_saved_watermarks_of_tasks_that_no_longer_feed_
                    feeds=lambda task: task.startswith("in:"))
     et.resume({"old:0": 1_000, "in:0": 5_000, "in:1": 7_000})
     assert et.advance() and et.watermark == 5_000
+
+
+def test_a_saved_watermark_counts_only_while_every_hop_of_its_path_still_writes() -> None:
+    # in -> mid -> w-repartition; "old" used to write to mid.
+    routes = {("in", "mid"), ("mid", "w-repartition")}
+
+    def writes_to(topic: str, reader: str) -> bool:
+        return (topic, reader) in routes
+
+    assert still_feeds("mid:0", "w-repartition", writes_to)
+    assert still_feeds("mid:0>in:1", "w-repartition", writes_to)
+    assert not still_feeds("mid:0>old:1", "w-repartition", writes_to)
+    assert not still_feeds("in:1", "w-repartition", writes_to)  # not directly
+
+
+def test_a_task_between_repartitions_forwards_each_settled_input_by_name() -> None:
+    mid = EventTime("mid:0", reads_markers=True, targets=[("w-repartition", 2)])
+    mid.take_markers([Message("mid", 0, 5, None, None, 0, marker({"in:0": 4_000})),
+                      Message("mid", 0, 6, None, None, 0, marker({"in:1": 1_000}))])
+    assert mid.news() == {}  # nothing is settled before the batch is through the chain
+    assert mid.advance() and mid.watermark == 1_000
+    assert mid.news() == {"mid:0>in:0": 4_000, "mid:0>in:1": 1_000}
+    mid.sent = mid.news()
+    mid.take_markers([Message("mid", 0, 7, None, None, 0, marker({"in:1": 3_000}))])
+    mid.advance()
+    assert mid.news() == {"mid:0>in:1": 3_000}  # only what moved
+    # The task downstream reads both entries of one marker.
+    last = EventTime("w-repartition:0", reads_markers=True)
+    last.take_markers([Message("w-repartition", 0, 1, None, None, 0,
+                               marker({"mid:0>in:0": 4_000, "mid:0>in:1": 3_000}))])
+    assert last.advance() and last.watermark == 3_000
 
 
 @pytest.mark.parametrize("use_async", [False, True], ids=["map", "map_async"])
