@@ -211,9 +211,9 @@ class TimedStep:
                 if keep or not (batch is None or batch.pending == 0):
                     keep.append((item, batch))
                 elif type(item) is _SaveWatermark:
-                    if item.wm > self.saved_wm:
+                    if item.wm > self.saved_wm:  # after the tombstones of what it closed
                         self.saved_wm = item.wm
-                        self.cache.put(META, Ticks(item.wm))
+                        self.cache.put_last(META, Ticks(item.wm))
                 else:
                     self.expired(item)
                     self.expired_rows += 1

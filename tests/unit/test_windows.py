@@ -433,6 +433,28 @@ def test_a_restarted_task_ignores_saved_watermarks_of_tasks_that_no_longer_feed_
     assert et.advance() and et.watermark == 5_000
 
 
+def test_the_saved_watermark_reaches_the_changelog_after_the_windows_it_closed() -> None:
+    # Two watermark moves between commits, each closing a window. The saved watermark must
+    # follow both tombstones in the changelog: a crash in the middle of the flush must not
+    # leave it durable while a window it closed is still in the store (emitted again).
+    with TestDriver(_count_job(Tumbling("1m"), delay="100s", repartition=False),
+                    start_ms=T0) as d:
+        _send(d, "a", 10_000)
+        _send(d, "b", 70_000)
+        d.advance_time("1s")
+        d.commit()
+        d.read("w-counts-changelog")
+        _send(d, "c", 165_000)  # closes [0, 1m)
+        d.advance_time("1ms")
+        _send(d, "c", 225_000)  # closes [1m, 2m)
+        d.advance_time("1ms")
+        d.commit()
+        assert sorted(_rows(d)) == [("a", 0, MIN, 1), ("b", MIN, 2 * MIN, 1)]
+        log = [(r.key, r.value) for r in d.read("w-counts-changelog")]
+        assert [v for k, v in log if k.startswith(b"w")].count(None) == 2
+        assert log[-1] == (b"m", b"t%d" % (T0 + 125_000))
+
+
 def test_a_saved_watermark_counts_only_while_every_hop_of_its_path_still_writes() -> None:
     # in -> mid -> w-repartition; "old" used to write to mid.
     routes = {("in", "mid"), ("mid", "w-repartition")}
