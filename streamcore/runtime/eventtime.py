@@ -37,10 +37,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from connectors.base import Message, Outbox
+from connectors.base import Message, Outbox, TopicPartition
+from streamcore.core.errors import JobDefinitionError
+from streamcore.plan.analysis import has_watermark
+from streamcore.plan.graph import OpKind
+from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.tracking import Batch
 
-__all__ = ["MARKER_HEADER", "NO_WATERMARK", "EventTime", "marker", "still_feeds"]
+__all__ = ["MARKER_HEADER", "NO_WATERMARK", "EventTime", "MarkerRoutes", "marker",
+           "still_feeds"]
 
 MARKER_HEADER = "streamcore.watermark"
 NO_WATERMARK = -(2**62)  # before any input reported: nothing is late, nothing closes
@@ -229,3 +234,49 @@ class EventTime:
         while self.held and self.held[0][0] <= done:
             moved = self.apply(self.held.popleft()[1]) or moved
         return moved
+
+
+class MarkerRoutes:
+    """Which repartition topics carry event time and which sub-topologies write to them:
+    where each task writes its markers, whether it reads any, and which inputs still feed
+    it. Built once per worker at start (it asks the broker for partition counts)."""
+
+    def __init__(self, plan: PhysicalPlan | None = None,
+                 routes: dict[tuple[int, str], int] | None = None) -> None:
+        self.plan = plan
+        # (root node id of a writing sub-topology, repartition topic) -> partition count
+        self.routes = routes or {}
+
+    @classmethod
+    def of(cls, plan: PhysicalPlan, partition_count: Callable[[str], int]) -> MarkerRoutes:
+        routes: dict[tuple[int, str], int] = {}
+        for rep in plan.repartitions:
+            if not has_watermark(rep):
+                continue
+            topic = plan.repartition_topic(rep)
+            count = partition_count(topic)
+            parents = {p.id for p in rep.parents}
+            for sub in plan.subtopologies:  # the ones that write to it
+                if any(n.id in parents for n in sub.steps):
+                    for r in sub.roots:
+                        routes[(r.id, topic)] = count
+        return cls(plan, routes)
+
+    def writes_to(self, topic: str, reader: str) -> bool:
+        """Whether the sub-topology that reads topic writes markers to reader."""
+        assert self.plan is not None
+        try:
+            return (self.plan.source_for_topic(topic).id, reader) in self.routes
+        except JobDefinitionError:  # no longer a topic of the job
+            return False
+
+    def event_time(self, tp: TopicPartition, *, policy: str, idle_timeout_ms: int | None,
+                   now_ms: Callable[[], int]) -> EventTime:
+        """The watermark of the task for tp."""
+        assert self.plan is not None
+        root = self.plan.source_for_topic(tp[0])
+        return EventTime(
+            f"{tp[0]}:{tp[1]}", policy=policy, idle_timeout_ms=idle_timeout_ms, now_ms=now_ms,
+            targets=[(t, n) for (r, t), n in self.routes.items() if r == root.id],
+            reads_markers=root.kind == OpKind.REPARTITION and has_watermark(root),
+            feeds=lambda task: still_feeds(task, tp[0], self.writes_to))

@@ -41,19 +41,17 @@ from streamcore.core.clock import Clock, SystemClock
 from streamcore.core.errors import (
     ConfigError,
     FatalError,
-    JobDefinitionError,
     ProducerFenced,
     StreamcoreError,
 )
 from streamcore.core.logs import BurstLogger
-from streamcore.plan.analysis import has_watermark
 from streamcore.plan.graph import OpKind
 from streamcore.plan.logical import LogicalPlan
 from streamcore.plan.physical import plan
 from streamcore.runtime import startup
 from streamcore.runtime.commits import CommitProtocol, ContinuousCommits
 from streamcore.runtime.epochs import EpochCommits, transactional_id
-from streamcore.runtime.eventtime import EventTime, still_feeds
+from streamcore.runtime.eventtime import EventTime, MarkerRoutes
 from streamcore.runtime.partition import PartitionTask, TaskState
 from streamcore.runtime.progress import LatencyHistogram
 from streamcore.runtime.state import PartitionStores
@@ -127,28 +125,12 @@ class Worker:
         self.rebalances = 0
         self.last_poll = time.monotonic()
         self._one_topic: str | None = None  # the only topic subscribed (not a pattern)
-        self._marker_topics: dict[tuple[int, str], int] = {}  # see _watermark_routes
+        self._markers = MarkerRoutes()  # where watermarks go; set at start
         if not self._epochs and any(n.kind == OpKind.EMIT and n.params["mode"] == "complete"
                                     for n in self.plan.nodes):
             raise ConfigError("trigger", "complete output mode emits the whole result table "
                               "at every trigger: it needs epoch mode (--mode epoch, or "
                               "WorkerConfig(trigger='1s')), as in Spark")
-
-    def _watermark_routes(self) -> dict[tuple[int, str], int]:
-        """(root node id, repartition topic) -> its partition count, for each repartition
-        that carries event time, by the root of the sub-topology that writes to it."""
-        routes: dict[tuple[int, str], int] = {}
-        for rep in self.plan.repartitions:
-            if not has_watermark(rep):
-                continue
-            topic = self.plan.repartition_topic(rep)
-            count = self.clients.partition_count(topic)
-            parents = {p.id for p in rep.parents}
-            for sub in self.plan.subtopologies:  # the ones that write to it
-                if any(n.id in parents for n in sub.steps):
-                    for r in sub.roots:
-                        routes[(r.id, topic)] = count
-        return routes
 
     # -- public --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -225,7 +207,8 @@ class Worker:
         table_sizes = await self._loop.run_in_executor(
             None, startup.create_internal_topics, self.plan, self.clients)
         await self._open_tables(table_sizes)
-        self._marker_topics = await self._loop.run_in_executor(None, self._watermark_routes)
+        self._markers = await self._loop.run_in_executor(
+            None, MarkerRoutes.of, self.plan, self.clients.partition_count)
         topics = self.plan.subscription()
         self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         await self._producer.start()
@@ -365,23 +348,10 @@ class Worker:
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
 
     def _event_time(self, tp: TopicPartition) -> EventTime:
-        """The watermark of the task for tp (streamcore.runtime.eventtime): which repartition
-        topics it forwards it to, and whether it reads upstream tasks' markers."""
-        root = self.plan.source_for_topic(tp[0])
         idle = self.config.watermark_idle_timeout
-
-        def writes_to(topic: str, reader: str) -> bool:
-            try:
-                return (self.plan.source_for_topic(topic).id, reader) in self._marker_topics
-            except JobDefinitionError:  # no longer a topic of the job
-                return False
-        return EventTime(
-            f"{tp[0]}:{tp[1]}", policy=self.config.watermark_policy,
-            idle_timeout_ms=None if idle is None else int(float(idle) * 1000),
-            now_ms=self.clock.now_ms,
-            targets=[(t, n) for (r, t), n in self._marker_topics.items() if r == root.id],
-            reads_markers=root.kind == OpKind.REPARTITION and has_watermark(root),
-            feeds=lambda task: still_feeds(task, tp[0], writes_to))
+        return self._markers.event_time(
+            tp, policy=self.config.watermark_policy, now_ms=self.clock.now_ms,
+            idle_timeout_ms=None if idle is None else int(float(idle) * 1000))
 
     async def _revoke(self, parts: list[TopicPartition], *,
                       commit: bool) -> dict[TopicPartition, int]:
