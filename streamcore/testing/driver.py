@@ -18,12 +18,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from connectors.base import TopicPartition
 from connectors.memory import (
     ABORTED,
     OPEN,
     MemoryClients,
     MemoryCluster,
-    MemoryConsumer,
     murmur2_partition,
 )
 from streamcore.api.config import WorkerConfig, parse_duration
@@ -411,7 +411,12 @@ class TestDriver:
         run = self._run
         if w.exiting or (run is not None and run.cancelling()):
             return False
-        if not _caught_up(consumer, self.cluster) or consumer.returned != w.records_in:
+        positions = consumer.positions()
+        # The client's thread sets a partition's position after the engine's assignment
+        # callback (so that no fetch finds no task): until then it is not caught up.
+        if any(tp not in positions for tp in list(w.tasks)):
+            return False
+        if not _caught_up(positions, self.cluster) or consumer.returned != w.records_in:
             return False
         # Global tables follow their topics on their own threads: caught up too, so that a
         # join sees every table record sent before the stream record.
@@ -433,10 +438,10 @@ class TestDriver:
                          for (t, p), task in w.tasks.items()) or "no partition assigned"
 
 
-def _caught_up(consumer: MemoryConsumer, cluster: MemoryCluster) -> bool:
+def _caught_up(positions: dict[TopicPartition, int], cluster: MemoryCluster) -> bool:
     # Up to the last stable offset: in epoch mode, what an open transaction wrote (to a
     # repartition topic, say) is read once the epoch commits.
-    return all(pos >= cluster.stable_end(tp) for tp, pos in consumer.positions().items())
+    return all(pos >= cluster.stable_end(tp) for tp, pos in positions.items())
 
 
 _RAW = Serde("raw", lambda b: b, lambda b: b)

@@ -203,3 +203,31 @@ def test_a_failure_is_seen_however_long_the_worker_takes_to_stop() -> None:
         member.close = slow_close  # type: ignore[method-assign]
         d.send_many("in", [{"n": 1}, {"n": 2}, {"n": 3}])
         assert isinstance(d.exception(), UserFunctionError), d.exception()
+
+
+def test_records_sent_right_after_the_start_are_processed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The consumer's thread is slow (a busy machine) between the engine's assignment
+    callback and setting its fetch positions: the driver must not take the partitions it
+    has no position for yet as caught up. Before: the start and the send settled at once,
+    and read() found nothing (seen as rare flakes of driver tests on a loaded CI host)."""
+    import time
+
+    from connectors.memory import MemoryConsumer
+
+    subscribe = MemoryConsumer.subscribe
+
+    def slow_subscribe(self: MemoryConsumer, topics: Any, *, on_assign: Any,
+                       **kw: Any) -> None:
+        def assigned(parts: Any) -> None:
+            on_assign(parts)
+            time.sleep(0.05)  # descheduled before the positions are set
+
+        subscribe(self, topics, on_assign=assigned, **kw)
+
+    monkeypatch.setattr(MemoryConsumer, "subscribe", slow_subscribe)
+    job = Job("plain")
+    job.stream(KafkaSource("in", value=JSON)).map(lambda v: v).to(
+        KafkaSink("out", value=JSON))
+    with TestDriver(job, partitions=2) as d:
+        d.send_many("in", [{"i": i} for i in range(4)])
+        assert sorted(r.value["i"] for r in d.read("out")) == [0, 1, 2, 3]
