@@ -330,7 +330,9 @@ class MemoryProducer(ProducerBackend):
     answers fast) and its acknowledgement is served by the next :meth:`poll`, as librdkafka
     serves delivery reports. With ``hold`` set, records wait in flight (a slow broker) until
     :meth:`release`; with ``fail`` set, they never reach the cluster and their
-    acknowledgements report that error."""
+    acknowledgements report that error. With ``queue_limit``, a produce that finds that
+    many records in flight (held, or with a report not served yet) raises BufferError, as
+    librdkafka does when ``queue.buffering.max.messages`` is reached."""
 
     def __init__(self, cluster: MemoryCluster, transactional_id: str | None = None) -> None:
         self._cluster = cluster
@@ -344,6 +346,7 @@ class MemoryProducer(ProducerBackend):
         self._round_robin = itertools.count()
         self.hold = False
         self.hold_topics: frozenset[str] | None = None  # hold only these (None: all)
+        self.queue_limit: int | None = None
         self.fail: str | None = None
         self.dead = False  # a crashed process: nothing more reaches the cluster
         self.abort_commits = 0  # transaction commits still to fail (abortable)
@@ -357,6 +360,8 @@ class MemoryProducer(ProducerBackend):
         parts = self._cluster.topics.get(topic)
         if parts is None:
             raise KeyError(f"unknown topic {topic!r}")
+        if self.queue_limit is not None and self.in_flight() >= self.queue_limit:
+            raise BufferError("Local: Queue full")
         if partition < 0:
             partition = (murmur2_partition(key, len(parts)) if key is not None
                          else next(self._round_robin) % len(parts))
@@ -451,6 +456,10 @@ class MemoryProducer(ProducerBackend):
 
     def in_flight(self) -> int:
         return len(self._held) + len(self._reports)
+
+    def held(self) -> int:
+        """Records in flight that only :meth:`release` lets go."""
+        return len(self._held)
 
     def close(self) -> None:
         self._held.clear()

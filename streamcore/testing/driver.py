@@ -134,6 +134,7 @@ class TestDriver:
         self._run: asyncio.Task[None] | None = None
         self._hold = False
         self._hold_topics: frozenset[str] | None = None
+        self._queue_limit: int | None = None
         self._fail: str | None = None
         for node in self.plan.sources:
             assert node.source is not None
@@ -185,18 +186,23 @@ class TestDriver:
                 self._loop.run_until_complete(self._run)
         self._start()
 
-    def restart(self) -> None:
+    def restart(self, *, release_acks: bool = False) -> None:
         """As SIGTERM, then a restart: the worker finishes what it took, commits and leaves;
-        the new one resumes from the committed offsets and restores its stores."""
-        self._stop()
+        the new one resumes from the committed offsets and restores its stores. With
+        release_acks, acknowledgements held by :meth:`hold_acks` come once the worker has
+        been asked to stop (a slow broker that answers during the shutdown)."""
+        self._stop(release_acks=release_acks)
         if self._run is not None and not self._run.done():
             raise AssertionError(f"the worker did not stop within {self._timeout}s")
         self._start()
 
-    def _stop(self) -> None:
+    def _stop(self, *, release_acks: bool = False) -> None:
         """Ask the worker to stop gracefully and wait for it (up to the timeout)."""
         assert self._run is not None
         self._running().stop()
+        if release_acks:
+            self._hold = False
+            self._apply_ack_mode()
         self._loop.run_until_complete(asyncio.wait([self._run], timeout=self._timeout))
 
     # -- input -----------------------------------------------------------------------------
@@ -308,6 +314,15 @@ class TestDriver:
         self._apply_ack_mode()
         self._settle()
 
+    def limit_queue(self, records: int | None) -> None:
+        """Give the producer a local queue of that many records in flight (None: no limit):
+        an output beyond it waits for room, as when librdkafka's
+        ``queue.buffering.max.messages`` is reached. With :meth:`hold_acks`, room comes
+        only when the acknowledgements do; the job counts as settled while it waits."""
+        self._queue_limit = records
+        self._apply_ack_mode()
+        self._settle()
+
     def fail_acks(self, reason: str | None = "the broker rejected the record") -> None:
         """Fail every acknowledgement from now on (None: stop failing them)."""
         self._fail = reason
@@ -360,6 +375,7 @@ class TestDriver:
         if producer is not None:
             producer.hold, producer.fail = self._hold, self._fail
             producer.hold_topics = self._hold_topics
+            producer.queue_limit = self._queue_limit
             if not self._hold:
                 producer.release()
 
@@ -427,8 +443,18 @@ class TestDriver:
             return False
         if w.member.commit_pending:  # a commit not sent yet would be lost by crash()
             return False
-        return all(t.state is TaskState.RUNNING and (not t.queued or t.waiting_for_epoch)
-                   and t.tracker.all_sealed() for t in list(w.tasks.values()))
+        stuck = self._full_until_acks_come()
+        return all(t.state is TaskState.RUNNING and (
+            (t.ctx.blocked and stuck)
+            or ((not t.queued or t.waiting_for_epoch) and t.tracker.all_sealed()))
+            for t in list(w.tasks.values()))
+
+    def _full_until_acks_come(self) -> bool:
+        """The producer's queue is full and only held acknowledgements can make room: a
+        task waiting for room waits for the test (limit_queue with hold_acks)."""
+        producer = self._clients.last_producer if self._clients is not None else None
+        return (producer is not None and producer.queue_limit is not None
+                and producer.held() >= producer.queue_limit)
 
     def _describe(self) -> str:
         w = self._worker
