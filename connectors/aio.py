@@ -154,6 +154,18 @@ class AioMessage:
         return None
 
 
+def _leave_even_from_generation_0(c: AIOKafkaConsumer) -> None:
+    """Make stop() send LeaveGroup in the group's first generation too. aiokafka leaves only
+    from generation 1 on, Kafka's first; the local broker numbers the first one 0, so a member
+    stopped in it stayed in the group until its session expired and the next owner of its
+    partitions waited that long. The request carries no generation (LeaveGroup v0-v2); stop()
+    follows at once, so at most a heartbeat sent meanwhile carries it, and its answer no
+    longer matters."""
+    coordinator = getattr(c, "_coordinator", None)
+    if coordinator is not None and getattr(coordinator, "generation", None) == 0:
+        coordinator.generation = 1
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     """aiokafka's (eager) rebalance callbacks, handed to the engine's listener."""
 
@@ -290,6 +302,7 @@ class AioMember(QueuedCommits, GroupMember):
             try:  # aiokafka's stop() leaves the group without a revoke: give one first
                 await self.revoke(sorted(self._assigned))
             finally:
+                _leave_even_from_generation_0(self._c)
                 await self._c.stop()
 
     def observe_commits(self, seconds: Callable[[float], None]) -> None:
