@@ -54,6 +54,12 @@ class CommitProtocol(ABC):
         """A commit (an epoch's end) is under way: the test driver is not settled."""
         return False
 
+    @property
+    def awaiting_acks(self) -> bool:
+        """The commit under way waits only for its outputs' acknowledgements (the test
+        driver is settled if it holds them back)."""
+        return False
+
     async def start(self) -> None:  # noqa: B027
         """Before the worker joins its group (epoch mode registers its transactional id)."""
 

@@ -136,6 +136,7 @@ class EpochCommits(CommitProtocol):
         self.gate = asyncio.Event()  # closed while an epoch ends (PartitionTask waits)
         self.gate.set()
         self._lock = asyncio.Lock()  # one epoch end at a time: trigger, revoke, stop
+        self._awaiting_acks = False  # in step 3, waiting for the epoch's acknowledgements
         self._txn_thread = concurrent.futures.ThreadPoolExecutor(1, "sc-txn")
         self._in_txn = False
         self._epoch_started = time.monotonic()
@@ -154,6 +155,10 @@ class EpochCommits(CommitProtocol):
     @property
     def in_progress(self) -> bool:
         return self._lock.locked()
+
+    @property
+    def awaiting_acks(self) -> bool:
+        return self._awaiting_acks
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -385,6 +390,13 @@ class EpochCommits(CommitProtocol):
     async def _acknowledged(self, live: list[PartitionTask]) -> None:
         """Until every record of the epoch is acknowledged, delivery reports served here.
         The producer holds only this epoch's records: the next one's are kept back."""
+        self._awaiting_acks = True
+        try:
+            await self._until_acknowledged(live)
+        finally:
+            self._awaiting_acks = False
+
+    async def _until_acknowledged(self, live: list[PartitionTask]) -> None:
         producer = self._w.producer
         while True:
             producer.poll(0)

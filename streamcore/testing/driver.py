@@ -307,8 +307,9 @@ class TestDriver:
     # -- failure injection -------------------------------------------------------------------
     def hold_acks(self, hold: bool = True, *, topics: Iterable[str] | None = None) -> None:
         """Hold every acknowledgement back (outputs stay in flight, nothing is committed past
-        them) until hold_acks(False); with topics, only those topics' (one slow partition
-        leader while the others answer)."""
+        them; in epoch mode the ending epoch waits for them with its transaction open) until
+        hold_acks(False); with topics, only those topics' (one slow partition leader while
+        the others answer)."""
         self._hold = hold
         self._hold_topics = None if topics is None else frozenset(topics)
         self._apply_ack_mode()
@@ -439,7 +440,10 @@ class TestDriver:
         for table in list(w.tables.values()):
             if any(pos < self.cluster.end(tp) for tp, pos in dict(table.positions).items()):
                 return False
-        if w.committer.in_progress:  # an epoch is ending (or being aborted and read again)
+        # An epoch is ending (or being aborted and read again); one that waits only for
+        # acknowledgements the test holds back waits for the test.
+        if w.committer.in_progress and not (w.committer.awaiting_acks
+                                            and self._acks_held()):
             return False
         if w.member.commit_pending:  # a commit not sent yet would be lost by crash()
             return False
@@ -448,6 +452,10 @@ class TestDriver:
             (t.ctx.blocked and stuck)
             or ((not t.queued or t.waiting_for_epoch) and t.tracker.all_sealed()))
             for t in list(w.tasks.values()))
+
+    def _acks_held(self) -> bool:
+        producer = self._clients.last_producer if self._clients is not None else None
+        return producer is not None and producer.held() > 0
 
     def _full_until_acks_come(self) -> bool:
         """The producer's queue is full and only held acknowledgements can make room: a

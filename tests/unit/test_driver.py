@@ -82,19 +82,24 @@ def test_crash_before_a_commit_reprocesses_at_least_once() -> None:
         assert [r.value for r in d.read("out")] == [1, 11, 11, 21]
 
 
-def test_held_acknowledgements_hold_outputs_and_commits() -> None:
+@pytest.mark.parametrize("trigger", [None, "100ms"], ids=["continuous", "epochs"])
+def test_held_acknowledgements_hold_outputs_and_commits(trigger: str | None) -> None:
+    """In epoch mode too: before, an epoch waiting for held acknowledgements kept the driver
+    from settling, so the first step after hold_acks() timed out."""
     job = Job("copy", config=WorkerConfig(commit_interval="100ms"))
     job.stream(KafkaSource("in", value=JSON)).map(lambda v: {**v, "seen": True}).to(
         KafkaSink("out", value=JSON))
-    with TestDriver(job) as d:
+    with TestDriver(job, trigger=trigger) as d:
         d.hold_acks()
         d.send_many("in", [{"i": i} for i in range(3)])
         d.advance_time("1s")
         assert d.read("out") == [] and d.committed("in") == {}
+        d.send("in", {"i": 3})  # taken in while the epoch waits, committed with the next
+        assert d.read("out") == [] and d.committed("in") == {}
         d.hold_acks(False)
         d.advance_time("1s")
-        assert [r.value["i"] for r in d.read("out")] == [0, 1, 2]
-        assert d.committed("in") == {0: 3}
+        assert [r.value["i"] for r in d.read("out")] == [0, 1, 2, 3]
+        assert d.committed("in") == {0: 4}
 
 
 def test_failed_acknowledgements_stop_the_job_and_commit_nothing_past_them() -> None:
