@@ -184,8 +184,12 @@ class ContinuousCommits(CommitProtocol):
         # state stores (their changelog acknowledged too) so that everything is done.
         while time.monotonic() < deadline:
             w.producer.poll(0)
-            if all(t.tracker.failure is not None
-                   or (t.tracker.all_done() and t.state_settled()) for t in tasks):
+            # Outputs of the hooks that flush_state runs wait here if the producer had no
+            # room: the task's loop, which would hand them over, has ended.
+            held = [t for t in tasks if not t.hand_over_held()]
+            if not held and all(t.tracker.failure is not None
+                                or (t.tracker.all_done() and t.state_settled())
+                                for t in tasks):
                 break
             for t in tasks:
                 t.flush_state()

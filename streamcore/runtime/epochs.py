@@ -381,9 +381,12 @@ class EpochCommits(CommitProtocol):
                                          time.monotonic() + self._w.config.shutdown_timeout_s)
 
     async def _staged_sent(self, live: list[PartitionTask]) -> None:
-        """Until every staged changelog record is with the producer (before the gate opens:
-        one held for room then would be kept back for the next transaction)."""
-        while not all(t.stores is None or t.stores.staged_sent() for t in live):
+        """Until every staged changelog record, and every output of the hooks that staging
+        ran, is with the producer (before the gate opens: one held for room then would be
+        kept back for the next transaction, while the state change made with it commits in
+        this one)."""
+        while not all(t.hand_over_held() and (t.stores is None or t.stores.staged_sent())
+                      for t in live):
             self._w.producer.poll(0)
             await asyncio.sleep(0.001)
 

@@ -387,6 +387,9 @@ class PartitionTask:
                 self._drop_inbox()
                 return
             if not inbox:
+                if ctx.blocked:  # a hook's outputs wait for room: no batch will take them
+                    await ctx.wait_unblocked()
+                    continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -507,6 +510,16 @@ class PartitionTask:
         """Nothing in progress: no batch half-way, no async call out, no output held."""
         return not self.busy and not self._in_lanes() \
             and not self.ctx.blocked
+
+    def hand_over_held(self) -> bool:
+        """Hand outputs held for room to the producer (the hooks run at a stop or an epoch's
+        end, after the task's loop has ended or while it waits); True when none is left."""
+        ctx = self.ctx
+        if not ctx.outbox.retry():
+            return False
+        if ctx.blocked and all(len(lane) < lane.concurrency for lane in ctx.lanes):
+            ctx.blocked = False
+        return True
 
     def stage_epoch(self) -> None:
         """The end of an epoch: the commit hooks, then the stores' changes to their

@@ -374,6 +374,24 @@ def test_the_watermark_across_a_repartition_is_the_minimum_of_the_upstream_tasks
         assert {t.ctx.event_time.watermark for t in repart} == {T0 + 3 * MIN}
 
 
+def test_a_stop_hands_over_watermark_markers_the_full_producer_queue_held_back() -> None:
+    """Before: the markers that the stop's last flush writes to the repartition topic, held
+    for room in the producer's queue, were never handed over, and the stop waited for them
+    until shutdown_timeout (30 s by default; a revoke as long)."""
+    with TestDriver(_count_job(Tumbling("1m"), delay="0s"), partitions=2, start_ms=T0,
+                    timeout=5) as d:
+        d.limit_queue(1)  # room for one record at a time: the second marker waits
+        for i, key in enumerate("wxyz"):
+            d.send("in", {"k": key}, key=key, timestamp=T0 + i * 1_000)
+        d.advance_time("1s")
+        d.send("in", {"k": "a"}, key="a", timestamp=T0 + 2 * MIN)  # news for the markers
+        d.restart()  # raises if the worker does not stop within 5 s
+        d.limit_queue(None)
+        d.send("in", {"k": "a"}, key="a", timestamp=T0 + 3 * MIN)
+        d.advance_time("1s")
+        assert sorted(r[0] for r in _rows(d) if r[1] == 0) == ["w", "x", "y", "z"]
+
+
 @pytest.mark.parametrize("restart", ["crash", "graceful"])
 @pytest.mark.parametrize("trigger", [None, "300ms"], ids=["continuous", "epoch"])
 def test_a_restarted_window_task_still_waits_for_an_upstream_task_that_is_behind(
