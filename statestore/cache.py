@@ -37,6 +37,9 @@ class StateCache:
         # Keys written since the last flush, in the order first written: the changelog gets
         # them in that order (see put_last).
         self._dirty: dict[bytes, None] = {}
+        # Keys handed out by take() and not yet written: kept cached (never evicted) and
+        # seen by live_keys until write_taken().
+        self._taken: dict[bytes, None] = {}
 
     # The dict's order is the recency order (least recently used first): every access moves
     # its key to the end, one pop and one insert.
@@ -87,7 +90,7 @@ class StateCache:
         """Every key with prefix and a value: the store's (read from prefix on only), with
         the writes not flushed yet applied."""
         out = {k for k, _ in self.store.scan(prefix)}
-        for k in self._dirty:
+        for k in itertools.chain(self._taken, self._dirty):
             if not k.startswith(prefix):
                 continue
             if self._values[k] is None:
@@ -119,6 +122,29 @@ class StateCache:
         self._trim()
         return len(changes)
 
+    def take(self) -> list[Change]:
+        """The dirty keys serialized, as :meth:`flush` would write them, but written only by
+        :meth:`write_taken`: a flush that must wait (for the acknowledgement of outputs
+        made with these changes) keeps what it covers while later writes go on."""
+        values, dumps = self._values, self._dumps
+        changes: list[Change] = [(k, None if values[k] is None else dumps(values[k]))
+                                 for k in self._dirty]
+        self._taken.update(self._dirty)
+        self._dirty.clear()
+        return changes
+
+    def write_taken(self, changes: list[Change],
+                    changelog: Callable[[bytes, bytes | None], None]) -> None:
+        """Write what :meth:`take` returned, as :meth:`flush` does: the store, then the
+        changelog."""
+        if changes:
+            self.store.write(changes)
+        self._taken.clear()
+        for k, vb in changes:
+            changelog(k, vb)
+        if not self._dirty:
+            self._trim()
+
     def stage(self, changelog: Callable[[bytes, bytes | None], None]) -> list[Change]:
         """Epoch mode: hand the dirty keys to ``changelog`` (in the epoch's transaction) and
         return them, without writing the store: :meth:`apply` writes them once the
@@ -139,6 +165,8 @@ class StateCache:
             self._trim()
 
     def _trim(self) -> None:
+        if self._taken:  # not written yet: the cache is their only copy
+            return
         values = self._values
         excess = len(values) - self._max
         if excess > 0:  # everything is clean now: drop the least recently used
@@ -149,3 +177,4 @@ class StateCache:
         """Forget cached values and unflushed writes (the partition is being abandoned)."""
         self._values.clear()
         self._dirty.clear()
+        self._taken.clear()

@@ -191,7 +191,7 @@ class PartitionTask:
         self._send_markers()
         self._run_hooks(self.ctx.hooks.commit)
         if self.stores is not None:
-            self.stores.flush(self.processed_offset(), self.ctx.producer)
+            self.stores.flush(self.processed_offset(), self.ctx.producer, self.ctx.pinned)
 
     def on_time(self, now_ms: int) -> None:
         """Processing time passed: the operators' timer hooks (worker's clock), and an idle

@@ -37,6 +37,7 @@ from statestore.checkpoint import read_checkpoint, remove_checkpoint, write_chec
 from statestore.memory import MemoryStore
 from statestore.rocksdb import RocksDBSettings, RocksDBStore
 from streamcore.core.errors import DeliveryFailed
+from streamcore.runtime.tracking import Batch
 
 __all__ = ["Flush", "PartitionStores", "StoreSlot", "open_store", "reopen_empty",
            "write_records"]
@@ -91,13 +92,16 @@ class StoreSlot:
 class Flush:
     """The changelog records of one flush and their acknowledgements."""
 
-    __slots__ = ("covers", "ends", "failure", "outbox", "pending")
+    __slots__ = ("after", "covers", "ends", "failure", "outbox", "pending", "taken")
 
     def __init__(self, covers: int, producer: ProducerBackend) -> None:
         self.covers = covers  # every input offset <= covers has its state in this flush
         self.outbox = Outbox(producer)  # records the producer had no room for yet
         self.pending = 0
         self.failure: DeliveryFailed | None = None
+        # A flush that waits: its changes, written once these batches are acknowledged.
+        self.after: list[Batch] = []
+        self.taken: list[tuple[StoreSlot, list[Change]]] = []
         self.ends: dict[str, int] = {}  # changelog topic -> highest acknowledged offset + 1
 
     def ack(self, err: Any, msg: Any) -> None:
@@ -187,14 +191,27 @@ class PartitionStores:
                          slot.restore_seconds)
 
     # -- 3. flush (event loop thread) ----------------------------------------------------
-    def flush(self, covers: int, producer: ProducerBackend) -> None:
+    def flush(self, covers: int, producer: ProducerBackend,
+              pinned: list[Batch] | None = None) -> None:
         """Start a flush of every dirty key, covering input offsets up to covers; a flush
-        still waiting for acknowledgements is completed first (then this returns)."""
+        still waiting for acknowledgements is completed first (then this returns).
+
+        pinned: batches whose outputs were made together with state changes that must not
+        become durable before them (a timeout's output and the timeout's removal: were the
+        removal durable and the output lost in a crash, the output would never be made
+        again). The flush takes the dirty keys now and writes them, to the stores and the
+        changelogs, once those batches are acknowledged; pinned is emptied."""
         if self.inflight is not None and not self.settle():
             return
         f = Flush(covers, producer)
-        for slot in self.slots:
-            slot.cache.flush(self._sender(f, slot.changelog))
+        if pinned:
+            f.after = [b for b in pinned if b.pending]
+            pinned.clear()
+        if f.after:
+            f.taken = [(slot, slot.cache.take()) for slot in self.slots]
+        else:
+            for slot in self.slots:
+                slot.cache.flush(self._sender(f, slot.changelog))
         self.inflight = f
         self.settle()
 
@@ -250,6 +267,13 @@ class PartitionStores:
             return True
         if f.failure is not None:
             raise f.failure
+        if f.after:
+            if any(b.pending for b in f.after):  # a failed one never gets there
+                return False
+            f.after = []
+            for slot, changes in f.taken:
+                slot.cache.write_taken(changes, self._sender(f, slot.changelog))
+            f.taken = []
         if not f.outbox.retry() or f.pending:
             return False
         self.inflight = None

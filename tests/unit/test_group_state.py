@@ -123,6 +123,38 @@ def test_a_pending_timeout_survives_a_crash() -> None:
         assert [r.value for r in d.read("out")] == [{"user": "a", "final": 4}]
 
 
+def test_a_timeout_output_lost_in_a_crash_is_made_again() -> None:
+    """Before: the timeout's removal reached the changelog while its output was still in
+    flight; a crash then lost the output for good (nothing left to time out). The removal
+    now waits for the output's acknowledgement."""
+    with TestDriver(_sessions(_running_total, "processing_time"), start_ms=T0) as d:
+        d.send("in", {"n": 4}, key="a")
+        d.read("out")
+        d.commit()
+        d.hold_acks(topics=["out"])  # the output's leader is slow; the changelog's is not
+        d.advance_time("11s")  # the timeout fires; commits come and go meanwhile
+        assert d.read("out") == []
+        d.crash()
+        d.hold_acks(False)
+        d.advance_time("11s")
+        assert [r.value for r in d.read("out")] == [{"user": "a", "final": 4}]
+
+
+def test_an_event_time_timeout_output_lost_in_a_crash_is_made_again() -> None:
+    with TestDriver(_sessions(_until, "event_time", watermark=True, flat=True),
+                    start_ms=T0) as d:
+        d.send("in", {"t": T0}, key="a", timestamp=T0)
+        d.commit()
+        d.hold_acks(topics=["out"])
+        d.send("in", {"t": T0 + 6_000}, key="b", timestamp=T0 + 6_000)  # a's timeout fires
+        d.advance_time("1s")
+        assert d.read("out") == []
+        d.crash()
+        d.hold_acks(False)
+        d.advance_time("1s")
+        assert {r.value["user"] for r in d.read("out")} == {"a"}
+
+
 def _until(key: str, values: list[Any], state: GroupState) -> Any:
     if state.has_timed_out:
         state.remove()

@@ -200,6 +200,26 @@ def test_cache_live_keys_of_a_prefix_include_unflushed_writes(tmp_path: Path) ->
     store.close()
 
 
+def test_cache_taken_changes_stay_readable_until_written(tmp_path: Path) -> None:
+    import orjson
+
+    store = RocksDBStore(tmp_path / "db")
+    cache = StateCache(store, orjson.dumps, orjson.loads, max_entries=1)
+    store.put(b"t1", b"1")
+    cache.put(b"t2", 2)
+    cache.delete(b"t1")
+    changes = cache.take()
+    assert changes == [(b"t2", b"2"), (b"t1", None)] and cache.dirty == 0
+    cache.put(b"t3", 3)  # a write after the take: dirty, for the next flush
+    assert cache.live_keys(b"t") == [b"t2", b"t3"] and cache.get(b"t2") == 2
+    assert store.get(b"t2") is None  # not written yet
+    sent: list[tuple[bytes, bytes | None]] = []
+    cache.write_taken(changes, lambda k, v: sent.append((k, v)))
+    assert sent == changes and store.get(b"t2") == b"2" and store.get(b"t1") is None
+    assert cache.dirty == 1  # t3
+    store.close()
+
+
 def test_cache_keeps_the_most_recently_used_entries_after_a_flush(tmp_path: Path) -> None:
     """Before: past max_entries every entry was dropped at once, hot keys included, so each
     was read from RocksDB and decoded again after every commit."""
