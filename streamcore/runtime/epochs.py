@@ -256,8 +256,15 @@ class EpochCommits(CommitProtocol):
         """The next transaction has begun: the outputs kept back go to it, in order."""
         self._deferring(False)
         while True:
-            left = [p for t in self._w.tasks.values() if not t.fenced
-                    and isinstance(p := t.ctx.producer, DeferringProducer) and not p.release()]
+            try:
+                left = [p for t in self._w.tasks.values() if not t.fenced and isinstance(
+                    p := t.ctx.producer, DeferringProducer) and not p.release()]
+            except TransactionAborted as exc:
+                # The new transaction failed at once: the next epoch end aborts it, and
+                # every task reads again from its committed offset (what is kept included).
+                self._deferring(False, drop=True)
+                self.txn_failed(exc)
+                return
             if not left:
                 return
             await asyncio.sleep(0.001)  # the producer's queue is full: delivery reports
@@ -350,7 +357,7 @@ class EpochCommits(CommitProtocol):
                 await self._release()
                 return True
             finally:
-                if not self._full.is_set():
+                if not self._full.is_set() and self._failed is None:
                     self.gate.set()
 
     async def _foreach_batch(self, live: list[PartitionTask]) -> None:

@@ -239,6 +239,26 @@ def test_update_state_by_key_gets_all_of_a_keys_values_of_the_epoch_in_one_call(
         assert d.store("sums")["a"] == 10
 
 
+def test_a_transaction_that_fails_as_the_kept_outputs_reach_it_aborts_the_epoch() -> None:
+    """Outputs made while an epoch commits are kept and handed to the next transaction once
+    it begins. Before: if that transaction refused them (an abortable error), the worker
+    stopped with TransactionAborted. Now that epoch is aborted and runs again, exactly."""
+    with TestDriver(_passthrough("kept"), trigger=processing_time("100ms"),
+                    start_ms=T0) as d:
+        d.hold_acks()
+        d.send("in", {"i": 0})
+        d.advance_time("100ms")  # the epoch ends and waits for its acknowledgements...
+        d.send_many("in", [{"i": 1}, {"i": 2}])  # ...while these are kept for the next
+        assert d.read("out") == []
+        d.fail_transaction()  # the next transaction refuses the first record it gets
+        d.hold_acks(False)
+        d.advance_time("300ms")
+        assert d.exception() is None, d.exception()
+        assert d.worker.committer.aborts == 1  # type: ignore[attr-defined]
+        assert [r.value["i"] for r in d.read("out")] == [0, 1, 2]
+        assert d.committed("in") == {0: 3}
+
+
 def test_a_transaction_that_fails_under_a_produce_aborts_the_epoch_and_it_runs_again() -> None:
     """A broker can fail a transaction on a produce (an abortable error; librdkafka then
     refuses every produce until it is aborted). Before: the worker stopped with
