@@ -365,6 +365,11 @@ class MemoryProducer(ProducerBackend):
         if partition < 0:
             partition = (murmur2_partition(key, len(parts)) if key is not None
                          else next(self._round_robin) % len(parts))
+        if self.fail_transaction and self.fail is None:
+            # Raised by this produce call only, never by release() of held records: the
+            # driver's thread, not the engine, would get it.
+            self.fail_transaction = False
+            raise TransactionAborted("the transaction failed (injected): an abortable error")
         record = (topic, partition, key, value, timestamp, headers, on_delivery)
         if self.hold and (self.hold_topics is None or topic in self.hold_topics):
             self._held.append(record)
@@ -378,9 +383,6 @@ class MemoryProducer(ProducerBackend):
             failed = MemoryMessage(topic, partition, -1, key, value, timestamp, headers)
             self._reports.append((on_delivery, self.fail, failed))
             return
-        if self.fail_transaction:
-            self.fail_transaction = False
-            raise TransactionAborted("the transaction failed (injected): an abortable error")
         if self._txn is None:
             if self.transactional:
                 raise RuntimeError("produce outside a transaction")  # as librdkafka refuses

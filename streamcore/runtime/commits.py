@@ -55,6 +55,12 @@ class CommitProtocol(ABC):
         return False
 
     @property
+    def awaiting_abort(self) -> bool:
+        """A task found the running transaction failed: the tasks wait for the next epoch
+        end, which aborts it and rewinds them (the test driver is settled meanwhile)."""
+        return False
+
+    @property
     def awaiting_acks(self) -> bool:
         """The commit under way waits only for its outputs' acknowledgements (the test
         driver is settled if it holds them back)."""

@@ -160,6 +160,10 @@ class EpochCommits(CommitProtocol):
     def awaiting_acks(self) -> bool:
         return self._awaiting_acks
 
+    @property
+    def awaiting_abort(self) -> bool:
+        return self._failed is not None and not self._lock.locked()
+
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         producer = self._w.producer

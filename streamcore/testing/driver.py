@@ -441,15 +441,18 @@ class TestDriver:
             if any(pos < self.cluster.end(tp) for tp, pos in dict(table.positions).items()):
                 return False
         # An epoch is ending (or being aborted and read again); one that waits only for
-        # acknowledgements the test holds back waits for the test.
-        if w.committer.in_progress and not (w.committer.awaiting_acks
-                                            and self._acks_held()):
+        # acknowledgements the test holds back (or for tasks that wait for room that only
+        # those can make) waits for the test.
+        stuck = self._full_until_acks_come()
+        if w.committer.in_progress and not (
+                (w.committer.awaiting_acks and self._acks_held()) or stuck):
             return False
         if w.member.commit_pending:  # a commit not sent yet would be lost by crash()
             return False
-        stuck = self._full_until_acks_come()
+        aborting = w.committer.awaiting_abort  # until time brings the epoch's end
         return all(t.state is TaskState.RUNNING and (
             (t.ctx.blocked and stuck)
+            or (aborting and t.idle())
             or ((not t.queued or t.waiting_for_epoch) and t.tracker.all_sealed()))
             for t in list(w.tasks.values()))
 
