@@ -395,7 +395,7 @@ class PartitionTask:
                 continue
             gate = self._gate
             if gate is not None and not gate.is_set():  # an epoch is ending
-                await gate.wait()
+                await self._gate_or_stop(gate)
                 continue
             self.busy = True
             handed_at, msgs = inbox.popleft()
@@ -510,6 +510,20 @@ class PartitionTask:
         """Nothing in progress: no batch half-way, no async call out, no output held."""
         return not self.busy and not self._in_lanes() \
             and not self.ctx.blocked
+
+    async def _gate_or_stop(self, gate: asyncio.Event) -> None:
+        """Until the gate opens or the task is asked to stop (a stop must not wait for the
+        gate: a failed transaction keeps it closed until the next epoch end, and a graceful
+        stop waits for this task before it ends the epoch itself)."""
+        self._wakeup.clear()
+        if self._closing:
+            return
+        waits = [asyncio.ensure_future(gate.wait()), asyncio.ensure_future(self._wakeup.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def hand_over_held(self) -> bool:
         """Hand outputs held for room to the producer (the hooks run at a stop or an epoch's

@@ -259,6 +259,22 @@ def test_a_transaction_that_fails_as_the_kept_outputs_reach_it_aborts_the_epoch(
         assert d.committed("in") == {0: 3}
 
 
+def test_a_stop_does_not_wait_for_the_epoch_end_that_aborts_a_failed_transaction() -> None:
+    """After a produce found the transaction failed, the tasks wait at the closed gate for
+    the next epoch end to abort it. Before: a graceful stop waited for those tasks, so it
+    waited for that epoch end (here, with the clock still, for ever: the restart timed out).
+    """
+    with TestDriver(_passthrough("stop-failed"), trigger=processing_time("10s"),
+                    start_ms=T0, timeout=5) as d:
+        d.send("in", {"i": 0})
+        d.fail_transaction()
+        d.send("in", {"i": 1})  # the transaction fails under it: the gate closes
+        d.send("in", {"i": 2})  # waits at the gate
+        d.restart()  # the final epoch end aborts; the restart reads everything again
+        d.advance_time("10s")
+        assert [r.value["i"] for r in d.read("out")] == [0, 1, 2]
+
+
 def test_a_transaction_that_fails_under_a_produce_aborts_the_epoch_and_it_runs_again() -> None:
     """A broker can fail a transaction on a produce (an abortable error; librdkafka then
     refuses every produce until it is aborted). Before: the worker stopped with
