@@ -1,0 +1,179 @@
+"""Random histories in the test driver: sends, the manual clock, commits, crashes, graceful
+restarts, held acknowledgements, refused commits, a small producer queue and (in epoch mode)
+aborted and failed transactions, in a random order. Whatever happens, nothing is lost:
+every record sent is in the final state and the outputs (continuous mode: at least once;
+epoch mode: exactly once).
+
+Each history comes from its seed, so a failure names a history that can be replayed. The
+default runs a few seeds per job; ``STREAMCORE_HISTORIES=200`` runs more (this found the
+defects fixed with tests in test_group_state, test_windows and test_epochs)."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, Tumbling, WorkerConfig
+from streamcore.testing import TestDriver
+
+T0 = 1_700_000_000_000
+SEEDS = range(int(os.environ.get("STREAMCORE_HISTORIES", "2")))
+STEPS = 40
+
+
+def _union(ids: list[int], v: dict[str, Any]) -> list[int]:
+    return sorted({*ids, v["id"]})  # applying a record twice changes nothing
+
+
+def _append(ids: list[int], v: dict[str, Any]) -> list[int]:
+    return [*ids, v["id"]]  # applying a record twice shows
+
+
+def _keyed(epochs: bool) -> Job:
+    job = Job("keyed", config=WorkerConfig(commit_interval="300ms"))
+    (job.stream(KafkaSource("in", value=JSON))
+        .key_by(lambda v: v["user"])
+        .aggregate(list, _append if epochs else _union, name="ids")
+        .to_stream()
+        .to(KafkaSink("out", key=STR, value=JSON)))
+    return job
+
+
+def _windowed(epochs: bool) -> Job:
+    job = Job("windowed", config=WorkerConfig(commit_interval="300ms"))
+    (job.stream(KafkaSource("in", value=JSON, timestamp=lambda v: v["ts"]))
+        .with_watermark("1s")
+        .key_by(lambda v: v["user"])
+        .window(Tumbling("1s"))
+        .aggregate(list, _union, name="windows")
+        .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
+    return job
+
+
+def _dedup(epochs: bool) -> Job:
+    job = Job("dedup", config=WorkerConfig(commit_interval="300ms"))
+    (job.stream(KafkaSource("in", key=STR, value=JSON, timestamp=lambda v: v["ts"]))
+        .with_watermark("1s")
+        .drop_duplicates(lambda v: v["id"], within="5s", name="seen")
+        .to(KafkaSink("out", key=STR, value=JSON)))
+    return job
+
+
+@dataclass
+class History:
+    """What was sent: per user, the ids in order; per id, its event time."""
+    sent: dict[str, list[int]] = field(default_factory=dict)
+    ts: dict[int, int] = field(default_factory=dict)
+    user: dict[int, str] = field(default_factory=dict)
+    ops: list[str] = field(default_factory=list)
+
+
+def _play(d: TestDriver, rnd: random.Random, h: History, *, epochs: bool,
+          repeats: bool) -> list[Any]:
+    """STEPS random steps; returns every record read from "out". Event times run forward
+    with less disorder than the watermark's delay, so that no record is ever late."""
+    out: list[Any] = []
+    clock = T0
+    held = False
+    ops = ["send", "burst", "time", "commit", "crash", "restart", "hold", "release",
+           "refuse_commits", "queue", "abort", "fail_txn"]
+    weights = [30, 10, 15, 5, 6, 4, 4, 6, 3, 3, 3 if epochs else 0, 2 if epochs else 0]
+    for _ in range(STEPS):
+        op = rnd.choices(ops, weights)[0]
+        h.ops.append(op)
+        if op in ("send", "burst"):
+            records = []
+            for _ in range(1 if op == "send" else rnd.randint(2, 6)):
+                if repeats and h.user and rnd.random() < 0.3:  # an id sent before, again
+                    i = rnd.choice(list(h.user)[-5:])
+                    u = h.user[i]
+                else:
+                    i, u = len(h.user), rnd.choice("abcd")
+                    clock += rnd.randint(0, 300)
+                    h.user[i], h.ts[i] = u, clock - rnd.randint(0, 800)
+                    h.sent.setdefault(u, []).append(i)
+                records.append((u, {"user": u, "id": i, "ts": h.ts[i]}))
+            d.send_many("in", records)
+        elif op == "time":
+            d.advance_time(rnd.choice(["50ms", "150ms", "300ms", "1s"]))
+        elif op == "commit":
+            d.commit()
+        elif op == "crash":
+            d.crash()
+        elif op == "restart":
+            d.restart(release_acks=held)  # held forever, a graceful stop could not end
+            held = False
+        elif op in ("hold", "release"):
+            held = op == "hold"
+            d.hold_acks(held)
+        elif op == "refuse_commits":
+            d.fail_commits(rnd.random() < 0.5)
+        elif op == "queue":
+            d.limit_queue(rnd.choice([None, 1, 3]))
+        elif op == "abort":
+            d.abort_next_epoch(rnd.randint(1, 2))
+        else:
+            d.fail_transaction()
+        out += d.read("out")
+        assert not d.stopped(), f"the job stopped: {d.exception()!r}"
+    d.hold_acks(False)
+    d.limit_queue(None)
+    d.fail_commits(False)
+    for p in (0, 1):  # a watermark past every window, on both input partitions
+        d.send("in", {"user": "z", "id": -1, "ts": clock + 10_000}, key="z", partition=p)
+    d.advance_time("2s")
+    d.commit()
+    return out + d.read("out")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
+def test_a_keyed_aggregate_loses_nothing(trigger: str | None, seed: int) -> None:
+    epochs = trigger is not None
+    h = History()
+    with TestDriver(_keyed(epochs), partitions=2, trigger=trigger) as d:
+        out = _play(d, random.Random(seed), h, epochs=epochs, repeats=False)
+        state = dict(d.store("ids"))
+    for u, ids in h.sent.items():
+        want = ids if epochs else sorted(set(ids))  # epoch mode: each id once, in order
+        assert state[u] == want, h.ops
+        updates = [r.value for r in out if r.key == u]
+        assert updates[-1] == want, h.ops
+        if epochs:  # every update exactly once: the n-th one holds the first n ids
+            assert updates == [ids[:n + 1] for n in range(len(ids))], h.ops
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
+def test_windows_are_emitted_whole(trigger: str | None, seed: int) -> None:
+    h = History()
+    with TestDriver(_windowed(trigger is not None), partitions=2, trigger=trigger) as d:
+        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False)
+    want: dict[tuple[str, int], set[int]] = {}
+    for i, u in h.user.items():
+        want.setdefault((u, h.ts[i] - h.ts[i] % 1000), set()).add(i)
+    emitted: dict[tuple[str, int], int] = {}
+    for r in out:
+        user, start, _end = r.key
+        if user != "z":
+            assert set(r.value["value"]) == want[(user, start)], h.ops  # never partial
+            emitted[(user, start)] = emitted.get((user, start), 0) + 1
+    assert set(emitted) == set(want), h.ops  # every window closed, at least once
+    if trigger is not None:
+        assert set(emitted.values()) == {1}, h.ops  # and exactly once in epoch mode
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
+def test_drop_duplicates_keeps_every_first_record(trigger: str | None, seed: int) -> None:
+    h = History()
+    with TestDriver(_dedup(trigger is not None), partitions=2, trigger=trigger) as d:
+        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=True)
+    ids = [r.value["id"] for r in out if r.value["id"] >= 0]
+    assert set(ids) == set(h.user), h.ops
+    if trigger is not None:
+        assert len(ids) == len(set(ids)), h.ops
