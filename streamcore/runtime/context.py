@@ -90,8 +90,7 @@ class OperatorHooks:
 class PartitionContext:
     __slots__ = ("batch", "blocked", "caches", "collected", "epochs", "event_time", "failed",
                  "hooks", "lanes", "late_records", "msg", "now_ms", "open_state", "outbox",
-                 "partition", "pinned", "producer", "sinks", "tables", "timed_steps",
-                 "topic")
+                 "partition", "producer", "sinks", "tables", "timed_steps", "topic")
 
     def __init__(self, topic: str, partition: int, producer: ProducerBackend, *,
                  open_state: OpenState | None = None,
@@ -106,9 +105,6 @@ class PartitionContext:
         self.producer = producer
         self.msg: Message | None = None
         self.batch: Batch | None = None
-        # Batches whose outputs the state changes made with them must wait for (see
-        # PartitionStores.flush): a timeout's output before the timeout's removal.
-        self.pinned: list[Batch] = []
         self.lanes: list[AsyncLane] = []
         self.sinks: list[SinkCounter] = []
         self.hooks = OperatorHooks()

@@ -191,7 +191,11 @@ class PartitionTask:
         self._send_markers()
         self._run_hooks(self.ctx.hooks.commit)
         if self.stores is not None:
-            self.stores.flush(self.processed_offset(), self.ctx.producer, self.ctx.pinned)
+            # The state changes wait for the outputs made with them: were they durable first,
+            # a crash would have the records read again against state that already holds
+            # them (a duplicate filter would drop them, their outputs lost).
+            self.stores.flush(self.processed_offset(), self.ctx.producer,
+                              self.tracker.unacknowledged())
 
     def on_time(self, now_ms: int) -> None:
         """Processing time passed: the operators' timer hooks (worker's clock), and an idle
@@ -478,6 +482,9 @@ class PartitionTask:
         batch-end hooks and the watermark, then seal it."""
         ctx = self.ctx
         assert last is not None
+        stores = self.stores
+        if stores is not None and stores.waiting():  # its outputs may be acknowledged now
+            stores.settle()
         if ctx.hooks.batch_end:
             for hook in ctx.hooks.batch_end:
                 hook()

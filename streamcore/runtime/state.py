@@ -192,22 +192,22 @@ class PartitionStores:
 
     # -- 3. flush (event loop thread) ----------------------------------------------------
     def flush(self, covers: int, producer: ProducerBackend,
-              pinned: list[Batch] | None = None) -> None:
+              after: list[Batch] | None = None) -> None:
         """Start a flush of every dirty key, covering input offsets up to covers; a flush
         still waiting for acknowledgements is completed first (then this returns).
 
-        pinned: batches whose outputs were made together with state changes that must not
-        become durable before them (a timeout's output and the timeout's removal: were the
-        removal durable and the output lost in a crash, the output would never be made
-        again). The flush takes the dirty keys now and writes them, to the stores and the
-        changelogs, once those batches are acknowledged; pinned is emptied."""
+        after: the batches whose outputs are not acknowledged yet. State changes never
+        become durable before the outputs made with them: were they, a crash would lose
+        those outputs for good when the state holds what made them (a timeout's removal:
+        nothing left to time out; a duplicate filter's entry: the record read again is
+        dropped as a duplicate). So the flush takes the dirty keys now and writes them, to
+        the stores and the changelogs, once those batches are acknowledged; later writes
+        wait for the next flush."""
         if self.inflight is not None and not self.settle():
             return
         f = Flush(covers, producer)
-        if pinned:
-            f.after = [b for b in pinned if b.pending]
-            pinned.clear()
-        if f.after:
+        if after:
+            f.after = after
             f.taken = [(slot, slot.cache.take()) for slot in self.slots]
         else:
             for slot in self.slots:
@@ -258,6 +258,11 @@ class PartitionStores:
             slot.cache.clear()
         self._staged = []
         self.inflight = None
+
+    def waiting(self) -> bool:
+        """A flush waits for outputs' acknowledgements before it writes."""
+        f = self.inflight
+        return f is not None and bool(f.after)
 
     def settle(self) -> bool:
         """Complete the in-flight flush if it is acknowledged; True when none is pending.

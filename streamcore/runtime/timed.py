@@ -386,11 +386,6 @@ class GroupStates(TimedStep):
         if down is not None:
             for o in outs:
                 down(key, o, ts)
-            if timed_out and outs and not self.ctx.epochs and self.ctx.batch is not None:
-                # Nothing but the timeout entry makes this output: it is written to the
-                # changelog only once the output is acknowledged (continuous mode; in epoch
-                # mode both are in one transaction).
-                self.ctx.pinned.append(self.ctx.batch)
 
     def _fire(self, now: int, strict: bool) -> None:
         heap = self.heap

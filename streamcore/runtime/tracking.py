@@ -72,6 +72,10 @@ class OffsetTracker:
             self.done_offset = q.popleft().last_offset
         return self.done_offset
 
+    def unacknowledged(self) -> list[Batch]:
+        """The batches with outputs not yet acknowledged."""
+        return [b for b in self._batches if b.pending]
+
     def all_sealed(self) -> bool:
         """Every record handed over has passed through the whole chain (acknowledgements of
         its outputs may still be due)."""

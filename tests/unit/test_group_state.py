@@ -45,6 +45,20 @@ def test_drop_duplicates_keeps_the_first_and_survives_a_restart() -> None:
         assert d.read("out") == []
 
 
+def test_a_record_whose_output_a_crash_lost_is_not_dropped_as_a_duplicate() -> None:
+    """Before: the seen entry reached the changelog while the record's output was still in
+    flight; after a crash the record was read again, found seen, and dropped: its output was
+    lost. State changes now wait for the outputs made with them."""
+    with TestDriver(_dedup_job(), start_ms=T0) as d:
+        d.hold_acks(topics=["out"])  # the output's leader is slow; the changelog's is not
+        d.send("in", {"id": 1}, key="a", timestamp=T0)
+        d.advance_time("1s")  # commits come and go: the offset waits for the output
+        d.crash()
+        d.hold_acks(False)
+        d.advance_time("1s")
+        assert [r.value["id"] for r in d.read("out")] == [1]
+
+
 def test_drop_duplicates_state_is_bounded_by_the_watermark() -> None:
     with TestDriver(_dedup_job(), start_ms=T0) as d:
         for i in range(10):
