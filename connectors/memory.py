@@ -393,10 +393,16 @@ class MemoryProducer(ProducerBackend):
         self._reports.append((on_delivery, None, msg))
 
     def release(self) -> None:
-        """Send what was held (in order); its acknowledgements come with the next poll."""
+        """Send what was held (in order) and is not held any more: everything once hold is
+        off, else the topics no longer held (so that no record of theirs overtakes an
+        earlier one, which a partition never allows). Acknowledgements come with the next
+        poll."""
         held, self._held = self._held, []
         for record in held:
-            self._send(record)
+            if self.hold and (self.hold_topics is None or record[0] in self.hold_topics):
+                self._held.append(record)
+            else:
+                self._send(record)
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
         if isinstance(exc, TransactionAborted):

@@ -377,8 +377,7 @@ class TestDriver:
             producer.hold, producer.fail = self._hold, self._fail
             producer.hold_topics = self._hold_topics
             producer.queue_limit = self._queue_limit
-            if not self._hold:
-                producer.release()
+            producer.release()  # what is no longer held goes, in order
 
     def _source_serdes(self, topic: str) -> tuple[Serde, Serde]:
         for node in self.plan.sources:
