@@ -268,16 +268,24 @@ class PartitionTask:
         if not hooks:
             return
         current = self.ctx.batch
-        if current is not None and not current.sealed:  # the task waits inside a batch
-            for hook in hooks:
-                hook(*args)
-            return
-        batch = self.ctx.batch = self.tracker.open(time.perf_counter())
         try:
-            for hook in hooks:
-                hook(*args)
+            if current is not None and not current.sealed:  # the task waits inside a batch
+                for hook in hooks:
+                    hook(*args)
+                return
+            batch = self.ctx.batch = self.tracker.open(time.perf_counter())
+            try:
+                for hook in hooks:
+                    hook(*args)
+            finally:
+                batch.seal(self.last_offset if self.last_offset is not None else -1)
+        except TransactionAborted as exc:
+            if self._on_txn_failed is None:
+                raise
+            self._on_txn_failed(exc)  # epoch mode: the epoch is aborted and runs again
         finally:
-            batch.seal(self.last_offset if self.last_offset is not None else -1)
+            if self.ctx.blocked:  # outputs held for room: the task's loop hands them over
+                self._wakeup.set()
 
     def state_settled(self) -> bool:
         """Every processed record's state change is acknowledged by the changelog."""
@@ -392,7 +400,7 @@ class PartitionTask:
                 return
             if not inbox:
                 if ctx.blocked:  # a hook's outputs wait for room: no batch will take them
-                    await ctx.wait_unblocked()
+                    await self._hand_over_hook_outputs()
                     continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -517,6 +525,18 @@ class PartitionTask:
         """Nothing in progress: no batch half-way, no async call out, no output held."""
         return not self.busy and not self._in_lanes() \
             and not self.ctx.blocked
+
+    async def _hand_over_hook_outputs(self) -> None:
+        ctx = self.ctx
+        try:
+            await ctx.wait_unblocked()
+        except TransactionAborted as exc:
+            if self._on_txn_failed is None:
+                raise
+            # Epoch mode: they belong to the epoch that is now aborted and runs again.
+            ctx.outbox.held.clear()
+            ctx.blocked = False
+            self._on_txn_failed(exc)
 
     async def _gate_or_stop(self, gate: asyncio.Event) -> None:
         """Until the gate opens or the task is asked to stop (a stop must not wait for the

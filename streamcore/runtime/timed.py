@@ -30,7 +30,12 @@ from typing import Any
 import orjson
 
 from streamcore.api.groupstate import GroupState
-from streamcore.core.errors import UserFunctionError
+from streamcore.core.errors import (
+    DeliveryFailed,
+    ProducerFenced,
+    TransactionAborted,
+    UserFunctionError,
+)
 from streamcore.core.serde import INTERNAL_KEY, Serde
 from streamcore.plan.analysis import has_watermark
 from streamcore.plan.graph import Node
@@ -258,7 +263,10 @@ class TimedStep:
 
     def hook_failed(self, exc: Exception, what: str) -> None:
         """A user function raised in a hook (no input record to blame or dead-letter):
-        under skip and dead_letter it is logged, otherwise the worker stops."""
+        under skip and dead_letter it is logged, otherwise the worker stops. An output the
+        producer refused is no user error: it is raised as it is (never skipped)."""
+        if isinstance(exc, (DeliveryFailed, TransactionAborted, ProducerFenced)):
+            raise exc
         if self.policy in ("skip", "dead_letter"):
             log.warning("step %r raised in %s: %s: %s (policy %s)", self.step, what,
                         type(exc).__name__, exc, self.policy)

@@ -169,6 +169,33 @@ def test_an_event_time_timeout_output_lost_in_a_crash_is_made_again() -> None:
         assert {r.value["user"] for r in d.read("out")} == {"a"}
 
 
+def test_timeout_outputs_held_for_room_go_without_more_input() -> None:
+    """Before: outputs of timeouts that fired while the task waited for records, held for
+    room in a full producer queue, stayed held until the next record arrived."""
+    with TestDriver(_sessions(_running_total, "processing_time"), start_ms=T0) as d:
+        d.send("in", {"n": 1}, key="a")
+        d.send("in", {"n": 2}, key="b")
+        d.read("out")
+        d.limit_queue(1)  # the second timeout's output waits for room
+        d.advance_time("11s")
+        assert sorted(r.value["final"] for r in d.read("out")) == [1, 2]
+
+
+def test_a_failed_transaction_under_a_timeout_output_aborts_the_epoch() -> None:
+    """Before: the refused produce was taken for the user's function raising, and the job
+    stopped with UserFunctionError (under skip, the output was dropped)."""
+    with TestDriver(_sessions(_running_total, "processing_time"), start_ms=T0,
+                    trigger="100ms") as d:
+        d.send("in", {"n": 4}, key="a")
+        d.advance_time("200ms")
+        assert [r.value for r in d.read("out")] == [{"user": "a", "total": 4}]
+        d.fail_transaction()  # the timeout's output finds the transaction failed
+        d.advance_time("11s")
+        assert d.exception() is None, d.exception()
+        assert d.worker.committer.aborts == 1  # type: ignore[attr-defined]
+        assert [r.value for r in d.read("out")] == [{"user": "a", "final": 4}]
+
+
 def _until(key: str, values: list[Any], state: GroupState) -> Any:
     if state.has_timed_out:
         state.remove()
