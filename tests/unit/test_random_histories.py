@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, Tumbling, WorkerConfig
+from streamcore import (
+    JSON,
+    STR,
+    GroupState,
+    Job,
+    KafkaSink,
+    KafkaSource,
+    Tumbling,
+    WorkerConfig,
+)
 from streamcore.testing import TestDriver
 
 T0 = 1_700_000_000_000
@@ -63,6 +72,25 @@ def _dedup(epochs: bool) -> Job:
     return job
 
 
+def _session(user: str, values: list[Any], state: GroupState) -> Any:
+    """The ids of a user's session, emitted when it has seen nothing for a second."""
+    if state.has_timed_out:
+        ids = state.get()
+        state.remove()
+        return {"user": user, "ids": ids}
+    state.update(sorted({*(state.get() or []), *(v["id"] for v in values)}))
+    state.set_timeout_duration(1000)
+    return None
+
+
+def _sessions(epochs: bool) -> Job:
+    job = Job("sessions", config=WorkerConfig(commit_interval="300ms"))
+    (job.stream(KafkaSource("in", key=STR, value=JSON))
+        .map_groups_with_state(_session, timeout="processing_time", name="sessions")
+        .to(KafkaSink("out", key=STR, value=JSON)))
+    return job
+
+
 @dataclass
 class History:
     """What was sent: per user, the ids in order; per id, its event time."""
@@ -79,9 +107,9 @@ def _play(d: TestDriver, rnd: random.Random, h: History, *, epochs: bool,
     out: list[Any] = []
     clock = T0
     held = False
-    ops = ["send", "burst", "time", "commit", "crash", "restart", "hold", "release",
-           "refuse_commits", "queue", "abort", "fail_txn"]
-    weights = [30, 10, 15, 5, 6, 4, 4, 6, 3, 3, 3 if epochs else 0, 2 if epochs else 0]
+    ops = ["send", "burst", "time", "commit", "crash", "restart", "hold", "hold_out",
+           "release", "refuse_commits", "queue", "abort", "fail_txn"]
+    weights = [30, 10, 15, 5, 6, 4, 3, 2, 6, 3, 3, 3 if epochs else 0, 2 if epochs else 0]
     for _ in range(STEPS):
         op = rnd.choices(ops, weights)[0]
         h.ops.append(op)
@@ -107,9 +135,9 @@ def _play(d: TestDriver, rnd: random.Random, h: History, *, epochs: bool,
         elif op == "restart":
             d.restart(release_acks=held)  # held forever, a graceful stop could not end
             held = False
-        elif op in ("hold", "release"):
-            held = op == "hold"
-            d.hold_acks(held)
+        elif op in ("hold", "hold_out", "release"):
+            held = op != "release"  # hold_out: the output's leader alone is slow
+            d.hold_acks(held, topics=["out"] if op == "hold_out" else None)
         elif op == "refuse_commits":
             d.fail_commits(rnd.random() < 0.5)
         elif op == "queue":
@@ -177,3 +205,15 @@ def test_drop_duplicates_keeps_every_first_record(trigger: str | None, seed: int
     assert set(ids) == set(h.user), h.ops
     if trigger is not None:
         assert len(ids) == len(set(ids)), h.ops
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
+def test_every_record_reaches_a_timed_out_session(trigger: str | None, seed: int) -> None:
+    h = History()
+    with TestDriver(_sessions(trigger is not None), partitions=2, trigger=trigger) as d:
+        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False)
+    emitted = [i for r in out for i in r.value["ids"] if i >= 0]
+    assert set(emitted) == set(h.user), h.ops
+    if trigger is not None:
+        assert len(emitted) == len(set(emitted)), h.ops  # each in one session, once
