@@ -162,7 +162,7 @@ class EpochCommits(CommitProtocol):
 
     @property
     def awaiting_abort(self) -> bool:
-        return self._failed is not None and not self._lock.locked()
+        return self._failed is not None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
