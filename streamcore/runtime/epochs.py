@@ -384,7 +384,9 @@ class EpochCommits(CommitProtocol):
     async def _quiesce(self, tasks: list[PartitionTask]) -> None:
         """Until no task has work half-way (a revoked task has finished and stopped)."""
         # Polling: idleness is several conditions of several tasks, with no event for all.
-        while not all(t.idle() for t in tasks if t.state is TaskState.RUNNING):  # noqa: ASYNC110
+        # Outputs a hook made for this epoch, held for room, go now: the transaction is open.
+        while not all(t.hand_over_held() and t.idle()  # noqa: ASYNC110
+                      for t in tasks if t.state is TaskState.RUNNING):
             await asyncio.sleep(0.001)
         suspended = [t for t in tasks if t.state is TaskState.SUSPENDED]
         if suspended:

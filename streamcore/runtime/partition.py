@@ -400,7 +400,11 @@ class PartitionTask:
                 return
             if not inbox:
                 if ctx.blocked:  # a hook's outputs wait for room: no batch will take them
-                    await self._hand_over_hook_outputs()
+                    gate = self._gate
+                    if gate is not None and not gate.is_set():  # no transaction to take them
+                        await self._gate_or_stop(gate)  # (the epoch's end hands them over)
+                    else:
+                        await self._hand_over_hook_outputs()
                     continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
