@@ -101,7 +101,7 @@ class History:
 
 
 def _play(d: TestDriver, rnd: random.Random, h: History, *, epochs: bool,
-          repeats: bool) -> list[Any]:
+          repeats: bool, steps: int = STEPS) -> list[Any]:
     """STEPS random steps; returns every record read from "out". Event times run forward
     with less disorder than the watermark's delay, so that no record is ever late."""
     out: list[Any] = []
@@ -110,7 +110,7 @@ def _play(d: TestDriver, rnd: random.Random, h: History, *, epochs: bool,
     ops = ["send", "burst", "time", "commit", "crash", "restart", "hold", "hold_out",
            "release", "refuse_commits", "queue", "abort", "fail_txn"]
     weights = [30, 10, 15, 5, 6, 4, 3, 2, 6, 3, 3, 3 if epochs else 0, 2 if epochs else 0]
-    for _ in range(STEPS):
+    for _ in range(steps):
         op = rnd.choices(ops, weights)[0]
         h.ops.append(op)
         if op in ("send", "burst"):
@@ -193,6 +193,18 @@ def test_windows_are_emitted_whole(trigger: str | None, seed: int) -> None:
     assert set(emitted) == set(want), h.ops  # every window closed, at least once
     if trigger is not None:
         assert set(emitted.values()) == {1}, h.ops  # and exactly once in epoch mode
+
+
+def test_a_long_epoch_history_with_failed_transactions_keeps_every_window() -> None:
+    """A 100-step history: before, an idle task handed a held window row to the producer
+    between an aborted transaction and the next one, and the worker stopped ("produce
+    outside a transaction"); windows were missing. Exactly once is not asserted here: this
+    history still shows duplicated windows, a defect not fixed yet."""
+    h = History()
+    with TestDriver(_windowed(True), partitions=2, trigger="200ms") as d:
+        out = _play(d, random.Random(502), h, epochs=True, repeats=False, steps=100)
+    emitted = {(r.key[0], r.key[1]) for r in out if r.key[0] != "z"}
+    assert emitted == {(h.user[i], h.ts[i] - h.ts[i] % 1000) for i in h.user}, h.ops
 
 
 @pytest.mark.parametrize("seed", SEEDS)
