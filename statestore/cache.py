@@ -110,11 +110,7 @@ class StateCache:
         checkpoint repairs (changelog records carry whole values, not deltas)."""
         if not self._dirty:
             return 0
-        values, dumps = self._values, self._dumps
-        changes: list[Change] = []
-        for k in self._dirty:
-            v = values[k]
-            changes.append((k, None if v is None else dumps(v)))
+        changes = self._dirty_changes()
         self.store.write(changes)
         self._dirty.clear()
         for k, vb in changes:
@@ -126,9 +122,7 @@ class StateCache:
         """The dirty keys serialized, as :meth:`flush` would write them, but written only by
         :meth:`write_taken`: a flush that must wait (for the acknowledgement of outputs
         made with these changes) keeps what it covers while later writes go on."""
-        values, dumps = self._values, self._dumps
-        changes: list[Change] = [(k, None if values[k] is None else dumps(values[k]))
-                                 for k in self._dirty]
+        changes = self._dirty_changes()
         self._taken.update(self._dirty)
         self._dirty.clear()
         return changes
@@ -149,9 +143,7 @@ class StateCache:
         """Epoch mode: hand the dirty keys to ``changelog`` (in the epoch's transaction) and
         return them, without writing the store: :meth:`apply` writes them once the
         transaction has committed; :meth:`clear` forgets them if it aborted."""
-        values, dumps = self._values, self._dumps
-        changes: list[Change] = [(k, None if values[k] is None else dumps(values[k]))
-                                 for k in self._dirty]
+        changes = self._dirty_changes()
         self._dirty.clear()
         for k, vb in changes:
             changelog(k, vb)
@@ -163,6 +155,12 @@ class StateCache:
             self.store.write(changes)
         if not self._dirty:
             self._trim()
+
+    def _dirty_changes(self) -> list[Change]:
+        """The dirty keys with their values serialized (None: a tombstone), in the order
+        first written."""
+        values, dumps = self._values, self._dumps
+        return [(k, None if (v := values[k]) is None else dumps(v)) for k in self._dirty]
 
     def _trim(self) -> None:
         if self._taken:  # not written yet: the cache is their only copy

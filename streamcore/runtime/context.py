@@ -138,6 +138,16 @@ class PartitionContext:
                 break
         self.blocked = False
 
+    def unblock_now(self) -> bool:
+        """What :meth:`wait_unblocked` waits for, tried once without waiting (a stop or an
+        epoch's end, when no loop of the task waits): held outputs go to the producer while
+        it takes them; True when none is left (blocked is cleared if the lanes have room)."""
+        if not self.outbox.retry():
+            return False
+        if self.blocked and all(lane.has_space() for lane in self.lanes):
+            self.blocked = False
+        return True
+
 
 def _reraise(failed: StepFailed) -> None:
     raise failed
@@ -200,8 +210,11 @@ class AsyncLane:
         if len(self._queue) >= self.concurrency:
             ctx.blocked = True
 
+    def has_space(self) -> bool:
+        return len(self._queue) < self.concurrency
+
     async def wait_space(self) -> None:
-        while len(self._queue) >= self.concurrency:
+        while not self.has_space():
             self._changed.clear()
             await self._changed.wait()
 

@@ -559,12 +559,7 @@ class PartitionTask:
     def hand_over_held(self) -> bool:
         """Hand outputs held for room to the producer (the hooks run at a stop or an epoch's
         end, after the task's loop has ended or while it waits); True when none is left."""
-        ctx = self.ctx
-        if not ctx.outbox.retry():
-            return False
-        if ctx.blocked and all(len(lane) < lane.concurrency for lane in ctx.lanes):
-            ctx.blocked = False
-        return True
+        return self.ctx.unblock_now()
 
     def stage_epoch(self) -> None:
         """The end of an epoch: the commit hooks, then the stores' changes to their

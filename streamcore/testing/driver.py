@@ -24,6 +24,7 @@ from connectors.memory import (
     OPEN,
     MemoryClients,
     MemoryCluster,
+    MemoryProducer,
     murmur2_partition,
 )
 from streamcore.api.config import WorkerConfig, parse_duration
@@ -372,7 +373,7 @@ class TestDriver:
         return self._worker
 
     def _apply_ack_mode(self) -> None:
-        producer = self._clients.last_producer if self._clients is not None else None
+        producer = self._last_producer()
         if producer is not None:
             producer.hold, producer.fail = self._hold, self._fail
             producer.hold_topics = self._hold_topics
@@ -455,14 +456,17 @@ class TestDriver:
             or ((not t.queued or t.waiting_for_epoch) and t.tracker.all_sealed()))
             for t in list(w.tasks.values()))
 
+    def _last_producer(self) -> MemoryProducer | None:
+        return self._clients.last_producer if self._clients is not None else None
+
     def _acks_held(self) -> bool:
-        producer = self._clients.last_producer if self._clients is not None else None
+        producer = self._last_producer()
         return producer is not None and producer.held() > 0
 
     def _full_until_acks_come(self) -> bool:
         """The producer's queue is full and only held acknowledgements can make room: a
         task waiting for room waits for the test (limit_queue with hold_acks)."""
-        producer = self._clients.last_producer if self._clients is not None else None
+        producer = self._last_producer()
         return (producer is not None and producer.queue_limit is not None
                 and producer.held() >= producer.queue_limit)
 
