@@ -581,10 +581,13 @@ class PartitionTask:
 
     def rewind_to(self) -> int | None:
         """The epoch aborted: forget what this task took since the last commit (its inbox,
-        its uncommitted state) and return the offset to read again from (None: nothing was
-        read yet)."""
+        its held outputs, its uncommitted state) and return the offset to read again from
+        (None: nothing was read yet)."""
         target = self.committed if self.committed >= 0 else self.start_offset
         self._drop_inbox()
+        # Outputs held for room belong to the aborted epoch: the epoch run again makes them
+        # again (before, they were handed to the next transaction as well: twice).
+        self.ctx.outbox.held.clear()
         for records in self.ctx.collected.values():
             records.clear()
         # The watermark goes back too: the epoch's records, read again, are judged against

@@ -195,16 +195,18 @@ def test_windows_are_emitted_whole(trigger: str | None, seed: int) -> None:
         assert set(emitted.values()) == {1}, h.ops  # and exactly once in epoch mode
 
 
-def test_a_long_epoch_history_with_failed_transactions_keeps_every_window() -> None:
-    """A 100-step history: before, an idle task handed a held window row to the producer
-    between an aborted transaction and the next one, and the worker stopped ("produce
-    outside a transaction"); windows were missing. Exactly once is not asserted here: this
-    history still shows duplicated windows, a defect not fixed yet."""
+def test_a_long_epoch_history_with_failed_transactions_keeps_every_window_once() -> None:
+    """A 100-step history. Before 77be1a2 an idle task handed a held window row to the
+    producer between an aborted transaction and the next one, and the worker stopped
+    ("produce outside a transaction"): windows were missing. Before the fix tested by
+    test_windows' test_window_rows_held_for_room_when_the_epoch_aborts_are_not_sent_again,
+    18 windows came twice."""
     h = History()
     with TestDriver(_windowed(True), partitions=2, trigger="200ms") as d:
         out = _play(d, random.Random(502), h, epochs=True, repeats=False, steps=100)
-    emitted = {(r.key[0], r.key[1]) for r in out if r.key[0] != "z"}
-    assert emitted == {(h.user[i], h.ts[i] - h.ts[i] % 1000) for i in h.user}, h.ops
+    emitted = [(r.key[0], r.key[1]) for r in out if r.key[0] != "z"]
+    assert sorted(emitted) == sorted({(h.user[i], h.ts[i] - h.ts[i] % 1000)
+                                      for i in h.user}), h.ops
 
 
 @pytest.mark.parametrize("seed", SEEDS)
