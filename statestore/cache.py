@@ -34,8 +34,8 @@ class StateCache:
         self._loads = loads
         self._max = max_entries
         self._values: dict[bytes, Any] = {}  # decoded value, or None for "no such key"
-        # Keys written since the last flush, in the order first written: the changelog gets
-        # them in that order (see put_last).
+        # Keys written since the last flush, in the order first written (deleted: last);
+        # the changelog gets them in that order (see put_last and delete).
         self._dirty: dict[bytes, None] = {}
         # Keys handed out by take() and not yet written: kept cached (never evicted) and
         # seen by live_keys until write_taken().
@@ -82,8 +82,11 @@ class StateCache:
         self.put(key, value)
 
     def delete(self, key: bytes) -> None:
+        """A tombstone, written after every key written before this call (as put_last): a
+        step that saves how far it got and then deletes what that closed relies on it."""
         self._values.pop(key, None)
         self._values[key] = None
+        self._dirty.pop(key, None)
         self._dirty[key] = None
 
     def live_keys(self, prefix: bytes = b"") -> list[bytes]:

@@ -15,7 +15,8 @@ What they share (:class:`TimedStep`):
   restart does not make the records of an upstream task that is behind late;
 * state whose final result a step emits is deleted only once that output is acknowledged
   (the batch that carried it has nothing pending), at a commit: a crash in between
-  restores the state and emits the result again, never loses it.
+  restores the state and emits the result again, never loses it. The watermark that closed
+  it is saved first (see ``_on_commit``).
 """
 
 from __future__ import annotations
@@ -208,21 +209,29 @@ class TimedStep:
         finally:
             self.ctx.msg = saved
         # State whose final result is acknowledged goes (a tombstone in the changelog), in
-        # the order it closed; the watermark that closed it is saved with it.
+        # the order it closed, after the watermark that closed it: the changelog gets the
+        # watermark (after every earlier change) before the tombstones, so a crash in the
+        # middle of the flush can leave the watermark without a tombstone (the restart
+        # drops that state: _Windows.drop_emitted) but never a tombstone without the
+        # watermark (the records read again would open the window again, and it would be
+        # emitted a second time, partial).
         if self.closing:
             t0 = time.perf_counter()
-            keep: list[tuple[Any, Any]] = []
-            for item, batch in self.closing:
-                if keep or not (batch is None or batch.pending == 0):
-                    keep.append((item, batch))
-                elif type(item) is _SaveWatermark:
-                    if item.wm > self.saved_wm:  # after the tombstones of what it closed
-                        self.saved_wm = item.wm
-                        self.cache.put_last(META, Ticks(item.wm))
-                else:
-                    self.expired(item)
-                    self.expired_rows += 1
-            self.closing = keep
+            done = 0
+            for _item, batch in self.closing:
+                if not (batch is None or batch.pending == 0):
+                    break
+                done += 1
+            acked = [item for item, _batch in self.closing[:done]]
+            wm = max((i.wm for i in acked if type(i) is _SaveWatermark), default=NO_WATERMARK)
+            if wm > self.saved_wm:
+                self.saved_wm = wm
+                self.cache.put_last(META, Ticks(wm))
+            closed = [i for i in acked if type(i) is not _SaveWatermark]
+            for item in closed:
+                self.expired(item)
+            self.expired_rows += len(closed)
+            del self.closing[:done]
             self.expiry_s += time.perf_counter() - t0
         settled = self.ctx.event_time.settled  # a new dict whenever it changes
         if settled and settled is not self.saved_upstream and self.ctx.event_time.reads_markers:

@@ -111,6 +111,16 @@ class _Windows(TimedStep):
             self.changed.pop(sk, None)
             yield sk
 
+    def drop_emitted(self, heap: list[bytes]) -> list[bytes]:
+        """After a restart: the windows that the saved watermark closed. Their final rows
+        were acknowledged before it was saved, and it reaches the changelog before their
+        tombstones (TimedStep._on_commit): a crash between the two left them. They go now,
+        without a second row."""
+        gone = list(self.pop_closed(heap, self.saved_wm))
+        for sk in gone:
+            self.cache.delete(sk)
+        return gone
+
     def final_row(self, sk: bytes) -> None:
         """Append mode's row of the closed window sk; its state goes once that is acked."""
         if self.append_out is not None:
@@ -133,6 +143,7 @@ class FixedWindows(_Windows):
     def build_index(self) -> None:
         keys = self.scan(b"w")
         self.open, self.heap = set(keys), keys  # sorted: already a heap
+        self.drop_emitted(self.heap)
 
     def open_keys(self) -> set[bytes]:
         return self.open
@@ -186,6 +197,11 @@ class SessionWindows(_Windows):
         self.open, self.heap, self.sessions = set(keys), keys, {}
         for sk in keys:
             self.sessions.setdefault(sk[17:], []).append(sk)
+        for sk in self.drop_emitted(self.heap):
+            mine = self.sessions[sk[17:]]
+            mine.remove(sk)
+            if not mine:
+                del self.sessions[sk[17:]]
 
     def open_keys(self) -> set[bytes]:
         return self.open
@@ -324,8 +340,8 @@ class SlidingWindows(_Windows):
             if not keep:
                 self.cache.delete(b"r" + kb)
                 self.keys.discard(kb)
-            elif len(keep) < len(recs):
-                self.cache.put(b"r" + kb, Records(keep))
+            elif len(keep) < len(recs):  # after the watermark (TimedStep._on_commit)
+                self.cache.put_last(b"r" + kb, Records(keep))
 
 
 class PaneReduce(_Windows):
@@ -422,7 +438,7 @@ class PaneReduce(_Windows):
 
     def expired(self, item: Any) -> None:
         if isinstance(item, tuple):  # the end of the last window emitted, acknowledged
-            self.cache.put(item[0], item[1])
+            self.cache.put_last(item[0], item[1])  # after the watermark, as tombstones
         else:
             self.cache.delete(item)
 
