@@ -108,7 +108,10 @@ class _Windows(TimedStep):
             if sk not in open_:
                 continue  # merged into a later session
             open_.discard(sk)
-            self.changed.pop(sk, None)
+            change = self.changed.pop(sk, None)
+            if change is not None:  # epoch mode, update: changed in the epoch that closes it
+                key, start, end = change
+                self.emit(self.update_out, key, start, end, self.cache.get(sk), end - 1)
             yield sk
 
     def drop_emitted(self, heap: list[bytes]) -> list[bytes]:

@@ -316,6 +316,20 @@ def test_epoch_mode_update_emits_each_changed_window_once_per_epoch() -> None:
         assert _rows(d) == [("a", 0, MIN, 3)]
 
 
+def test_epoch_mode_update_emits_a_window_changed_in_the_epoch_that_closes_it() -> None:
+    """As Spark: a batch outputs the rows it updated, then evicts what the watermark closed.
+    Before: the epoch's end closed the window first and dropped its pending update, so its
+    last count (here its only one) was never emitted."""
+    with TestDriver(_count_job(Tumbling("1m"), mode="update", delay="0s", repartition=False),
+                    start_ms=T0, trigger=processing_time("1s")) as d:
+        for t in (1_000, 2_000):
+            _send(d, "a", t)
+        _send(d, "b", 2 * MIN)  # the epoch's watermark closes a's window
+        d.advance_time("1s")
+        assert sorted(_rows(d)) == [("a", 0, MIN, 2), ("b", 2 * MIN, 3 * MIN, 1)]
+        assert len(d.store("counts")) == 1  # a's window is gone
+
+
 def test_epoch_mode_append_emits_closed_windows_in_the_epoch_that_closes_them() -> None:
     with TestDriver(_count_job(Tumbling("1m"), delay="0s", repartition=False),
                     start_ms=T0, trigger=processing_time("1s")) as d:
