@@ -384,14 +384,27 @@ class EpochCommits(CommitProtocol):
     async def _quiesce(self, tasks: list[PartitionTask]) -> None:
         """Until no task has work half-way (a revoked task has finished and stopped)."""
         # Polling: idleness is several conditions of several tasks, with no event for all.
-        # Outputs a hook made for this epoch, held for room, go now: the transaction is open.
-        while not all(t.hand_over_held() and t.idle()  # noqa: ASYNC110
-                      for t in tasks if t.state is TaskState.RUNNING):
+        def quiet(t: PartitionTask) -> bool:
+            return self._handed_over(t) and t.idle(held_ok=self._failed is not None)
+
+        while not all(quiet(t) for t in tasks if t.state is TaskState.RUNNING):  # noqa: ASYNC110
             await asyncio.sleep(0.001)
         suspended = [t for t in tasks if t.state is TaskState.SUSPENDED]
         if suspended:
             await self._w.finish_running(suspended,
                                          time.monotonic() + self._w.config.shutdown_timeout_s)
+
+    def _handed_over(self, t: PartitionTask) -> bool:
+        """Outputs a hook made for this epoch, held for room, go now: the transaction is
+        open. Once it has failed they stay (the abort drops them with the rest of the
+        epoch's work): True when none is left to hand over."""
+        if self._failed is not None:
+            return True
+        try:
+            return t.hand_over_held()
+        except TransactionAborted as exc:
+            self.txn_failed(exc)
+            return True
 
     async def _staged_sent(self, live: list[PartitionTask]) -> None:
         """Until every staged changelog record, and every output of the hooks that staging

@@ -525,10 +525,12 @@ class PartitionTask:
         wait for the next epoch."""
         return self._gate is not None and not self._gate.is_set()
 
-    def idle(self) -> bool:
-        """Nothing in progress: no batch half-way, no async call out, no output held."""
+    def idle(self, *, held_ok: bool = False) -> bool:
+        """Nothing in progress: no batch half-way, no async call out, no output held
+        (held_ok: outputs held for room count as done; an epoch's failed transaction,
+        whose abort drops them)."""
         return not self.busy and not self._in_lanes() \
-            and not self.ctx.blocked
+            and (held_ok or not self.ctx.blocked)
 
     async def _hand_over_hook_outputs(self) -> None:
         ctx = self.ctx
@@ -588,6 +590,7 @@ class PartitionTask:
         # Outputs held for room belong to the aborted epoch: the epoch run again makes them
         # again (before, they were handed to the next transaction as well: twice).
         self.ctx.outbox.held.clear()
+        self.ctx.blocked = False
         for records in self.ctx.collected.values():
             records.clear()
         # The watermark goes back too: the epoch's records, read again, are judged against

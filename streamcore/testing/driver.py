@@ -452,7 +452,7 @@ class TestDriver:
         aborting = w.committer.awaiting_abort  # until time brings the epoch's end
         return all(t.state is TaskState.RUNNING and (
             (t.ctx.blocked and stuck)
-            or (aborting and t.idle())
+            or (aborting and t.idle(held_ok=True))
             or ((not t.queued or t.waiting_for_epoch) and t.tracker.all_sealed()))
             for t in list(w.tasks.values()))
 

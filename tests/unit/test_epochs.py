@@ -275,6 +275,35 @@ def test_a_stop_does_not_wait_for_the_epoch_end_that_aborts_a_failed_transaction
         assert [r.value["i"] for r in d.read("out")] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("acks", ["held", "released"])
+def test_a_transaction_that_fails_under_outputs_held_for_room_aborts_the_epoch(
+        acks: str) -> None:
+    """Outputs wait in the task for room in the producer's queue when the transaction
+    fails. Before: if the epoch's end handed them over and the produce found the
+    transaction failed, the worker stopped with TransactionAborted ("held"); and once a
+    task had found it failed, the held outputs kept the test driver from settling until
+    the next epoch's end ("released": a timeout). Now the epoch is aborted, the held
+    outputs dropped with it, and it runs again, exactly."""
+    with TestDriver(_passthrough("held-failed"), trigger=processing_time("100ms"),
+                    start_ms=T0, timeout=5) as d:
+        d.send("in", {"i": 0})
+        d.advance_time("100ms")
+        d.hold_acks()
+        d.limit_queue(1)  # one output in flight, the next held in the task
+        d.send_many("in", [{"i": 1}, {"i": 2}, {"i": 3}])
+        d.fail_transaction()  # the next output handed over finds the transaction failed
+        if acks == "released":
+            d.hold_acks(False)  # room: the task hands its held output over, it fails
+        d.advance_time("100ms")  # the epoch's end
+        d.hold_acks(False)
+        d.limit_queue(None)
+        d.advance_time("300ms")
+        assert d.exception() is None, d.exception()
+        assert d.worker.committer.aborts == 1  # type: ignore[attr-defined]
+        assert [r.value["i"] for r in d.read("out")] == [0, 1, 2, 3]
+        assert d.committed("in") == {0: 4}
+
+
 def test_a_transaction_that_fails_under_a_produce_aborts_the_epoch_and_it_runs_again() -> None:
     """A broker can fail a transaction on a produce (an abortable error; librdkafka then
     refuses every produce until it is aborted). Before: the worker stopped with
