@@ -221,11 +221,17 @@ class MemoryCluster:
 
 class MemoryConsumer(ConsumerBackend):
     """The group's only member: it is assigned every partition of what it subscribes to at
-    its first serve, and revokes them at close."""
+    its first serve, and revokes them at close. A serve that comes more than
+    ``max_poll_interval_s`` after the last one finds the member out of the group, as
+    librdkafka does: its partitions are lost, and the same serve joins again (assigned from
+    the committed offsets)."""
 
-    def __init__(self, cluster: MemoryCluster, group: str) -> None:
+    def __init__(self, cluster: MemoryCluster, group: str,
+                 max_poll_interval_s: float = 300.0) -> None:
         self._cluster = cluster
         self._group = group
+        self.max_poll_interval_s = max_poll_interval_s
+        self._last_serve: float | None = None
         self._topics: Sequence[str] = ()
         self._callbacks: dict[str, Any] = {}
         self._assigned: list[TopicPartition] = []
@@ -242,7 +248,8 @@ class MemoryConsumer(ConsumerBackend):
                   start_at_end: Callable[[str], bool] = lambda topic: False,
                   on_fenced: PartitionsCallback | None = None) -> None:
         self._topics = list(topics)
-        self._callbacks = {"assign": on_assign, "revoke": on_revoke, "end": start_at_end}
+        self._callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost,
+                           "end": start_at_end}
 
     def _matching(self) -> list[TopicPartition]:
         names = sorted(t for t in self._cluster.topics
@@ -252,6 +259,13 @@ class MemoryConsumer(ConsumerBackend):
 
     def serve(self, timeout: float) -> list[Any]:
         time.sleep(min(timeout, 0.002))  # a real serve waits for the coordinator too
+        last, self._last_serve = self._last_serve, time.monotonic()
+        if self._assigned and last is not None \
+                and self._last_serve - last > self.max_poll_interval_s:
+            lost, self._assigned = self._assigned, []
+            with self._lock:
+                self._positions.clear()
+            self._callbacks["lost"](lost)
         if self._callbacks and not self._assigned:
             parts = self._matching()
             if parts:
@@ -504,13 +518,14 @@ class MemoryClients(ClientBackend):
     name = "memory"
     in_process = True
 
-    def __init__(self, cluster: MemoryCluster) -> None:
+    def __init__(self, cluster: MemoryCluster, *, max_poll_interval_s: float = 300.0) -> None:
         self.cluster = cluster
+        self.max_poll_interval_s = max_poll_interval_s  # the consumers'
         self.last_consumer: MemoryConsumer | None = None
         self.last_producer: MemoryProducer | None = None
 
     def consumer(self, group: str) -> ThreadedMember:
-        self.last_consumer = MemoryConsumer(self.cluster, group)
+        self.last_consumer = MemoryConsumer(self.cluster, group, self.max_poll_interval_s)
         return ThreadedMember(self.last_consumer)
 
     def producer(self, transactional_id: str | None = None) -> MemoryProducer:

@@ -81,25 +81,29 @@ class ThreadedMember(QueuedCommits, GroupMember):
                 commit = {}  # the member has left the group: nothing may land any more
             self._sending = bool(commit)
             try:
-                errors = await loop.run_in_executor(self._membership,
-                                                    self._commit_then_serve, commit)
+                errors, served_at = await loop.run_in_executor(
+                    self._membership, self._commit_then_serve, commit)
             finally:
                 self._sending = False
-            self.last_served = time.monotonic()
+            # When the serve returned, not now: with the event loop blocked, the serve ended
+            # long before this line runs, and the time in between counts toward
+            # max.poll.interval.ms (so the engine still sees the stall: check_membership).
+            self.last_served = served_at
             for err in errors:
                 if getattr(err, "fatal", lambda: False)():
                     raise FatalError(f"consumer failed: {err}")
                 code = err.code() if hasattr(err, "code") else err
                 _burst_log.warning(f"consumer:{code}", "consumer: %s", err)
 
-    def _commit_then_serve(self, commit: dict[TopicPartition, int]) -> list[Any]:
-        """Membership thread: the queued commit first, then serve the group."""
+    def _commit_then_serve(self, commit: dict[TopicPartition, int]) -> tuple[list[Any], float]:
+        """Membership thread: the queued commit first, then serve the group; the errors
+        served, and when the serve returned."""
         if commit:
             try:
                 self.consumer.commit(commit, asynchronous=True)
             except StreamcoreError as exc:  # a failed async commit is retried by the next one
                 log.warning("commit failed: %s", exc)
-        return self.consumer.serve(_SERVE_TIMEOUT_S)
+        return self.consumer.serve(_SERVE_TIMEOUT_S), time.monotonic()
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.forget(offsets)  # the service would send it after this one (GroupMember.commit)

@@ -91,6 +91,7 @@ class PartitionTask:
         on_batch: Callable[[int], None] | None = None,
         on_txn_failed: Callable[[BaseException], None] | None = None,
         event_time: EventTime | None = None,
+        in_group: Callable[[], bool] | None = None,
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
@@ -125,6 +126,10 @@ class PartitionTask:
         self._closing = False
         self._high, self._low = inbox_high, inbox_low
         self._pause, self._resume = pause, resume
+        # False once the member may have left the group (the event loop was blocked past
+        # max.poll.interval.ms): batches queued before then are not taken (the worker
+        # fences the task; another member may own the partition already).
+        self._in_group = in_group
         self.paused = False
         self._latency = latency
         self._e2e = e2e
@@ -413,6 +418,8 @@ class PartitionTask:
             if gate is not None and not gate.is_set():  # an epoch is ending
                 await self._gate_or_stop(gate)
                 continue
+            if self._in_group is not None and not self._in_group():
+                continue  # fenced: the loop ends at the top
             self.busy = True
             handed_at, msgs = inbox.popleft()
             batch = self.tracker.open(handed_at)

@@ -120,7 +120,7 @@ class Worker:
         self._rebalancing_since: float | None = None
         self.on_progress = on_progress
         self._started = time.time()
-        self.records_in = 0
+        self.records_in = 0  # fetched: dispatched, or dropped by a fence
         self.broker_connected = True  # the start-up check reached it; then the client says
         self.rebalances = 0
         self.last_poll = time.monotonic()
@@ -249,6 +249,8 @@ class Worker:
             if msgs and self.check_membership():
                 self.last_records_at = self.clock.now_ms() / 1000
                 self._dispatch(msgs, tasks, perf())
+            elif msgs:  # dropped: their partitions may be another member's already
+                self.records_in += len(msgs)
             if self._stopping.is_set():
                 return  # what was just dispatched is drained by the caller
             if msgs:
@@ -261,8 +263,9 @@ class Worker:
     def check_membership(self) -> bool:
         """False (and every task fenced) if the group has not been served for longer than
         max.poll.interval.ms: the member has left the group, and the partitions may be
-        another member's already. Checked before records are handed on and before a commit;
-        the lost callback follows at the next serve, then the worker rejoins."""
+        another member's already. Checked before records are handed on, before a task takes
+        a batch and before a commit; the lost callback follows at the next serve, then the
+        worker rejoins."""
         member = self._member
         idle = time.monotonic() - member.last_served
         if idle <= member.max_poll_interval_s:
@@ -342,7 +345,7 @@ class Worker:
                 else None,
                 on_txn_failed=self.committer.txn_failed
                 if isinstance(self.committer, EpochCommits) else None,
-                event_time=self._event_time(tp))
+                event_time=self._event_time(tp), in_group=self.check_membership)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")

@@ -156,7 +156,8 @@ class TestDriver:
         self.close()
 
     def _start(self) -> None:
-        self._clients = MemoryClients(self.cluster)
+        self._clients = MemoryClients(self.cluster, max_poll_interval_s=int(
+            self.config.consumer.get("max.poll.interval.ms", 300_000)) / 1000)
         self._worker = Worker(self.job, self.config, clients=self._clients, clock=self.clock)
         self._run = self._loop.create_task(self._worker.run())
         self._apply_ack_mode()

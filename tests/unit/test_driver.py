@@ -5,6 +5,8 @@ injection); the engine's guarantees are tested on it elsewhere and on a broker."
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -255,3 +257,37 @@ def test_records_sent_right_after_the_start_are_processed(monkeypatch: pytest.Mo
     with TestDriver(job, partitions=2) as d:
         d.send_many("in", [{"i": i} for i in range(4)])
         assert sorted(r.value["i"] for r in d.read("out")) == [0, 1, 2, 3]
+
+
+def test_a_worker_whose_loop_blocked_past_max_poll_takes_no_more_queued_batches() -> None:
+    """A step blocks the event loop past max.poll.interval.ms with batches queued in the
+    task. The member has left the group meanwhile (the in-memory consumer models it: the
+    next serve loses the partitions and joins again), so the partition may be another
+    member's: the task must not take the batches queued before. Before: the membership
+    loop, resuming first, recorded the serve as if it had just happened, so the engine saw
+    no stall, and the task wrote its queued batches as a zombie before the loss came (the
+    broker test test_hardening's zombie test failed that way now and then, under load)."""
+    stalled: list[int] = []
+
+    def step(v: dict[str, int]) -> dict[str, int]:
+        if v["seq"] == 55 and not stalled:
+            stalled.append(v["seq"])
+            time.sleep(0.5)  # blocks the event loop
+        return v
+
+    job = Job("zombie")
+    job.stream(KafkaSource("in", value=JSON)).map(step).to(KafkaSink("out", value=JSON))
+    config = WorkerConfig(poll_batch=10, consumer={"max.poll.interval.ms": 200})
+    with TestDriver(job, config=config) as d:
+        d.hold_acks()
+        d.limit_queue(1)  # the task waits for room after its first output...
+        d.send_many("in", [{"seq": i} for i in range(100)])  # ...the rest is queued in it
+        d.limit_queue(None)
+        d.hold_acks(False)  # the task goes on through its queue, and stalls at 55
+        seen = Counter(r.value["seq"] for r in d.read("out"))
+    assert stalled
+    assert all(seen[i] >= 1 for i in range(100))  # nothing lost: read again after the join
+    twice = sorted(i for i, n in seen.items() if n > 1)
+    # Written twice: what the task did before the stall and the rest of its batch (50-59),
+    # never a batch it took after.
+    assert twice and twice[-1] < 60, twice
