@@ -320,11 +320,11 @@ class EpochCommits(CommitProtocol):
                 t1 = time.monotonic()
                 live = [t for t in tasks if t.state in (TaskState.RUNNING, TaskState.SUSPENDED)]
                 try:
-                    if self._failed is not None:  # a produce of the epoch failed it
-                        raise TransactionAborted(str(self._failed))
+                    self._raise_failed()  # a produce of the epoch failed it
                     for t in live:  # 2.
                         t.stage_epoch()
                     await self._staged_sent(live)
+                    self._raise_failed()  # or a produce of the hooks that staging ran
                     offsets = {t.tp: t.last_offset + 1 for t in live
                                if t.last_offset is not None and t.last_offset + 1 > t.committed}
                     rows = w.status.processed() - self._rows_mark
@@ -363,6 +363,10 @@ class EpochCommits(CommitProtocol):
             finally:
                 if not self._full.is_set() and self._failed is None:
                     self.gate.set()
+
+    def _raise_failed(self) -> None:
+        if self._failed is not None:
+            raise TransactionAborted(str(self._failed))
 
     async def _foreach_batch(self, live: list[PartitionTask]) -> None:
         """Each foreach_batch step's fn(records, epoch_id), on the transaction thread, with
