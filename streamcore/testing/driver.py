@@ -429,6 +429,14 @@ class TestDriver:
         run = self._run
         if w.exiting or (run is not None and run.cancelling()):
             return False
+        # A revoke or a loss waits for the epoch's end, which waits for acknowledgements the
+        # test holds back (or for tasks that wait for room only those can make): nothing
+        # happens, not even a fetch, until the test releases them.
+        stuck = self._full_until_acks_come()
+        held_up = w.committer.in_progress and (
+            (w.committer.awaiting_acks and self._acks_held()) or stuck)
+        if held_up and w.rebalancing_since is not None:
+            return all(t.idle() or (t.ctx.blocked and stuck) for t in list(w.tasks.values()))
         positions = consumer.positions()
         # The client's thread sets a partition's position after the engine's assignment
         # callback (so that no fetch finds no task): until then it is not caught up.
@@ -444,9 +452,7 @@ class TestDriver:
         # An epoch is ending (or being aborted and read again); one that waits only for
         # acknowledgements the test holds back (or for tasks that wait for room that only
         # those can make) waits for the test.
-        stuck = self._full_until_acks_come()
-        if w.committer.in_progress and not (
-                (w.committer.awaiting_acks and self._acks_held()) or stuck):
+        if w.committer.in_progress and not held_up:
             return False
         if w.member.commit_pending:  # a commit not sent yet would be lost by crash()
             return False

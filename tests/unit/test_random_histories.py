@@ -1,6 +1,7 @@
 """Random histories in the test driver: sends, the manual clock, commits, crashes, graceful
-restarts, held acknowledgements, refused commits, a small producer queue and (in epoch mode)
-aborted and failed transactions, in a random order. Whatever happens, nothing is lost:
+restarts, held acknowledgements, refused commits, a small producer queue, lost partitions
+(max.poll.interval.ms passed) and (in epoch mode) aborted and failed transactions, in a
+random order. Whatever happens, nothing is lost:
 every record sent is in the final state and the outputs (continuous mode: at least once;
 epoch mode: exactly once).
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,9 @@ from streamcore import (
 from streamcore.testing import TestDriver
 
 T0 = 1_700_000_000_000
+# A "lose" step outlasts max.poll.interval.ms: the next serve loses the partitions and joins
+# again (the in-memory consumer models it as librdkafka does).
+_CONFIG = WorkerConfig(commit_interval="300ms", consumer={"max.poll.interval.ms": 300})
 SEEDS = range(int(os.environ.get("STREAMCORE_HISTORIES", "2")))
 STEPS = 40
 
@@ -43,7 +48,7 @@ def _append(ids: list[int], v: dict[str, Any]) -> list[int]:
 
 
 def _keyed(epochs: bool) -> Job:
-    job = Job("keyed", config=WorkerConfig(commit_interval="300ms"))
+    job = Job("keyed", config=_CONFIG)
     (job.stream(KafkaSource("in", value=JSON))
         .key_by(lambda v: v["user"])
         .aggregate(list, _append if epochs else _union, name="ids")
@@ -53,7 +58,7 @@ def _keyed(epochs: bool) -> Job:
 
 
 def _windowed(epochs: bool) -> Job:
-    job = Job("windowed", config=WorkerConfig(commit_interval="300ms"))
+    job = Job("windowed", config=_CONFIG)
     (job.stream(KafkaSource("in", value=JSON, timestamp=lambda v: v["ts"]))
         .with_watermark("1s")
         .key_by(lambda v: v["user"])
@@ -64,7 +69,7 @@ def _windowed(epochs: bool) -> Job:
 
 
 def _dedup(epochs: bool) -> Job:
-    job = Job("dedup", config=WorkerConfig(commit_interval="300ms"))
+    job = Job("dedup", config=_CONFIG)
     (job.stream(KafkaSource("in", key=STR, value=JSON, timestamp=lambda v: v["ts"]))
         .with_watermark("1s")
         .drop_duplicates(lambda v: v["id"], within="5s", name="seen")
@@ -84,7 +89,7 @@ def _session(user: str, values: list[Any], state: GroupState) -> Any:
 
 
 def _sessions(epochs: bool) -> Job:
-    job = Job("sessions", config=WorkerConfig(commit_interval="300ms"))
+    job = Job("sessions", config=_CONFIG)
     (job.stream(KafkaSource("in", key=STR, value=JSON))
         .map_groups_with_state(_session, timeout="processing_time", name="sessions")
         .to(KafkaSink("out", key=STR, value=JSON)))
@@ -101,15 +106,16 @@ class History:
 
 
 def _play(d: TestDriver, rnd: random.Random, h: History, *, epochs: bool,
-          repeats: bool, steps: int = STEPS) -> list[Any]:
+          repeats: bool, steps: int = STEPS, losses: bool = True) -> list[Any]:
     """STEPS random steps; returns every record read from "out". Event times run forward
     with less disorder than the watermark's delay, so that no record is ever late."""
     out: list[Any] = []
     clock = T0
     held = False
     ops = ["send", "burst", "time", "commit", "crash", "restart", "hold", "hold_out",
-           "release", "refuse_commits", "queue", "abort", "fail_txn"]
-    weights = [30, 10, 15, 5, 6, 4, 3, 2, 6, 3, 3, 3 if epochs else 0, 2 if epochs else 0]
+           "release", "refuse_commits", "queue", "lose", "abort", "fail_txn"]
+    weights = [30, 10, 15, 5, 6, 4, 3, 2, 6, 3, 3, 2 if losses else 0, 3 if epochs else 0,
+               2 if epochs else 0]  # a weight 0 keeps the other steps' draws as they were
     for _ in range(steps):
         op = rnd.choices(ops, weights)[0]
         h.ops.append(op)
@@ -142,6 +148,8 @@ def _play(d: TestDriver, rnd: random.Random, h: History, *, epochs: bool,
             d.fail_commits(rnd.random() < 0.5)
         elif op == "queue":
             d.limit_queue(rnd.choice([None, 1, 3]))
+        elif op == "lose":
+            time.sleep(0.35)  # no serve of the group for longer than max.poll.interval.ms
         elif op == "abort":
             d.abort_next_epoch(rnd.randint(1, 2))
         else:
@@ -203,7 +211,8 @@ def test_a_long_epoch_history_with_failed_transactions_keeps_every_window_once()
     18 windows came twice."""
     h = History()
     with TestDriver(_windowed(True), partitions=2, trigger="200ms") as d:
-        out = _play(d, random.Random(502), h, epochs=True, repeats=False, steps=100)
+        out = _play(d, random.Random(502), h, epochs=True, repeats=False, steps=100,
+                    losses=False)  # the history that found it
     emitted = [(r.key[0], r.key[1]) for r in out if r.key[0] != "z"]
     assert sorted(emitted) == sorted({(h.user[i], h.ts[i] - h.ts[i] % 1000)
                                       for i in h.user}), h.ops
