@@ -325,6 +325,7 @@ class EpochCommits(CommitProtocol):
                         t.stage_epoch()
                     await self._staged_sent(live)
                     self._raise_failed()  # or a produce of the hooks that staging ran
+                    self._raise_fenced()
                     offsets = {t.tp: t.last_offset + 1 for t in live
                                if t.last_offset is not None and t.last_offset + 1 > t.committed}
                     rows = w.status.processed() - self._rows_mark
@@ -335,6 +336,7 @@ class EpochCommits(CommitProtocol):
                     self._log.pending(self.epoch_id, offsets)
                     self._overlap()  # 3.
                     await self._acknowledged(live)
+                    self._raise_fenced()
                     if offsets:  # 4.
                         metadata = w.member.group_metadata()
                         await self._blocking(w.producer.send_offsets_to_transaction, offsets,
@@ -344,8 +346,9 @@ class EpochCommits(CommitProtocol):
                     if self._overlapping:  # what the tasks took meanwhile is rewound too
                         self.gate.clear()
                         await self._quiesce_dropping()
-                        live = [t for t in w.tasks.values() if not t.fenced
-                                and t.state in (TaskState.RUNNING, TaskState.SUSPENDED)]
+                        live = [t for t in w.tasks.values()
+                                if t.state in (TaskState.RUNNING, TaskState.SUSPENDED)]
+                    live = [t for t in live if not t.fenced]
                     await self._abort(live, f"the epoch failed: {exc}")
                     return False
                 t2 = time.monotonic()
@@ -367,6 +370,15 @@ class EpochCommits(CommitProtocol):
     def _raise_failed(self) -> None:
         if self._failed is not None:
             raise TransactionAborted(str(self._failed))
+
+    def _raise_fenced(self) -> None:
+        """A task fenced since the epoch began (the member may have left the group) wrote
+        to this transaction, and its stores staged nothing (abandoned): commit none of it.
+        The abort rewinds the others; the loss that follows closes the fenced ones."""
+        fenced = sorted(t.tp for t in self._w.tasks.values() if t.fenced)
+        if fenced:
+            raise TransactionAborted("partitions fenced: "
+                                     + ", ".join(f"{t}[{p}]" for t, p in fenced))
 
     async def _foreach_batch(self, live: list[PartitionTask]) -> None:
         """Each foreach_batch step's fn(records, epoch_id), on the transaction thread, with
