@@ -245,9 +245,22 @@ def test_drop_duplicates_keeps_every_first_record(trigger: str | None, seed: int
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
 def test_every_record_reaches_a_timed_out_session(trigger: str | None, seed: int) -> None:
+    _sessions_history(trigger, seed, STEPS)
+
+
+def test_a_long_epoch_history_times_each_session_out_once() -> None:
+    """A 200-step history. Before: a processing-time timeout fired while an epoch was
+    ending, with the gate closed; its output went into that epoch's transaction and its
+    state change (the session's removal) into the next epoch, which a crash lost: after the
+    restart 44 records' sessions timed out, and were written, a second time."""
+    _sessions_history("200ms", 801, 200)
+
+
+def _sessions_history(trigger: str | None, seed: int, steps: int) -> None:
     h = History()
     with TestDriver(_sessions(trigger is not None), partitions=2, trigger=trigger) as d:
-        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False)
+        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False,
+                    steps=steps)
     emitted = [i for r in out for i in r.value["ids"] if i >= 0]
     assert set(emitted) == set(h.user), h.ops
     if trigger is not None:
