@@ -206,7 +206,7 @@ class PartitionTask:
         """Processing time passed: the operators' timer hooks (worker's clock), and an idle
         input's watermark may stop holding the task's back."""
         if self.state is TaskState.RUNNING and not self.fenced:
-            if self._gate is not None and not self._gate.is_set():
+            if self.waiting_for_epoch:
                 # An epoch is ending (or its transaction failed): a timer's outputs would go
                 # to that transaction and its state changes to the next epoch. It fires at
                 # the next tick once the gate opens, both in the same epoch.
