@@ -346,7 +346,10 @@ class MemoryProducer(ProducerBackend):
     :meth:`release`; with ``fail`` set, they never reach the cluster and their
     acknowledgements report that error. With ``queue_limit``, a produce that finds that
     many records in flight (held, or with a report not served yet) raises BufferError, as
-    librdkafka does when ``queue.buffering.max.messages`` is reached."""
+    librdkafka does when ``queue.buffering.max.messages`` is reached. With
+    ``fail_transaction``, the next produce finds the transaction failed (an abortable
+    error), and, as librdkafka, every produce, offset send and commit is then refused until
+    the transaction is aborted."""
 
     def __init__(self, cluster: MemoryCluster, transactional_id: str | None = None) -> None:
         self._cluster = cluster
@@ -365,6 +368,7 @@ class MemoryProducer(ProducerBackend):
         self.dead = False  # a crashed process: nothing more reaches the cluster
         self.abort_commits = 0  # transaction commits still to fail (abortable)
         self.fail_transaction = False  # the next produce finds the transaction failed
+        self._txn_failed = False  # as librdkafka: refused until the abort
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
@@ -380,9 +384,13 @@ class MemoryProducer(ProducerBackend):
             partition = (murmur2_partition(key, len(parts)) if key is not None
                          else next(self._round_robin) % len(parts))
         if self.fail_transaction and self.fail is None:
-            # Raised by this produce call only, never by release() of held records: the
+            # Raised by produce calls only, never by release() of held records: the
             # driver's thread, not the engine, would get it.
             self.fail_transaction = False
+            self._txn_failed = True
+        if self._txn_failed:
+            # librdkafka refuses every produce of a transaction in its abortable error
+            # state, until abort_transaction.
             raise TransactionAborted("the transaction failed (injected): an abortable error")
         record = (topic, partition, key, value, timestamp, headers, on_delivery)
         if self.hold and (self.hold_topics is None or topic in self.hold_topics):
@@ -445,6 +453,8 @@ class MemoryProducer(ProducerBackend):
     def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int],
                                     group_metadata: Any, timeout: float) -> None:
         self._check_owner("send_offsets_to_transaction")
+        if self._txn_failed:
+            raise TransactionAborted("send_offsets_to_transaction: the transaction failed")
         for tp, off in offsets.items():
             self._txn_offsets[(str(group_metadata), tp)] = off
 
@@ -452,6 +462,8 @@ class MemoryProducer(ProducerBackend):
         self._check_owner("commit_transaction")
         if self.fail is not None:
             raise TransactionAborted(f"commit_transaction: {self.fail}")
+        if self._txn_failed:
+            raise TransactionAborted("commit_transaction: the transaction failed; abort it")
         if self.abort_commits > 0:
             self.abort_commits -= 1
             raise TransactionAborted("commit_transaction: the coordinator aborted it "
@@ -464,6 +476,7 @@ class MemoryProducer(ProducerBackend):
         self._abort()
 
     def _abort(self) -> None:
+        self._txn_failed = False
         self._held.clear()
         self._cluster.end_transaction(self._txn or [], ABORTED, {})
         self._txn = None

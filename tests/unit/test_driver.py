@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -291,3 +292,36 @@ def test_a_worker_whose_loop_blocked_past_max_poll_takes_no_more_queued_batches(
     # Written twice: what the task did before the stall and the rest of its batch (50-59),
     # never a batch it took after.
     assert twice and twice[-1] < 60, twice
+
+
+def test_a_failed_transaction_refuses_everything_until_it_is_aborted() -> None:
+    """The in-memory producer models librdkafka's abortable error state: once a produce
+    has found the transaction failed, every produce, offset send and commit is refused
+    until the abort, and nothing of that transaction is ever read."""
+    from connectors.memory import MemoryCluster, MemoryProducer
+    from streamcore.core.errors import TransactionAborted
+
+    cluster = MemoryCluster(lambda: T0)
+    cluster.create_topic("out", 1)
+    p = MemoryProducer(cluster, "txn-1")
+    p.init_transactions(1)
+
+    def send(value: bytes) -> None:
+        p.produce("out", value, None, 0, lambda err, msg: None, None, 0, None)
+
+    p.begin_transaction()
+    send(b"before")
+    p.fail_transaction = True
+    refused: list[Callable[[], None]] = [
+        lambda: send(b"1"), lambda: send(b"2"),
+        lambda: p.send_offsets_to_transaction({("in", 0): 5}, "g", 1),
+        lambda: p.commit_transaction(1)]
+    for call in refused:
+        with pytest.raises(TransactionAborted):
+            call()
+    p.abort_transaction(1)
+    p.begin_transaction()
+    send(b"after")
+    p.commit_transaction(1)
+    assert cluster.read({("out", 0): 0}, set(), 10, 0) == cluster.topics["out"][0][1:]
+    assert [m.value() for m in cluster.topics["out"][0][1:]] == [b"after"]
