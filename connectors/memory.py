@@ -224,7 +224,8 @@ class MemoryConsumer(ConsumerBackend):
     its first serve, and revokes them at close. A serve that comes more than
     ``max_poll_interval_s`` after the last one finds the member out of the group, as
     librdkafka does: its partitions are lost, and the same serve joins again (assigned from
-    the committed offsets)."""
+    the committed offsets). With ``expire_session`` set, the next serve finds them lost
+    the same way (the coordinator dropped the member: its heartbeats stopped reaching it)."""
 
     def __init__(self, cluster: MemoryCluster, group: str,
                  max_poll_interval_s: float = 300.0) -> None:
@@ -242,6 +243,7 @@ class MemoryConsumer(ConsumerBackend):
         self.fail_commits = False  # the coordinator refuses commits (not a fencing)
         self._commit_failed: Callable[[dict[TopicPartition, int]], None] | None = None
         self.returned = 0  # messages handed to the engine so far
+        self.expire_session = False  # the next serve finds the partitions lost
 
     def subscribe(self, topics: Sequence[str], *, on_assign: PartitionsCallback,
                   on_revoke: PartitionsCallback, on_lost: PartitionsCallback,
@@ -260,8 +262,8 @@ class MemoryConsumer(ConsumerBackend):
     def serve(self, timeout: float) -> list[Any]:
         time.sleep(min(timeout, 0.002))  # a real serve waits for the coordinator too
         last, self._last_serve = self._last_serve, time.monotonic()
-        if self._assigned and last is not None \
-                and self._last_serve - last > self.max_poll_interval_s:
+        late = last is not None and self._last_serve - last > self.max_poll_interval_s
+        if self._assigned and (late or self.expire_session):
             lost, self._assigned = self._assigned, []
             with self._lock:
                 self._positions.clear()
@@ -277,6 +279,7 @@ class MemoryConsumer(ConsumerBackend):
                                  self._cluster.end(tp) if self._callbacks["end"](tp[0]) else 0)
                         self._positions[tp] = start
                     self._assigned = parts
+        self.expire_session = False  # lost, and joined again
         return []
 
     def consume(self, max_records: int, timeout: float) -> list[Message]:

@@ -148,6 +148,8 @@ class EpochCommits(CommitProtocol):
         self._full = asyncio.Event()
         self._failed: BaseException | None = None  # the running transaction failed
         self._overlapping = False  # a commit is running and the next epoch has begun
+        # Tasks fenced before the running epoch began: it holds nothing of theirs.
+        self._fenced_at_start: frozenset[TopicPartition] = frozenset()
         assert worker.transactional_id is not None
         self._tid = worker.transactional_id
         self._me = owners.identity(worker.group)  # as a worker we fence will name us
@@ -219,6 +221,7 @@ class EpochCommits(CommitProtocol):
 
     def _start_counts(self) -> None:
         self._failed = None
+        self._fenced_at_start = frozenset(t.tp for t in self._w.tasks.values() if t.fenced)
         self._taken = 0
         self._full.clear()
         self._epoch_started = time.monotonic()
@@ -321,6 +324,7 @@ class EpochCommits(CommitProtocol):
                 live = [t for t in tasks if t.state in (TaskState.RUNNING, TaskState.SUSPENDED)]
                 try:
                     self._raise_failed()  # a produce of the epoch failed it
+                    self._raise_fenced()  # a loss fenced a task while it quiesced
                     for t in live:  # 2.
                         t.stage_epoch()
                     await self._staged_sent(live)
@@ -500,13 +504,16 @@ class EpochCommits(CommitProtocol):
 
     async def abort_epoch(self, reason: str, gone: Iterable[TopicPartition] = ()) -> None:
         """A loss: abort the running epoch; the partitions kept read again from their
-        committed offsets (gone: partitions no longer assigned, not sought)."""
+        committed offsets (gone: partitions no longer assigned, not sought). Not if every
+        gone partition was fenced before the epoch began (an epoch's end aborted the one
+        that held their work): this epoch holds nothing of theirs."""
+        gone = set(gone)
         async with self._lock:
             self.gate.clear()
             try:
                 tasks = [t for t in self._w.tasks.values()]
                 await self._quiesce([t for t in tasks if not t.fenced])
-                if self._in_txn:
+                if self._in_txn and not gone <= self._fenced_at_start:
                     await self._abort(tasks, reason, gone)
             finally:
                 self.gate.set()

@@ -368,8 +368,13 @@ class Worker:
         offsets: dict[TopicPartition, int] = {}
         self.committer.forget(mine)  # a queued commit must not land after the partition moved
         try:
-            for tp in mine:
-                self._tasks[tp].stop_intake()
+            if commit:
+                for tp in mine:
+                    self._tasks[tp].stop_intake()
+            else:
+                # Lost: another member may own them already. Fenced at once (nothing more
+                # written), so that an epoch's end under way does not wait for their work.
+                self._fence(mine, "the partitions were lost (the member left the group)")
             live = self._live(mine)
             if commit and live:
                 offsets = await self.committer.hand_over(live)

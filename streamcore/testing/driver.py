@@ -341,6 +341,21 @@ class TestDriver:
             consumer.fail_commits = fail
         self._settle()
 
+    def expire_session(self) -> None:
+        """The group coordinator drops this member (its session expired: the heartbeats
+        stopped reaching it, the event loop itself not blocked): the next serve of the group
+        finds every partition lost, and the member joins again at once."""
+        assert self._clients is not None and self._clients.last_consumer is not None
+        consumer = self._clients.last_consumer
+        consumer.expire_session = True
+        deadline = time.monotonic() + self._timeout
+        while consumer.expire_session:  # until the serve has handled the loss and joined
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the loss was not handled within {self._timeout}s: "
+                                   f"{self._describe()}")
+            self._loop.run_until_complete(asyncio.sleep(0.001))
+        self._settle()
+
     def abort_next_epoch(self, times: int = 1) -> None:
         """Epoch mode: the next ``times`` transaction commits fail as the broker can make
         them fail (abortable): each epoch is aborted and runs again."""

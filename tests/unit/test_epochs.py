@@ -320,3 +320,30 @@ def test_a_transaction_that_fails_under_a_produce_aborts_the_epoch_and_it_runs_a
         assert sorted((r.key, r.value) for r in d.read("out")) == \
             [("a", 2), ("a", 3), ("b", 2)]
         assert dict(d.store("per-user")) == {"a": 3, "b": 2}
+
+
+def test_a_loss_while_an_epoch_ends_does_not_wait_for_the_lost_tasks() -> None:
+    """The coordinator drops the member (its session expired) while an epoch's end waits
+    for a task that waits for room in the producer's queue. Before: the loss waited for that
+    epoch's end, which waited (up to shutdown_timeout) for the lost task, i.e. for the
+    acknowledgements, and then tried to commit the lost partition's offsets (a broker
+    refuses them). Now the loss fences the lost task at once: the epoch is aborted and the
+    member joins again without waiting; everything is then written exactly once."""
+    with TestDriver(_passthrough("lost-ending"), trigger=processing_time("100ms"),
+                    start_ms=T0, timeout=5) as d:
+        d.send("in", {"i": 0})
+        d.advance_time("100ms")
+        d.hold_acks()
+        d.limit_queue(1)  # one output in flight, the next waits in the task for room
+        d.send_many("in", [{"i": 1}, {"i": 2}, {"i": 3}])
+        d.advance_time("100ms")  # the epoch's end waits for the task
+        assert d.worker.committer.aborts == 0  # type: ignore[attr-defined]
+        d.expire_session()
+        assert d.worker.committer.aborts == 1  # type: ignore[attr-defined]
+        assert d.worker.rebalancing_since is None  # joined again, not waiting
+        d.hold_acks(False)
+        d.limit_queue(None)
+        d.advance_time("300ms")
+        assert d.exception() is None, d.exception()
+        assert [r.value["i"] for r in d.read("out")] == [0, 1, 2, 3]
+        assert d.committed("in") == {0: 4}
