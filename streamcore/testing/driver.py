@@ -199,13 +199,19 @@ class TestDriver:
         self._start()
 
     def _stop(self, *, release_acks: bool = False) -> None:
-        """Ask the worker to stop gracefully and wait for it (up to the timeout)."""
+        """Ask the worker to stop gracefully and wait for it (up to the timeout). A worker
+        that fails while it stops is an error of the test (a graceful stop must succeed)."""
         assert self._run is not None
+        was_running = not self._run.done()
         self._running().stop()
         if release_acks:
             self._hold = False
             self._apply_ack_mode()
         self._loop.run_until_complete(asyncio.wait([self._run], timeout=self._timeout))
+        if was_running and self._run.done() and not self._run.cancelled() \
+                and self._run.exception() is not None:
+            raise AssertionError("the worker failed while it stopped gracefully: "
+                                 f"{self._run.exception()!r}") from self._run.exception()
 
     # -- input -----------------------------------------------------------------------------
     def send(self, topic: str, value: Any, *, key: Any = None, timestamp: int | None = None,
