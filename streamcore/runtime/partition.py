@@ -385,7 +385,7 @@ class PartitionTask:
                     await self._process_inbox()
                     for lane in self.ctx.lanes:
                         await lane.wait_empty()
-                    await self.ctx.wait_unblocked()  # held outputs go to the producer
+                    await self._hand_over_hook_outputs()  # held outputs go to the producer
                 finally:
                     for lane in self.ctx.lanes:
                         lane.close()
@@ -545,6 +545,9 @@ class PartitionTask:
             and (held_ok or not self.ctx.blocked)
 
     async def _hand_over_hook_outputs(self) -> None:
+        """Until the outputs held for room (a hook's, or at the loop's end any) are with the
+        producer. Epoch mode: if the transaction has failed, they are dropped with the epoch
+        (its abort rewinds the task); the task does not fail."""
         ctx = self.ctx
         try:
             await ctx.wait_unblocked()

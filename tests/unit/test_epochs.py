@@ -347,3 +347,25 @@ def test_a_loss_while_an_epoch_ends_does_not_wait_for_the_lost_tasks() -> None:
         assert d.exception() is None, d.exception()
         assert [r.value["i"] for r in d.read("out")] == [0, 1, 2, 3]
         assert d.committed("in") == {0: 4}
+
+
+def test_a_graceful_stop_after_a_transaction_failed_under_outputs_held_for_room() -> None:
+    """A task's outputs wait for room when the transaction fails; the task then waits at
+    the closed gate for the abort, its outputs still held. Before: a graceful stop ended
+    the task's loop, whose last step handed the held outputs to the producer; the failed
+    transaction refused them and the worker stopped with TransactionAborted instead of
+    stopping cleanly. Now they go with the aborted epoch, and the next run writes them."""
+    with TestDriver(_passthrough("stop-held"), trigger=processing_time("10s"),
+                    start_ms=T0, timeout=5) as d:
+        d.send("in", {"i": 0})
+        d.advance_time("10s")
+        d.hold_acks()
+        d.limit_queue(1)  # one output in flight, the next held in the task
+        d.send_many("in", [{"i": 1}, {"i": 2}, {"i": 3}])
+        d.fail_transaction()
+        d.hold_acks(False)  # room: the held output finds the transaction failed
+        d.limit_queue(None)
+        d.restart()
+        d.advance_time("10s")
+        assert [r.value["i"] for r in d.read("out")] == [0, 1, 2, 3]
+        assert d.committed("in") == {0: 4}
