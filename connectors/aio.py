@@ -192,6 +192,9 @@ class AioMember(QueuedCommits, GroupMember):
                       "auto_offset_reset": "earliest"}
         self.max_poll_interval_s = int(self._args.get("max_poll_interval_ms", 300000)) / 1000
         self.last_served = time.monotonic()
+        # Set when the event loop was blocked past max.poll.interval.ms: last_served stays
+        # where it was (the engine fences) until the rejoin's assignment.
+        self._stalled = False
         self._c: AIOKafkaConsumer | None = None
         self._listener: RebalanceListener | None = None
         self._start_at_end: Callable[[str], bool] = lambda topic: False
@@ -246,14 +249,33 @@ class AioMember(QueuedCommits, GroupMember):
                 await c.seek_to_end(ATP(t, p))
         await self._listener.assigned(new)
         self._assigned.update(new)
+        self._stalled = False  # joined again: the group is served
+        self.last_served = time.monotonic()
 
     # -- the group -----------------------------------------------------------------------
+    def rejoin(self) -> None:
+        """aiokafka leaves the group after a blocked loop only if its heartbeat runs before
+        the next fetch; otherwise it stays in the group, and the fenced partitions would never
+        come back. Either way: rejoin (the revoke and assign callbacks follow)."""
+        if self._stalled:
+            return
+        self._stalled = True
+        coordinator = getattr(self._c, "_coordinator", None)
+        if coordinator is not None:
+            log.warning("rejoining the group: the event loop was blocked past "
+                        "max.poll.interval.ms")
+            coordinator.request_rejoin()
+
     async def run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.02)
             self._wake.clear()
-            self.last_served = time.monotonic()
+            now = time.monotonic()
+            if self._assigned and now - self.last_served > self.max_poll_interval_s:
+                self.rejoin()  # the loop was blocked: the engine fences (check_membership)
+            if not self._stalled:
+                self.last_served = now
             commit, self._queued = self._queued, {}
             commit = {tp: o for tp, o in commit.items() if tp in self._assigned}
             if commit:

@@ -117,6 +117,12 @@ class GroupMember(ABC):
     max_poll_interval_s: float = 300.0
     last_served: float = 0.0  # time.monotonic() of the last serve of the group
 
+    def rejoin(self) -> None:  # noqa: B027
+        """The engine fenced every partition: the group was not served past
+        ``max_poll_interval_s``. Make sure the member leaves the group if it has not and joins
+        again, so that the revoke (or lost) and assign callbacks follow. Non-blocking and
+        idempotent. librdkafka does this by itself (the default does nothing)."""
+
     @abstractmethod
     async def join(self, topics: Sequence[str], listener: RebalanceListener, *,
                    start_at_end: Callable[[str], bool] = lambda topic: False) -> None:

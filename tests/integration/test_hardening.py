@@ -243,8 +243,9 @@ async def test_a_global_table_whose_follower_failed_fails_healthz(
 
 
 
+@pytest.mark.parametrize("client", ["confluent-kafka", "aiokafka"])
 def test_a_worker_whose_loop_blocked_past_max_poll_writes_no_more_as_a_zombie(
-        bootstrap: str, tmp_path: Path) -> None:
+        bootstrap: str, tmp_path: Path, client: str) -> None:
     """A job function blocks the event loop past max.poll.interval.ms once, with thousands
     of records fetched. librdkafka leaves the group meanwhile, so the partition may already be
     another member's: the worker must stop writing at once (at most the rest of the batch it
@@ -265,7 +266,7 @@ def test_a_worker_whose_loop_blocked_past_max_poll_writes_no_more_as_a_zombie(
 
     job = Job(unique("zombie"))
     job.stream(KafkaSource(src, value=JSON)).map(step).to(KafkaSink(out, value=JSON))
-    cfg = _cfg(bootstrap, tmp_path, poll_batch=batch, consumer={
+    cfg = _cfg(bootstrap, tmp_path, client=client, poll_batch=batch, consumer={
         "max.poll.interval.ms": 3000, "session.timeout.ms": 2000,
         "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 20})
     q = job.start(cfg)
