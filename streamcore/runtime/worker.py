@@ -273,7 +273,8 @@ class Worker:
         self._fence(list(self._tasks), f"the group was not served for {idle:.1f}s "
                     f"(max.poll.interval.ms {member.max_poll_interval_s * 1000:.0f}): was "
                     "the event loop blocked?")
-        member.rejoin()  # the fenced partitions come back through a rebalance
+        if self._tasks:
+            member.rejoin()  # the fenced partitions come back through a rebalance
         return False
 
     def _live(self, parts: Iterable[TopicPartition]) -> list[TopicPartition]:
