@@ -148,8 +148,9 @@ class EpochCommits(CommitProtocol):
         self._full = asyncio.Event()
         self._failed: BaseException | None = None  # the running transaction failed
         self._overlapping = False  # a commit is running and the next epoch has begun
-        # Tasks fenced before the running epoch began: it holds nothing of theirs.
-        self._fenced_at_start: frozenset[TopicPartition] = frozenset()
+        # Tasks fenced before the running epoch began: it holds nothing of theirs. The tasks,
+        # not their partitions: a partition lost and assigned again has a new task.
+        self._fenced_at_start: frozenset[PartitionTask] = frozenset()
         assert worker.transactional_id is not None
         self._tid = worker.transactional_id
         self._me = owners.identity(worker.group)  # as a worker we fence will name us
@@ -221,7 +222,7 @@ class EpochCommits(CommitProtocol):
 
     def _start_counts(self) -> None:
         self._failed = None
-        self._fenced_at_start = frozenset(t.tp for t in self._w.tasks.values() if t.fenced)
+        self._fenced_at_start = frozenset(t for t in self._w.tasks.values() if t.fenced)
         self._taken = 0
         self._full.clear()
         self._epoch_started = time.monotonic()
@@ -430,9 +431,12 @@ class EpochCommits(CommitProtocol):
         """Until every staged changelog record, and every output of the hooks that staging
         ran, is with the producer (before the gate opens: one held for room then would be
         kept back for the next transaction, while the state change made with it commits in
-        this one)."""
-        while not all(t.hand_over_held() and (t.stores is None or t.stores.staged_sent())
-                      for t in live):
+        this one). A task fenced meanwhile aborts the epoch at once (see _raise_fenced)."""
+        while True:
+            self._raise_fenced()
+            if all(t.hand_over_held() and (t.stores is None or t.stores.staged_sent())
+                   for t in live):
+                return
             self._w.producer.poll(0)
             await asyncio.sleep(0.001)
 
@@ -448,6 +452,7 @@ class EpochCommits(CommitProtocol):
     async def _until_acknowledged(self, live: list[PartitionTask]) -> None:
         producer = self._w.producer
         while True:
+            self._raise_fenced()  # a loss meanwhile: no need to wait, the epoch is aborted
             producer.poll(0)
             for t in live:
                 if t.tracker.failure is not None:
@@ -513,7 +518,8 @@ class EpochCommits(CommitProtocol):
             try:
                 tasks = [t for t in self._w.tasks.values()]
                 await self._quiesce([t for t in tasks if not t.fenced])
-                if self._in_txn and not gone <= self._fenced_at_start:
+                theirs = [t for t in tasks if t.tp in gone and t not in self._fenced_at_start]
+                if self._in_txn and theirs:
                     await self._abort(tasks, reason, gone)
             finally:
                 self.gate.set()

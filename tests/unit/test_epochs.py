@@ -6,6 +6,7 @@ an epoch loses nothing and duplicates nothing; once and available_now stop by th
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from typing import Any
 
@@ -369,3 +370,25 @@ def test_a_graceful_stop_after_a_transaction_failed_under_outputs_held_for_room(
         d.advance_time("10s")
         assert [r.value["i"] for r in d.read("out")] == [0, 1, 2, 3]
         assert d.committed("in") == {0: 4}
+
+
+def test_a_partition_lost_a_second_time_has_the_epoch_of_its_new_task_aborted() -> None:
+    """The loop blocks past max.poll.interval.ms: the task is fenced, the epoch aborted, and
+    the partition, lost, is assigned again to a new task, which processes a record. Then the
+    session expires: the partition is lost again. Before: the second loss found the
+    partition among those fenced when the running epoch began (its first task) and did not
+    abort the epoch, which held the new task's output: after the rejoin the record was read
+    and written again, and the epoch committed it twice."""
+    job = Job("lost-twice", config=WorkerConfig(consumer={"max.poll.interval.ms": 300}))
+    job.stream(KafkaSource("in", value=JSON)).to(KafkaSink("out", value=JSON))
+    with TestDriver(job, trigger=processing_time("10s"), start_ms=T0, timeout=5) as d:
+        d.send("in", {"i": 0})
+        d.advance_time("10s")
+        time.sleep(0.35)  # no serve of the group past max.poll.interval.ms: lost, rejoined
+        d.send("in", {"i": 1})
+        d.send("in", {"i": 2})  # processed by the new task, in the running epoch
+        d.expire_session()  # lost again: the running epoch holds the new task's work
+        d.advance_time("10s")
+        assert d.exception() is None, d.exception()
+        assert [r.value["i"] for r in d.read("out")] == [0, 1, 2]
+        assert d.committed("in") == {0: 3}
