@@ -33,7 +33,8 @@ from streamcore.testing import TestDriver
 
 T0 = 1_700_000_000_000
 # A "lose" step outlasts max.poll.interval.ms: the next serve loses the partitions and joins
-# again (the in-memory consumer models it as librdkafka does).
+# again (the in-memory consumer models it as librdkafka does). An "expire" step has the
+# coordinator drop the member (its session expired): the partitions are lost without a stall.
 _CONFIG = WorkerConfig(commit_interval="300ms", consumer={"max.poll.interval.ms": 300})
 SEEDS = range(int(os.environ.get("STREAMCORE_HISTORIES", "2")))
 STEPS = 40
@@ -106,16 +107,18 @@ class History:
 
 
 def _play(d: TestDriver, rnd: random.Random, h: History, *, epochs: bool,
-          repeats: bool, steps: int = STEPS, losses: bool = True) -> list[Any]:
+          repeats: bool, steps: int = STEPS, losses: bool = True,
+          expiries: bool = True) -> list[Any]:
     """STEPS random steps; returns every record read from "out". Event times run forward
     with less disorder than the watermark's delay, so that no record is ever late."""
     out: list[Any] = []
     clock = T0
     held = False
     ops = ["send", "burst", "time", "commit", "crash", "restart", "hold", "hold_out",
-           "release", "refuse_commits", "queue", "lose", "abort", "fail_txn"]
+           "release", "refuse_commits", "queue", "lose", "abort", "fail_txn", "expire"]
     weights = [30, 10, 15, 5, 6, 4, 3, 2, 6, 3, 3, 2 if losses else 0, 3 if epochs else 0,
-               2 if epochs else 0]  # a weight 0 keeps the other steps' draws as they were
+               2 if epochs else 0, 2 if expiries else 0]  # a weight 0 keeps the other
+    # steps' draws as they were (the seeds of the regression tests below)
     for _ in range(steps):
         op = rnd.choices(ops, weights)[0]
         h.ops.append(op)
@@ -152,8 +155,10 @@ def _play(d: TestDriver, rnd: random.Random, h: History, *, epochs: bool,
             time.sleep(0.35)  # no serve of the group for longer than max.poll.interval.ms
         elif op == "abort":
             d.abort_next_epoch(rnd.randint(1, 2))
-        else:
+        elif op == "fail_txn":
             d.fail_transaction()
+        else:
+            d.expire_session()  # the coordinator drops the member: its partitions are lost
         out += d.read("out")
         assert not d.stopped(), f"the job stopped: {d.exception()!r}"
     d.hold_acks(False)
@@ -172,11 +177,13 @@ def test_a_keyed_aggregate_loses_nothing(trigger: str | None, seed: int) -> None
     _keyed_history(trigger, seed, STEPS)
 
 
-def _keyed_history(trigger: str | None, seed: int, steps: int) -> None:
+def _keyed_history(trigger: str | None, seed: int, steps: int, *,
+                   expiries: bool = True) -> None:
     epochs = trigger is not None
     h = History()
     with TestDriver(_keyed(epochs), partitions=2, trigger=trigger) as d:
-        out = _play(d, random.Random(seed), h, epochs=epochs, repeats=False, steps=steps)
+        out = _play(d, random.Random(seed), h, epochs=epochs, repeats=False, steps=steps,
+                    expiries=expiries)
         state = dict(d.store("ids"))
     for u, ids in h.sent.items():
         want = ids if epochs else sorted(set(ids))  # epoch mode: each id once, in order
@@ -216,7 +223,7 @@ def test_a_long_epoch_history_with_failed_transactions_keeps_every_window_once()
     h = History()
     with TestDriver(_windowed(True), partitions=2, trigger="200ms") as d:
         out = _play(d, random.Random(502), h, epochs=True, repeats=False, steps=100,
-                    losses=False)  # the history that found it
+                    losses=False, expiries=False)  # the history that found it
     emitted = [(r.key[0], r.key[1]) for r in out if r.key[0] != "z"]
     assert sorted(emitted) == sorted({(h.user[i], h.ts[i] - h.ts[i] % 1000)
                                       for i in h.user}), h.ops
@@ -227,7 +234,7 @@ def test_a_long_epoch_history_with_lost_partitions_applies_every_record_once() -
     (the group not served past max.poll.interval.ms) had its outputs and offsets committed
     with the epoch but not its state (its stores were abandoned): three records were missing
     from the state and from every later update."""
-    _keyed_history("200ms", 804, 200)
+    _keyed_history("200ms", 804, 200, expiries=False)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -253,14 +260,15 @@ def test_a_long_epoch_history_times_each_session_out_once() -> None:
     ending, with the gate closed; its output went into that epoch's transaction and its
     state change (the session's removal) into the next epoch, which a crash lost: after the
     restart 44 records' sessions timed out, and were written, a second time."""
-    _sessions_history("200ms", 801, 200)
+    _sessions_history("200ms", 801, 200, expiries=False)
 
 
-def _sessions_history(trigger: str | None, seed: int, steps: int) -> None:
+def _sessions_history(trigger: str | None, seed: int, steps: int, *,
+                      expiries: bool = True) -> None:
     h = History()
     with TestDriver(_sessions(trigger is not None), partitions=2, trigger=trigger) as d:
         out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False,
-                    steps=steps)
+                    steps=steps, expiries=expiries)
     emitted = [i for r in out for i in r.value["ids"] if i >= 0]
     assert set(emitted) == set(h.user), h.ops
     if trigger is not None:
