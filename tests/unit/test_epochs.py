@@ -46,6 +46,17 @@ def _passthrough(name: str = "pt") -> Job:
     return job
 
 
+def _outputs_held_for_room(d: TestDriver, interval: str) -> None:
+    """An epoch commits {"i": 0}; then, acknowledgements held and room for one output in the
+    producer's queue, records 1 to 3 come: one output is in flight, the next held in the
+    task (and the rest wait for it)."""
+    d.send("in", {"i": 0})
+    d.advance_time(interval)
+    d.hold_acks()
+    d.limit_queue(1)
+    d.send_many("in", [{"i": 1}, {"i": 2}, {"i": 3}])
+
+
 def test_outputs_and_offsets_become_visible_together_at_the_end_of_an_epoch() -> None:
     with TestDriver(_passthrough(), trigger=processing_time("100ms"), start_ms=T0) as d:
         d.send_many("in", [{"i": i} for i in range(5)])
@@ -287,11 +298,7 @@ def test_a_transaction_that_fails_under_outputs_held_for_room_aborts_the_epoch(
     outputs dropped with it, and it runs again, exactly."""
     with TestDriver(_passthrough("held-failed"), trigger=processing_time("100ms"),
                     start_ms=T0, timeout=5) as d:
-        d.send("in", {"i": 0})
-        d.advance_time("100ms")
-        d.hold_acks()
-        d.limit_queue(1)  # one output in flight, the next held in the task
-        d.send_many("in", [{"i": 1}, {"i": 2}, {"i": 3}])
+        _outputs_held_for_room(d, "100ms")
         d.fail_transaction()  # the next output handed over finds the transaction failed
         if acks == "released":
             d.hold_acks(False)  # room: the task hands its held output over, it fails
@@ -332,11 +339,7 @@ def test_a_loss_while_an_epoch_ends_does_not_wait_for_the_lost_tasks() -> None:
     member joins again without waiting; everything is then written exactly once."""
     with TestDriver(_passthrough("lost-ending"), trigger=processing_time("100ms"),
                     start_ms=T0, timeout=5) as d:
-        d.send("in", {"i": 0})
-        d.advance_time("100ms")
-        d.hold_acks()
-        d.limit_queue(1)  # one output in flight, the next waits in the task for room
-        d.send_many("in", [{"i": 1}, {"i": 2}, {"i": 3}])
+        _outputs_held_for_room(d, "100ms")
         d.advance_time("100ms")  # the epoch's end waits for the task
         assert d.worker.committer.aborts == 0  # type: ignore[attr-defined]
         d.expire_session()
@@ -358,11 +361,7 @@ def test_a_graceful_stop_after_a_transaction_failed_under_outputs_held_for_room(
     stopping cleanly. Now they go with the aborted epoch, and the next run writes them."""
     with TestDriver(_passthrough("stop-held"), trigger=processing_time("10s"),
                     start_ms=T0, timeout=5) as d:
-        d.send("in", {"i": 0})
-        d.advance_time("10s")
-        d.hold_acks()
-        d.limit_queue(1)  # one output in flight, the next held in the task
-        d.send_many("in", [{"i": 1}, {"i": 2}, {"i": 3}])
+        _outputs_held_for_room(d, "10s")
         d.fail_transaction()
         d.hold_acks(False)  # room: the held output finds the transaction failed
         d.limit_queue(None)
