@@ -190,6 +190,9 @@ class ContinuousCommits(CommitProtocol):
         # state stores (their changelog acknowledged too) so that everything is done.
         while time.monotonic() < deadline:
             w.producer.poll(0)
+            # A task fenced meanwhile (its partition lost) has nothing more to finish: its
+            # batch in flight never will be, and the next owner reads it again.
+            tasks = [t for t in tasks if not t.fenced]
             # Outputs of the hooks that flush_state runs wait here if the producer had no
             # room: the task's loop, which would hand them over, has ended.
             held = [t for t in tasks if not t.hand_over_held()]

@@ -325,3 +325,24 @@ def test_a_failed_transaction_refuses_everything_until_it_is_aborted() -> None:
     p.commit_transaction(1)
     assert cluster.read({("out", 0): 0}, set(), 10, 0) == cluster.topics["out"][0][1:]
     assert [m.value() for m in cluster.topics["out"][0][1:]] == [b"after"]
+
+
+def test_a_graceful_stop_does_not_wait_for_partitions_lost_meanwhile() -> None:
+    """The loop blocks past max.poll.interval.ms with a task waiting for room in the
+    producer's queue; a graceful stop is asked for. The stop waits for its tasks to finish,
+    and meanwhile the partitions are lost (the task is fenced, its batch never finished).
+    Before: the stop waited for that task until shutdown_timeout (30 s). Now a task fenced
+    meanwhile has nothing more to finish: the stop goes on, and the next worker reads the
+    lost records again."""
+    job = Job("stop-lost", config=WorkerConfig(commit_interval="300ms",
+                                               consumer={"max.poll.interval.ms": 300}))
+    job.stream(KafkaSource("in", value=JSON)).to(KafkaSink("out", value=JSON))
+    with TestDriver(job, start_ms=T0, timeout=5) as d:
+        d.hold_acks()
+        d.limit_queue(1)  # one output in flight, the task waits for room for the next
+        d.send_many("in", [{"i": i} for i in range(3)])
+        time.sleep(0.35)  # no serve of the group past max.poll.interval.ms
+        d.restart(release_acks=True)  # before: "the worker did not stop within 5s"
+        d.advance_time("1s")
+        assert sorted({r.value["i"] for r in d.read("out")}) == [0, 1, 2]
+        assert d.committed("in") == {0: 3}
