@@ -261,10 +261,14 @@ class AioMember(QueuedCommits, GroupMember):
             return
         self._stalled = True
         coordinator = getattr(self._c, "_coordinator", None)
-        if coordinator is not None:
-            log.warning("rejoining the group: the event loop was blocked past "
-                        "max.poll.interval.ms")
-            coordinator.request_rejoin()
+        if coordinator is None or not hasattr(coordinator, "request_rejoin"):
+            log.error("the event loop was blocked past max.poll.interval.ms and this aiokafka "
+                      "cannot be asked to rejoin: the fenced partitions come back only at "
+                      "the next rebalance")
+            return
+        log.warning("rejoining the group: the event loop was blocked past "
+                    "max.poll.interval.ms")
+        coordinator.request_rejoin()
 
     async def run(self) -> None:
         while True:
