@@ -510,8 +510,8 @@ class EpochCommits(CommitProtocol):
     async def abort_epoch(self, reason: str, gone: Iterable[TopicPartition] = ()) -> None:
         """A loss: abort the running epoch; the partitions kept read again from their
         committed offsets (gone: partitions no longer assigned, not sought). Not if every
-        gone partition was fenced before the epoch began (an epoch's end aborted the one
-        that held their work): this epoch holds nothing of theirs."""
+        task of a gone partition was fenced before the epoch began (an epoch's end aborted
+        the one that held their work): this epoch holds nothing of theirs."""
         gone = set(gone)
         async with self._lock:
             self.gate.clear()
