@@ -328,9 +328,8 @@ class EpochCommits(CommitProtocol):
                     self._raise_fenced()  # a loss fenced a task while it quiesced
                     for t in live:  # 2.
                         t.stage_epoch()
-                    await self._staged_sent(live)
+                    await self._staged_sent(live)  # (aborts if a task is fenced meanwhile)
                     self._raise_failed()  # or a produce of the hooks that staging ran
-                    self._raise_fenced()
                     offsets = {t.tp: t.last_offset + 1 for t in live
                                if t.last_offset is not None and t.last_offset + 1 > t.committed}
                     rows = w.status.processed() - self._rows_mark
@@ -340,8 +339,7 @@ class EpochCommits(CommitProtocol):
                     await self._foreach_batch(live)  # before the gate opens: the epoch's rows
                     self._log.pending(self.epoch_id, offsets)
                     self._overlap()  # 3.
-                    await self._acknowledged(live)
-                    self._raise_fenced()
+                    await self._acknowledged(live)  # (aborts if a task is fenced meanwhile)
                     if offsets:  # 4.
                         metadata = w.member.group_metadata()
                         await self._blocking(w.producer.send_offsets_to_transaction, offsets,
