@@ -256,7 +256,11 @@ class AioMember(QueuedCommits, GroupMember):
     def rejoin(self) -> None:
         """aiokafka leaves the group after a blocked loop only if its heartbeat runs before
         the next fetch; otherwise it stays in the group, and the fenced partitions would never
-        come back. Either way: rejoin (the revoke and assign callbacks follow)."""
+        come back. Either way: rejoin (the revoke and assign callbacks follow).
+
+        `GroupCoordinator.request_rejoin()` is private, but the same in every aiokafka that
+        pyproject allows (0.11.0 to 0.14.0, read in their sources): it wakes the
+        coordinator's loop, which revokes, joins and assigns."""
         if self._stalled:
             return
         self._stalled = True
