@@ -23,7 +23,7 @@ from connectors.base import (
 )
 from connectors.confluent import ConfluentClients
 from connectors.memory import MemoryClients, MemoryCluster
-from tests.helpers import unique
+from tests.helpers import QUICK_SESSION_MS, unique
 
 
 @pytest.fixture(params=["confluent-kafka", "aiokafka", "memory"])
@@ -31,10 +31,10 @@ def clients(request: pytest.FixtureRequest, bootstrap: str) -> Iterator[ClientBa
     if request.param == "memory":
         yield MemoryClients(MemoryCluster(clock_ms=lambda: int(time.time() * 1000)))
     elif request.param == "aiokafka":
-        yield AioClients(bootstrap, consumer={"session.timeout.ms": 6000,
+        yield AioClients(bootstrap, consumer={"session.timeout.ms": QUICK_SESSION_MS,
                                               "heartbeat.interval.ms": 500})
     else:
-        yield ConfluentClients(bootstrap, consumer={"session.timeout.ms": 6000,
+        yield ConfluentClients(bootstrap, consumer={"session.timeout.ms": QUICK_SESSION_MS,
                                                     "heartbeat.interval.ms": 500})
 
 

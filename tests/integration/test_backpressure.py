@@ -14,8 +14,8 @@ import time
 import orjson
 import pytest
 
-from streamcore import JSON, Job, KafkaSink, KafkaSource, WorkerConfig
-from tests.helpers import make_topics, produce, read_topic, unique
+from streamcore import JSON, Job, KafkaSink, KafkaSource
+from tests.helpers import make_topics, produce, read_topic, unique, worker_config
 
 
 @pytest.mark.parametrize("kind", ["async", "sync"])
@@ -43,8 +43,7 @@ def test_slow_function_under_backlog_pauses_partitions_and_bounds_memory(
     stream = job.stream(KafkaSource(src, value=JSON))
     stream = stream.map_async(slow_io, concurrency=4) if kind == "async" else stream.map(slow)
     stream.to(KafkaSink(out, value=JSON))
-    q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, inbox_high=high,
-                               inbox_low=low, poll_batch=batch))
+    q = job.start(worker_config(bootstrap, inbox_high=high, inbox_low=low, poll_batch=batch))
     max_queued, paused_seen = 0, False
     stop_sampling = threading.Event()
 

@@ -12,11 +12,11 @@ import pytest
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 from streamcore.core.logs import librdkafka_logger
-from tests.helpers import make_topics, produce, read_topic, unique
+from tests.helpers import make_topics, produce, read_topic, unique, worker_config
 
 
 def _cfg(bootstrap: str, **kw: Any) -> WorkerConfig:
-    return WorkerConfig(http_port=0, bootstrap_servers=bootstrap, progress_interval="1s", **kw)
+    return worker_config(bootstrap, **kw)
 
 
 def _run_until(job: Job, bootstrap: str, out: str, expect: int, **cfg: Any) -> list[Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
-from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
+from streamcore import JSON, STR, Job, KafkaSink, KafkaSource
 from tests.helpers import (
     PacedProducer,
     committed_total,
@@ -33,6 +33,7 @@ from tests.helpers import (
     unique,
     wait_committed,
     wait_until,
+    worker_config,
     worker_process,
 )
 
@@ -76,9 +77,8 @@ def test_a_stateful_job_in_epochs_writes_each_result_exactly_once(bootstrap: str
     make_topics(bootstrap, src, out)
     n = 3000
     produce(bootstrap, src, ((None, {"seq": i}, None) for i in range(n)))
-    job = Job(unique("ep"), config=WorkerConfig(
-        bootstrap_servers=bootstrap, http_port=0, state_dir=str(tmp_path), trigger="100ms",
-        progress_interval="1s"))
+    job = Job(unique("ep"), config=worker_config(
+        bootstrap, state_dir=str(tmp_path), trigger="100ms"))
     (job.stream(KafkaSource(src, value=JSON))
         .key_by(lambda v: f"k{v['seq'] % 20}")
         .aggregate(lambda: {"n": 0, "sum": 0},
@@ -137,7 +137,7 @@ def test_sigkill_mid_epoch_four_times_loses_nothing(bootstrap: str, tmp_path: Pa
     src, out, name = unique("epk-in"), unique("epk-out"), unique("epk")
     make_topics(bootstrap, src, out)
     env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(tmp_path),
-           "STREAMCORE_TRIGGER": "100ms", "SESSION_TIMEOUT_MS": "3000"}
+           "STREAMCORE_TRIGGER": "100ms"}
     rng = random.Random(11)
     with PacedProducer(bootstrap, src, rate=600) as producer:
         for _ in range(4):
@@ -256,8 +256,8 @@ def test_foreach_batch_on_kafka_and_epoch_ids_recovered_from_the_group(
     name = unique("epb")
 
     def run_until(seen: int) -> Any:
-        job = Job(name, config=WorkerConfig(bootstrap_servers=bootstrap, http_port=0,
-                                            state_dir=str(tmp_path), trigger="100ms"))
+        job = Job(name, config=worker_config(bootstrap, state_dir=str(tmp_path),
+                                             trigger="100ms"))
         job.stream(KafkaSource(src, value=JSON)).foreach_batch(
             lambda records, epoch: calls.append((epoch, [r.value["i"] for r in records])))
         q = job.start()

@@ -37,6 +37,7 @@ from tests.helpers import (
     unique,
     wait_committed,
     wait_until,
+    worker_config,
     worker_process,
 )
 
@@ -76,7 +77,7 @@ def test_windows_survive_sigkill_and_graceful_restart(bootstrap: str, tmp_path: 
     src, out, late, name = (unique("win-in"), unique("win-out"), unique("win-late"),
                             unique("win"))
     make_topics(bootstrap, src, out, late)
-    env = {"IN": src, "OUT": out, "LATE": late, "JOB": name, "SESSION_TIMEOUT_MS": "3000",
+    env = {"IN": src, "OUT": out, "LATE": late, "JOB": name,
            "STREAMCORE_STATE_DIR": str(tmp_path / "state")}
     args = ["--mode", "epoch", "--trigger", "300ms"] if mode == "epoch" else []
     with PacedProducer(bootstrap, src, rate=1000) as producer:
@@ -180,7 +181,7 @@ def test_a_restart_does_not_make_the_records_of_a_lagging_upstream_partition_lat
 
 
 def _cfg(bootstrap: str, **kw: Any) -> WorkerConfig:
-    return WorkerConfig(http_port=0, bootstrap_servers=bootstrap, progress_interval="1s", **kw)
+    return worker_config(bootstrap, **kw)
 
 
 def test_drop_duplicates_and_a_group_state_timeout_on_the_broker(bootstrap: str) -> None:

@@ -18,11 +18,19 @@ from streamcore import (
     UserFunctionError,
     WorkerConfig,
 )
-from tests.helpers import committed, make_topics, produce, read_topic, unique, wait_until
+from tests.helpers import (
+    committed,
+    make_topics,
+    produce,
+    read_topic,
+    unique,
+    wait_until,
+    worker_config,
+)
 
 
 def _start(job: Job, bootstrap: str) -> Any:
-    return job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, progress_interval="1s"))
+    return job.start(worker_config(bootstrap))
 
 
 def test_undecodable_record_fails_naming_its_position(bootstrap: str) -> None:
@@ -104,6 +112,9 @@ def test_delivery_failure_reported_by_the_broker_stops_the_worker(bootstrap: str
     produce(bootstrap, src, [(None, {"i": i}, 0) for i in range(5)])
     job = Job(name)
     job.stream(KafkaSource(src, value=JSON)).to(KafkaSink(out, value=JSON))
+    # streamcore's default session (6 s), longer than the message timeout: with a 2 s one the
+    # paused broker expires the session first, and the lost partition's task is fenced (its
+    # failed output then no longer matters) instead of failing the worker.
     q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, producer={
         "message.timeout.ms": 1500, "linger.ms": 200}))
     # Wait until the worker is processing, then make the broker unresponsive.

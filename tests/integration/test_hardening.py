@@ -31,12 +31,12 @@ from tests.helpers import (
     read_topic,
     unique,
     wait_until,
+    worker_config,
 )
 
 
 def _cfg(bootstrap: str, state_dir: Path, **kw: Any) -> WorkerConfig:
-    return WorkerConfig(http_port=0, bootstrap_servers=bootstrap, state_dir=str(state_dir),
-                        progress_interval="1s", **kw)
+    return worker_config(bootstrap, state_dir=str(state_dir), **kw)
 
 
 def test_two_groups_running_one_job_keep_their_own_internal_topics(

@@ -17,6 +17,7 @@ from tests.helpers import (
     read_topic,
     unique,
     wait_until,
+    worker_config,
 )
 
 
@@ -48,8 +49,7 @@ def test_endpoints_report_readiness_traffic_and_a_blocked_loop(
     job = Job(name)
     job.stream(KafkaSource(src, value=JSON)).map(maybe_block).to(KafkaSink(out, value=JSON))
     caplog.set_level("INFO", logger="streamcore")
-    q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap, health_timeout="1s",
-                               progress_interval="1s"))
+    q = job.start(worker_config(bootstrap, health_timeout="1s"))
     try:
         wait_until(lambda: q.worker is not None and q.worker.http_port, 10, "HTTP server")
         assert q.worker is not None
@@ -130,8 +130,7 @@ def _policy_job(bootstrap: str, policy: str) -> tuple[str, str, str, int, set[in
 @pytest.mark.parametrize("policy", ["dead_letter", "skip"])
 def test_error_policies_keep_going_and_lose_nothing(bootstrap: str, policy: str) -> None:
     src, out, name, total, good = _policy_job(bootstrap, policy)
-    q = _job_of(name, src, out, policy).start(
-        WorkerConfig(http_port=0, bootstrap_servers=bootstrap))
+    q = _job_of(name, src, out, policy).start(worker_config(bootstrap))
     try:
         outs = read_topic(bootstrap, out, expect=len(good), partitions=2)
         assert sorted(orjson.loads(m.value())["i"] for m in outs) == sorted(good)
@@ -194,7 +193,7 @@ def test_step_policy_overrides_the_job_policy(bootstrap: str) -> None:
     (job.stream(KafkaSource(src, value=JSON))
         .map(lambda v: {"i": v["i"], "inv": 1 / (v["i"] % 5)}, on_error="skip")
         .to(KafkaSink(out, value=JSON)))
-    q = job.start(WorkerConfig(http_port=0, bootstrap_servers=bootstrap))
+    q = job.start(worker_config(bootstrap))
     try:
         outs = read_topic(bootstrap, out, expect=16, partitions=1)
     finally:
@@ -218,6 +217,7 @@ def test_broker_connected_gauge_follows_the_broker(local_broker: object, tmp_pat
         make_topics(info.bootstrap, src, out)
         job = Job(unique("conn"))
         job.stream(KafkaSource(src, value=JSON)).to(KafkaSink(out, value=JSON))
+        # streamcore's default session (6 s): the broker is gone for a while.
         q = job.start(WorkerConfig(bootstrap_servers=info.bootstrap, http_port=0,
                                    state_dir=str(tmp_path / "s")))
         try:

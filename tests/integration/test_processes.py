@@ -45,8 +45,7 @@ def _kill_and_restart(bootstrap: str, *, broken: bool, client: str = "confluent-
     env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_CLIENT": client,
            # A long linger keeps outputs unacknowledged for a while, so that a commit which
            # does not wait for acknowledgements is caught by the kill.
-           "LINGER_MS": "2000", "BREAK_COMMIT_ORDER": "1" if broken else "0",
-           "SESSION_TIMEOUT_MS": "3000"}
+           "LINGER_MS": "2000", "BREAK_COMMIT_ORDER": "1" if broken else "0"}
     with PacedProducer(bootstrap, src, rate=1500) as producer:
         with worker_process("passthrough.py", bootstrap, {**env, "WORKER_ID": "a"}) as w:
             w.wait_for("assigned")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
+from streamcore import JSON, STR, Job, KafkaSink, KafkaSource
 from tests.helpers import (
     ROOT,
     free_port,
@@ -28,6 +28,7 @@ from tests.helpers import (
     read_topic,
     unique,
     wait_until,
+    worker_config,
 )
 
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "streamcore.json"
@@ -98,8 +99,7 @@ def test_dashboard_queries_run_on_a_real_prometheus(bootstrap: str, tmp_path: Pa
         .key_by(lambda v: f"k{v['i'] % 10}")
         .count(name="per_key")
         .to(KafkaSink(out, key=STR, value=JSON)))
-    q = job.start(WorkerConfig(bootstrap_servers=bootstrap, http_port=0,
-                               state_dir=str(tmp_path / "state"), progress_interval="1s"))
+    q = job.start(worker_config(bootstrap, state_dir=str(tmp_path / "state")))
     prom: subprocess.Popen[bytes] | None = None
     try:
         w = q.worker

@@ -24,12 +24,19 @@ from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 from streamcore.core.logs import librdkafka_logger
 from streamcore.core.serde import INTERNAL_KEY
 from streamcore.runtime.state import PartitionStores
-from tests.helpers import latest_per_key, make_topics, produce, read_topic, totals, unique
+from tests.helpers import (
+    latest_per_key,
+    make_topics,
+    produce,
+    read_topic,
+    totals,
+    unique,
+    worker_config,
+)
 
 
 def _cfg(bootstrap: str, state_dir: Path, **kw: Any) -> WorkerConfig:
-    return WorkerConfig(http_port=0, bootstrap_servers=bootstrap, state_dir=str(state_dir),
-                        progress_interval="1s", **kw)
+    return worker_config(bootstrap, state_dir=str(state_dir), **kw)
 
 
 def _run(job: Job, cfg: WorkerConfig, out: str, expect: int, **kw: Any) -> list[Any]:

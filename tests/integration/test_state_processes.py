@@ -45,7 +45,7 @@ def _kill_and_restart(bootstrap: str, state: Path, *, broken: bool,
     src, out, name = unique("skill-in"), unique("skill-out"), unique("skill")
     make_topics(bootstrap, src, out)
     env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(state),
-           "STREAMCORE_CLIENT": client, "SESSION_TIMEOUT_MS": "3000",
+           "STREAMCORE_CLIENT": client,
            "BREAK_STATE_ORDER": "1" if broken else "0"}
     with PacedProducer(bootstrap, src, rate=1500) as producer:
         with worker_process("stateful.py", bootstrap, env) as w:

@@ -5,8 +5,7 @@ what. LINGER_MS: producer linger (a long linger widens the window between "hande
 producer" and "acknowledged"). BREAK_COMMIT_ORDER=1: deliberately commit offsets before the
 outputs are acknowledged, to prove that the crash test catches a broken commit order.
 SLOW_US: busy time per record, so that a backlog builds up and lasts.
-SESSION_TIMEOUT_MS: the consumer's session.timeout.ms (default: streamcore's, 6000); the
-kill tests shorten it, since a restart waits for the killed member's session to expire.
+SESSION_TIMEOUT_MS: the consumer's session.timeout.ms (tests/jobs/_settings.py).
 """
 
 import os

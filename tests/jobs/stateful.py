@@ -3,8 +3,7 @@
 IN, OUT, JOB: topics and job name (the state directory comes from STREAMCORE_STATE_DIR).
 WORKER_ID, if set, is stamped on each aggregate (provenance checks of the fault tests).
 FETCH_WAIT_MS: the consumer's fetch.wait.max.ms (default 20).
-SESSION_TIMEOUT_MS: the consumer's session.timeout.ms (default: streamcore's, 6000); the
-kill tests shorten it, since a restart waits for the killed member's session to expire.
+SESSION_TIMEOUT_MS: the consumer's session.timeout.ms (tests/jobs/_settings.py).
 Per key (seq % 20) it keeps the count and the sum of seq, after a repartition by that key,
 and writes each new aggregate to OUT. BREAK_STATE_ORDER=1 deliberately commits input offsets
 without waiting for the state: the stores are flushed on their own schedule (every 30 s) and

@@ -5,7 +5,7 @@ Event time is the record's ``seq`` times 10 ms after BASE (the source's timestam
 extractor); per key k{seq % 10} it counts records per 1-second tumbling window, after a
 repartition by that key (the watermark crosses it), and writes each window once, when the
 watermark (500 ms behind) passes its end. Late records go to LATE. SESSION_TIMEOUT_MS:
-the consumer's session.timeout.ms (default: streamcore's, 6000). CHAIN=1 puts a second
+the consumer's session.timeout.ms (tests/jobs/_settings.py). CHAIN=1 puts a second
 repartition ("mid") in front of the key_by: the watermark then crosses two.
 """
 

@@ -42,6 +42,7 @@ def test_broker_paused_with_the_producer_queue_full(bootstrap: str, broker_pid: 
     produce(bootstrap, src, ((None, {"seq": i}, i % 4) for i in range(RECORDS)))
     job = Job(unique("pause"))
     job.stream(KafkaSource(src, value=JSON)).map(_busy).to(KafkaSink(out, value=JSON))
+    # streamcore's default session (6 s), as users meet a paused broker; not the tests' 2 s.
     cfg = WorkerConfig(bootstrap_servers=bootstrap, http_port=0, state_dir=str(tmp_path),
                        health_timeout="2s", progress_interval="1s",
                        producer={"queue.buffering.max.messages": 1000})

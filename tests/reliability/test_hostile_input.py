@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamcore import BYTES, JSON, STR, Job, KafkaSink, KafkaSource, Serde, WorkerConfig
-from tests.helpers import make_topics, produce, read_topic, unique
+from streamcore import BYTES, JSON, STR, Job, KafkaSink, KafkaSource, Serde
+from tests.helpers import make_topics, produce, read_topic, unique, worker_config
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +66,7 @@ def test_random_bytes_never_crash_the_job_nor_lose_a_good_record(
             else:
                 bad.append(v)
         expect[name] = (good, bad)
-    cfg = WorkerConfig(bootstrap_servers=bootstrap, http_port=0, progress_interval="1s",
-                       state_dir=str(tmp_path_factory.mktemp("state")))
+    cfg = worker_config(bootstrap, state_dir=str(tmp_path_factory.mktemp("state")))
     q = job.start(cfg)
     try:
         outputs = {name: read_topic(bootstrap, topics[name][1], expect=len(expect[name][0]),

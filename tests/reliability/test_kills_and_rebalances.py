@@ -66,12 +66,11 @@ def test_kill_loop_ten_sigkills_lose_no_update(bootstrap: str, tmp_path: Path) -
     # their end, which costs the local broker CPU in proportion to what they hold
     # (DESIGN.md section 9). At 20 ms, on a slower 2-core machine, that starved the broker:
     # the last worker read 20-300 records/s and the 120 s read timed out.
-    # A 2 s session (streamcore's default is 6 s): each restart waits for the killed
-    # member's session to expire before the group rebalances, and the local broker holds
-    # each join for half the session; one worker at a time, so a short session costs
-    # nothing else (a spurious expiry could only repeat updates, which this test allows).
+    # The tests' 2 s session (tests/helpers.py): each restart waits for the killed member's
+    # session to expire before the group rebalances (a spurious expiry could only repeat
+    # updates, which this test allows).
     env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_STATE_DIR": str(tmp_path),
-           "FETCH_WAIT_MS": "100", "SESSION_TIMEOUT_MS": "2000"}
+           "FETCH_WAIT_MS": "100"}
     rng = random.Random(7)
     with PacedProducer(bootstrap, src, rate=1000) as producer:
         for i in range(10):
