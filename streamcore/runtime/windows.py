@@ -205,6 +205,23 @@ class SessionWindows(_Windows):
             mine.remove(sk)
             if not mine:
                 del self.sessions[sk[17:]]
+        for mine in self.sessions.values():
+            if len(mine) > 1:
+                self._drop_replaced(mine)
+
+    def _drop_replaced(self, mine: list[bytes]) -> None:
+        """A key's sessions never overlap. After a crash in the middle of a merge's writes
+        the store can hold the merged session and some of the sessions it replaced (their
+        tombstones come after it, see record): those lie inside it, and go."""
+        by_start = sorted(mine, key=lambda s: (s[9:17], -unpack_time(s[1:9])))
+        outer = by_start[0]
+        for sk in by_start[1:]:
+            if unpack_time(sk[1:9]) <= unpack_time(outer[1:9]):  # inside outer
+                mine.remove(sk)
+                self.open.discard(sk)
+                self.cache.delete(sk)
+            else:
+                outer = sk
 
     def open_keys(self) -> set[bytes]:
         return self.open
@@ -220,24 +237,33 @@ class SessionWindows(_Windows):
             kb = self.kser(key)
             mine = self.sessions.setdefault(kb, [])
             agg = None
-            for sk in sorted((s for s in mine if unpack_time(s[9:17]) < hi
-                              and lo < unpack_time(s[1:9])), key=lambda s: s[9:17]):
-                old = cache.get(sk)
+            replaced = sorted((s for s in mine if unpack_time(s[9:17]) < hi
+                               and lo < unpack_time(s[1:9])), key=lambda s: s[9:17])
+            for old_sk in replaced:
+                old = cache.get(old_sk)
                 agg = old if agg is None else self.merge(agg, old)
-                start, end = unpack_time(sk[9:17]), unpack_time(sk[1:9])
-                lo, hi = min(lo, start), max(hi, end)
-                mine.remove(sk)
-                self.open.discard(sk)
-                cache.delete(sk)
-                self.changed_row(sk, key, start, end, None, ts)  # merged away: a tombstone
+                lo, hi = min(lo, unpack_time(old_sk[9:17])), max(hi, unpack_time(old_sk[1:9]))
             agg = self.update(agg, value)
         except Exception as exc:
             raise self.fail(exc) from exc
         sk = b"w" + pack_time(hi) + pack_time(lo) + kb
+        # The merged session is written before the tombstones of those it replaces: a flush
+        # reaches the changelog in that order, and a crash in the middle of it must not leave
+        # the tombstones without the session that holds their records (their offsets may be
+        # committed). What it can leave, the merged session beside some it replaced, the
+        # restart undoes (_drop_replaced).
         cache.put(sk, agg)
+        for old_sk in replaced:
+            mine.remove(old_sk)
+            if old_sk != sk:  # a record inside a session leaves its bounds as they were
+                self.open.discard(old_sk)
+                cache.delete(old_sk)
+                self.changed_row(old_sk, key, unpack_time(old_sk[9:17]),
+                                 unpack_time(old_sk[1:9]), None, ts)  # merged away
         mine.append(sk)
-        self.open.add(sk)
-        heapq.heappush(self.heap, sk)
+        if sk not in self.open:
+            self.open.add(sk)
+            heapq.heappush(self.heap, sk)
         self.changed_row(sk, key, lo, hi, agg, ts)
 
     def on_watermark(self, wm: int) -> None:
