@@ -89,6 +89,10 @@ class StateCache:
         self._dirty.pop(key, None)
         self._dirty[key] = None
 
+    def deleting(self, key: bytes) -> bool:
+        """key's tombstone is among the writes of the next flush."""
+        return key in self._dirty and self._values[key] is None
+
     def live_keys(self, prefix: bytes = b"") -> list[bytes]:
         """Every key with prefix and a value: the store's (read from prefix on only), with
         the writes not flushed yet applied."""

@@ -194,10 +194,12 @@ class SessionWindows(_Windows):
         self.sessions: dict[bytes, list[bytes]] = {}  # key -> its sessions' store keys
         self.heap: list[bytes] = []
         self.open: set[bytes] = set()
+        # session -> the sessions merged into it whose tombstones are not written yet
+        self.replaced: dict[bytes, list[bytes]] = {}
 
     def build_index(self) -> None:
         keys = self.scan(b"w")
-        self.open, self.heap, self.sessions = set(keys), keys, {}
+        self.open, self.heap, self.sessions, self.replaced = set(keys), keys, {}, {}
         for sk in keys:
             self.sessions.setdefault(sk[17:], []).append(sk)
         for sk in self.drop_emitted(self.heap):
@@ -247,27 +249,39 @@ class SessionWindows(_Windows):
         except Exception as exc:
             raise self.fail(exc) from exc
         sk = b"w" + pack_time(hi) + pack_time(lo) + kb
-        # The merged session is written before the tombstones of those it replaces: a flush
-        # reaches the changelog in that order, and a crash in the middle of it must not leave
-        # the tombstones without the session that holds their records (their offsets may be
-        # committed). What it can leave, the merged session beside some it replaced, the
-        # restart undoes (_drop_replaced).
+        # The merged session is written before the tombstones of the sessions it replaces,
+        # and of those they had replaced since the last flush: a flush reaches the changelog
+        # in order, and a crash in the middle of it must not leave a tombstone without the
+        # session that holds its records (their offsets may be committed). What it can
+        # leave, the merged session beside some it replaced, the restart undoes
+        # (_drop_replaced).
         cache.put(sk, agg)
+        tombstones = self.replaced.pop(sk, [])
         for old_sk in replaced:
             mine.remove(old_sk)
             if old_sk != sk:  # a record inside a session leaves its bounds as they were
                 self.open.discard(old_sk)
-                cache.delete(old_sk)
+                tombstones += [old_sk, *self.replaced.pop(old_sk, ())]
                 self.changed_row(old_sk, key, unpack_time(old_sk[9:17]),
                                  unpack_time(old_sk[1:9]), None, ts)  # merged away
+        tombstones = [t for t in tombstones if t != sk and (t in replaced or cache.deleting(t))]
+        for t in tombstones:
+            cache.delete(t)  # now after the merged session
+        if tombstones:
+            self.replaced[sk] = tombstones
         mine.append(sk)
         if sk not in self.open:
             self.open.add(sk)
             heapq.heappush(self.heap, sk)
         self.changed_row(sk, key, lo, hi, agg, ts)
 
+    def aborted(self) -> None:
+        super().aborted()
+        self.replaced = {}
+
     def on_watermark(self, wm: int) -> None:
         for sk in self.pop_closed(self.heap, wm):
+            self.replaced.pop(sk, None)
             mine = self.sessions.get(sk[17:])
             if mine is not None:
                 mine.remove(sk)

@@ -190,23 +190,29 @@ def test_a_record_inside_a_session_updates_it_without_a_tombstone() -> None:
 
 
 @pytest.mark.parametrize("crash_after", ["merged", "tombstone"])
-def test_a_crash_in_the_middle_of_a_session_merge_loses_no_record(crash_after: str) -> None:
+@pytest.mark.parametrize("later", [[5_000], [5_000, 12_000]], ids=["one", "two"])
+def test_a_crash_in_the_middle_of_a_session_merge_loses_no_record(
+        crash_after: str, later: list[int]) -> None:
     """A record that extends a session writes the merged session and a tombstone for the one
-    it replaced, in one flush; a crash can leave any prefix of it. Before: the tombstone
+    it replaced, in one flush; a crash can leave any prefix of it. Before: the tombstones
     went first, so a crash could leave the old session deleted and the merged one unwritten;
     the old session's records (their offsets committed) were lost, and a session was emitted
-    without them (found by a random history of event-time sessions). Now the merged session
-    goes first, and a restart that finds it beside the one it replaced drops that one."""
+    without them (found by random histories of event-time sessions). Two records in one
+    flush: the second merge's session must also precede the first merge's tombstone. Now
+    the merged session goes first, and a restart that finds it beside one it replaced drops
+    that one."""
     with TestDriver(_count_job(Session("10s"), delay="0s", repartition=False),
                     start_ms=T0) as d:
         _send(d, "a", 1_000)
         d.advance_time("1s")
-        d.commit()  # a@1s is committed: only a@5s will be read again
+        d.commit()  # a@1s is committed: only the later records will be read again
         d.fail_commits()
-        _send(d, "a", 5_000)  # [1s, 11s) becomes [1s, 15s)
+        for t in later:  # [1s, 11s) becomes [1s, 15s), then [1s, 22s)
+            _send(d, "a", t)
         d.limit_queue(1)  # the changelog's records go one at a time
         changelog: list[Any] = []
-        merged = b"w" + pack_time(T0 + 15_000) + pack_time(T0 + 1_000)
+        end = later[-1] + 10_000
+        merged = b"w" + pack_time(T0 + end) + pack_time(T0 + 1_000)
         for _ in range(20):  # until that record of the flush is written, then crash
             d.advance_time("100ms")
             changelog += d.read("w-counts-changelog")
@@ -221,8 +227,8 @@ def test_a_crash_in_the_middle_of_a_session_merge_loses_no_record(crash_after: s
         d.advance_time("1s")
         _send(d, "b", MIN)  # closes a's session
         d.advance_time("1s")
-        # a@5s is read again (at least once: counted twice), a@1s is not: 1 + 2 * 1
-        assert [r for r in _rows(d) if r[0] == "a"] == [("a", 1_000, 15_000, 3)]
+        # The later records are read again (at least once: counted twice), a@1s is not.
+        assert [r for r in _rows(d) if r[0] == "a"] == [("a", 1_000, end, 1 + 2 * len(later))]
 
 
 def test_session_windows_close_gap_after_their_last_record() -> None:
