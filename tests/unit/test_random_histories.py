@@ -233,9 +233,9 @@ def test_session_windows_are_emitted_whole(trigger: str | None, seed: int) -> No
 
 
 def test_a_long_history_of_session_windows_emits_each_session_whole() -> None:
-    """A 100-step history. Before 9f0bab9 a partition lost in the middle of a merge's flush
-    left the replaced session's tombstone without the merged session: a session was emitted
-    without its first records, which were lost."""
+    """A 100-step history. Before 9f0bab9 and d68fa8b a partition lost in the middle of a
+    flush could leave a replaced session's tombstone without the session merged from it: a
+    session was emitted without its first records, which were lost."""
     _session_windows_history(None, 228, 100)
 
 
