@@ -279,9 +279,17 @@ class SessionWindows(_Windows):
         super().aborted()
         self.replaced = {}
 
+    def expired(self, item: Any) -> None:
+        super().expired(item)
+        # The tombstones of the sessions merged into it, if not written yet, go after its
+        # own, that is after the watermark that closed it (TimedStep._on_commit): a crash
+        # in the middle of the flush cannot leave them without that watermark.
+        for t in self.replaced.pop(item, ()):
+            if self.cache.deleting(t):
+                self.cache.delete(t)
+
     def on_watermark(self, wm: int) -> None:
         for sk in self.pop_closed(self.heap, wm):
-            self.replaced.pop(sk, None)
             mine = self.sessions.get(sk[17:])
             if mine is not None:
                 mine.remove(sk)
