@@ -6,6 +6,7 @@ windows, the watermark across a repartition and past an idle partition."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -189,6 +190,23 @@ def test_a_record_inside_a_session_updates_it_without_a_tombstone() -> None:
         assert _rows(d) == [("a", 0, 15_000, 3)]
 
 
+def _crash_once_written(d: TestDriver, written: Callable[[Any], bool]) -> None:
+    """Let the changelog's records go one at a time until one that ``written`` matches is
+    in it, then crash; the queue and the commits are as before for what follows."""
+    d.limit_queue(1)
+    changelog: list[Any] = []
+    for _ in range(20):
+        d.advance_time("100ms")
+        changelog += d.read("w-counts-changelog")
+        if any(written(r) for r in changelog):
+            break
+    else:
+        raise AssertionError(f"the flush never wrote it: {changelog}")
+    d.crash()
+    d.limit_queue(None)
+    d.fail_commits(False)
+
+
 @pytest.mark.parametrize("crash_after", ["merged", "tombstone"])
 @pytest.mark.parametrize("later", [[5_000], [5_000, 12_000]], ids=["one", "two"])
 def test_a_crash_in_the_middle_of_a_session_merge_loses_no_record(
@@ -209,21 +227,10 @@ def test_a_crash_in_the_middle_of_a_session_merge_loses_no_record(
         d.fail_commits()
         for t in later:  # [1s, 11s) becomes [1s, 15s), then [1s, 22s)
             _send(d, "a", t)
-        d.limit_queue(1)  # the changelog's records go one at a time
-        changelog: list[Any] = []
         end = later[-1] + 10_000
         merged = b"w" + pack_time(T0 + end) + pack_time(T0 + 1_000)
-        for _ in range(20):  # until that record of the flush is written, then crash
-            d.advance_time("100ms")
-            changelog += d.read("w-counts-changelog")
-            if any(r.key.startswith(merged) if crash_after == "merged" else
-                   (r.key.startswith(b"w") and r.value is None) for r in changelog):
-                break
-        else:
-            raise AssertionError(f"the flush never wrote it: {changelog}")
-        d.crash()
-        d.limit_queue(None)
-        d.fail_commits(False)
+        _crash_once_written(d, lambda r: r.key.startswith(merged) if crash_after == "merged"
+                            else r.key.startswith(b"w") and r.value is None)
         d.advance_time("1s")
         _send(d, "b", MIN)  # closes a's session
         d.advance_time("1s")
@@ -248,21 +255,10 @@ def test_a_crash_in_the_middle_of_the_flush_that_merges_and_closes_a_session(
         _send(d, "a", 5_000)  # [1s, 11s) becomes [1s, 15s)
         _send(d, "b", 2 * MIN)  # closes it before the next flush
         assert _rows(d) == [("a", 1_000, 15_000, 2)]
-        d.limit_queue(1)  # the changelog's records go one at a time
-        replaced = b"w" + pack_time(T0 + 11_000) + pack_time(T0 + 1_000)
-        changelog: list[Any] = []
-        for _ in range(20):  # until that record of the flush is written, then crash
-            d.advance_time("100ms")
-            changelog += d.read("w-counts-changelog")
-            if any((r.key, r.value) == (b"m", b"t%d" % (T0 + 2 * MIN))
-                   if crash_after == "watermark" else
-                   (r.key == replaced + b'"a"' and r.value is None) for r in changelog):
-                break
-        else:
-            raise AssertionError(f"the flush never wrote it: {changelog}")
-        d.crash()
-        d.limit_queue(None)
-        d.fail_commits(False)
+        replaced = b"w" + pack_time(T0 + 11_000) + pack_time(T0 + 1_000) + b'"a"'
+        _crash_once_written(d, lambda r: (r.key, r.value) == (b"m", b"t%d" % (T0 + 2 * MIN))
+                            if crash_after == "watermark" else
+                            r.key == replaced and r.value is None)
         d.advance_time("1s")
         _send(d, "c", 4 * MIN)  # closes b's session
         d.advance_time("1s")
