@@ -333,7 +333,11 @@ class SlidingWindows(_Windows):
 
     def record(self, key: Any, value: Any, ts: int) -> None:
         self.ensure_ready()
-        if ts + self.grace < self.watermark and not self.keep_all:
+        wm, grace, d = self.watermark, self.grace, self.d
+        # Late only when every window that holds it or that it defines is closed: the
+        # latest ends at ts + 1 + d (its right window; Kafka Streams' rule). Before its own
+        # window's end, a record can still belong to an earlier record's right window.
+        if ts + 1 + d + grace < wm and not self.keep_all:
             self.dropped_late(key, value, ts)
             return
         try:
@@ -346,9 +350,9 @@ class SlidingWindows(_Windows):
             if self.update_out is None:
                 return
             times = [r[0] for r in recs]
-            d = self.d
             affected = [w for w in self.windows_of(times)
-                        if w[0] <= ts <= w[1] or w == (ts + 1, ts + 1 + d)]
+                        if (w[0] <= ts <= w[1] or w == (ts + 1, ts + 1 + d))
+                        and (self.keep_all or w[1] + grace >= wm)]  # open ones
             for start, end in affected:
                 sk = b"w" + pack_time(end) + pack_time(start) + kb
                 self.changed_row(sk, key, start, end, self.fold(recs, start, end), ts)

@@ -294,6 +294,29 @@ def _sliding_expected(times: list[int], d: int) -> dict[tuple[int, int], int]:
     return {w: sum(1 for u in times if w[0] <= u <= w[1]) for w in wins}
 
 
+def test_a_record_past_its_own_window_still_counts_in_an_open_sliding_window() -> None:
+    """Late means every window that holds the record, or that it defines, is closed (Kafka
+    Streams: ts + 1 + d). Before, a record was dropped once the watermark passed its own
+    time, though an earlier record's right window still open held it: after a restart the
+    saved watermark dropped replayed records that way, and such a window was never emitted
+    (found by a random history of sliding windows)."""
+    with TestDriver(_count_job(Sliding("5s"), delay="0s", repartition=False, late=True),
+                    start_ms=T0) as d:
+        _send(d, "a", 0)
+        _send(d, "a", 3_000)  # a@0's right window [1ms, 5001ms] holds it
+        _send(d, "x", 4_000)  # watermark 4 s: [1ms, 5001ms] is open, a@1s's own [-4s, 1s] not
+        _send(d, "a", 1_000)
+        _send(d, "x", 10_000)
+        d.advance_time("1s")
+        rows = [r for r in _rows(d) if r[0] == "a"]
+        assert ("a", 1, 5_001, 2) in rows, rows
+        assert ("a", 1_001, 6_001, 1) in rows, rows  # a@1s's right window: a@3s
+        assert _rows(d, "late") == []
+        _send(d, "a", 3_999)  # every window it holds or defines ends by 9 s + 1 ms: late
+        d.advance_time("1s")
+        assert len(d.read("late")) == 1
+
+
 @settings(max_examples=6, deadline=None)
 @given(st.lists(st.integers(0, 30), min_size=1, max_size=12))
 def test_sliding_windows_are_the_distinct_record_sets_within_max_difference(
