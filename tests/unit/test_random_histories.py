@@ -60,37 +60,29 @@ def _keyed(epochs: bool) -> Job:
     return job
 
 
-def _windowed(epochs: bool) -> Job:
-    job = Job("windowed", config=_CONFIG)
+def _windows_job(name: str, window: Any, step: str, **merge: Any) -> Job:
+    """Per user, the ids of each event-time window, written once it closes."""
+    job = Job(name, config=_CONFIG)
     (job.stream(KafkaSource("in", value=JSON, timestamp=lambda v: v["ts"]))
         .with_watermark("1s")
         .key_by(lambda v: v["user"])
-        .window(Tumbling("1s"))
-        .aggregate(list, _union, name="windows")
+        .window(window)
+        .aggregate(list, _union, name=step, **merge)
         .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
     return job
+
+
+def _windowed(epochs: bool) -> Job:
+    return _windows_job("windowed", Tumbling("1s"), "windows")
 
 
 def _session_windows(epochs: bool) -> Job:
-    job = Job("sessionwindows", config=_CONFIG)
-    (job.stream(KafkaSource("in", value=JSON, timestamp=lambda v: v["ts"]))
-        .with_watermark("1s")
-        .key_by(lambda v: v["user"])
-        .window(Session("300ms"))
-        .aggregate(list, _union, merge=lambda a, b: sorted({*a, *b}), name="sessions")
-        .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
-    return job
+    return _windows_job("sessionwindows", Session("300ms"), "sessions",
+                        merge=lambda a, b: sorted({*a, *b}))
 
 
 def _sliding_windows(epochs: bool) -> Job:
-    job = Job("slidingwindows", config=_CONFIG)
-    (job.stream(KafkaSource("in", value=JSON, timestamp=lambda v: v["ts"]))
-        .with_watermark("1s")
-        .key_by(lambda v: v["user"])
-        .window(Sliding("500ms"))
-        .aggregate(list, _union, name="slides")
-        .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
-    return job
+    return _windows_job("slidingwindows", Sliding("500ms"), "slides")
 
 
 def _dedup(epochs: bool) -> Job:
