@@ -493,7 +493,12 @@ class PaneReduce(_Windows):
 
     def expired(self, item: Any) -> None:
         if isinstance(item, tuple):  # the end of the last window emitted, acknowledged
-            self.cache.put_last(item[0], item[1])  # after the watermark, as tombstones
+            # Where it was first written since the last flush, before the tombstones of the
+            # panes it lets go: a flush can hold several commits' writes (one waits while
+            # the last is in flight), and moved behind a later commit's watermark, a crash
+            # could leave those panes deleted and it behind, so that the restart emitted
+            # their windows again without them. The windows it names were acknowledged.
+            self.cache.put(item[0], item[1])
         else:
             self.cache.delete(item)
 

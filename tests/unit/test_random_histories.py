@@ -23,6 +23,7 @@ from streamcore import (
     JSON,
     STR,
     GroupState,
+    Hopping,
     Job,
     KafkaSink,
     KafkaSource,
@@ -83,6 +84,19 @@ def _session_windows(epochs: bool) -> Job:
 
 def _sliding_windows(epochs: bool) -> Job:
     return _windows_job("slidingwindows", Sliding("500ms"), "slides")
+
+
+def _panes(epochs: bool) -> Job:
+    """reduce_by_key_and_window: per user, the ids of each 1 s window every 250 ms."""
+    job = Job("panes", config=_CONFIG)
+    (job.stream(KafkaSource("in", value=JSON, timestamp=lambda v: v["ts"]))
+        .with_watermark("1s")
+        .key_by(lambda v: v["user"])
+        .map(lambda v: [v["id"]])
+        .reduce_by_key_and_window(lambda a, b: sorted({*a, *b}), Hopping("1s", "250ms"),
+                                  name="panes")
+        .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
+    return job
 
 
 def _dedup(epochs: bool) -> Job:
@@ -287,6 +301,32 @@ def _sliding_windows_history(trigger: str | None, seed: int, steps: int) -> None
         wins = {(t - 500, t) for t in times}
         wins |= {(t + 1, t + 501) for t in times if any(t < x <= t + 501 for x in times)}
         want.update({(u, s, e): {i for i in ids if s <= h.ts[i] <= e} for s, e in wins})
+    _check_emitted_whole(out, want, h, exactly_once=trigger is not None)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
+def test_reduce_by_key_and_window_emits_windows_whole(trigger: str | None, seed: int) -> None:
+    _panes_history(trigger, seed, STEPS)
+
+
+def test_a_long_history_of_panes_emits_every_window_whole() -> None:
+    """A 100-step history. Before the fix, the end of the last window emitted moved behind a
+    later commit's watermark in a flush that held two commits' writes; a crash left the
+    panes it let go deleted and it behind, and the restart emitted windows without them."""
+    _panes_history(None, 720, 100)
+
+
+def _panes_history(trigger: str | None, seed: int, steps: int) -> None:
+    h = History()
+    with TestDriver(_panes(trigger is not None), partitions=2, trigger=trigger) as d:
+        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False,
+                    steps=steps)
+    want: dict[tuple[str, int, int], set[int]] = {}  # [s, s + 1 s) for s every 250 ms
+    for i, u in h.user.items():
+        first = h.ts[i] - h.ts[i] % 250
+        for s in range(first - 750, first + 1, 250):
+            want.setdefault((u, s, s + 1000), set()).add(i)
     _check_emitted_whole(out, want, h, exactly_once=trigger is not None)
 
 
