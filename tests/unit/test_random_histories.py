@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +128,9 @@ def _sessions(epochs: bool) -> Job:
     return job
 
 
+Windows = dict[tuple[str, int, int], set[int]]  # (user, start, end) -> the ids inside
+
+
 @dataclass
 class History:
     """What was sent: per user, the ids in order; per id, its event time."""
@@ -227,43 +231,32 @@ def _keyed_history(trigger: str | None, seed: int, steps: int, *,
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
 def test_windows_are_emitted_whole(trigger: str | None, seed: int) -> None:
-    h = History()
-    with TestDriver(_windowed(trigger is not None), partitions=2, trigger=trigger) as d:
-        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False)
-    want: dict[tuple[str, int], set[int]] = {}
+    _windows_history(_windowed, _tumbling_windows_of, trigger, seed, STEPS)
+
+
+def _tumbling_windows_of(h: History) -> Windows:
+    want: Windows = {}  # 1 s tumbling windows
     for i, u in h.user.items():
-        want.setdefault((u, h.ts[i] - h.ts[i] % 1000), set()).add(i)
-    emitted: dict[tuple[str, int], int] = {}
-    for r in out:
-        user, start, _end = r.key
-        if user != "z":
-            assert set(r.value["value"]) == want[(user, start)], h.ops  # never partial
-            emitted[(user, start)] = emitted.get((user, start), 0) + 1
-    assert set(emitted) == set(want), h.ops  # every window closed, at least once
-    if trigger is not None:
-        assert set(emitted.values()) == {1}, h.ops  # and exactly once in epoch mode
+        start = h.ts[i] - h.ts[i] % 1000
+        want.setdefault((u, start, start + 1000), set()).add(i)
+    return want
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
 def test_session_windows_are_emitted_whole(trigger: str | None, seed: int) -> None:
-    _session_windows_history(trigger, seed, STEPS)
+    _windows_history(_session_windows, _session_windows_of, trigger, seed, STEPS)
 
 
 def test_a_long_history_of_session_windows_emits_each_session_whole() -> None:
     """A 100-step history. Before 9f0bab9 and d68fa8b a partition lost in the middle of a
     flush could leave a replaced session's tombstone without the session merged from it: a
     session was emitted without its first records, which were lost."""
-    _session_windows_history(None, 228, 100)
+    _windows_history(_session_windows, _session_windows_of, None, 228, 100)
 
 
-def _session_windows_history(trigger: str | None, seed: int, steps: int) -> None:
-    h = History()
-    with TestDriver(_session_windows(trigger is not None), partitions=2,
-                    trigger=trigger) as d:
-        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False,
-                    steps=steps)
-    want: dict[tuple[str, int, int], set[int]] = {}  # sessions: gaps under 300 ms merge
+def _session_windows_of(h: History) -> Windows:
+    want: Windows = {}  # sessions: gaps under 300 ms merge
     for u in h.sent:
         times = sorted((h.ts[i], i) for i in h.sent[u])
         runs = [[times[0]]]
@@ -273,64 +266,66 @@ def _session_windows_history(trigger: str | None, seed: int, steps: int) -> None
             else:
                 runs.append([(t, i)])
         want.update({(u, r[0][0], r[-1][0] + 300): {i for _, i in r} for r in runs})
-    _check_emitted_whole(out, want, h, exactly_once=trigger is not None)
+    return want
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
 def test_sliding_windows_are_emitted_whole(trigger: str | None, seed: int) -> None:
-    _sliding_windows_history(trigger, seed, STEPS)
+    _windows_history(_sliding_windows, _sliding_windows_of, trigger, seed, STEPS)
 
 
 def test_a_long_history_of_sliding_windows_emits_every_window() -> None:
     """A 100-step history. Before ff3eb8d a record read again after a restart was dropped
     as late once the saved watermark passed its time, though a window still open held it:
     that window was never emitted."""
-    _sliding_windows_history(None, 527, 100)
+    _windows_history(_sliding_windows, _sliding_windows_of, None, 527, 100)
 
 
-def _sliding_windows_history(trigger: str | None, seed: int, steps: int) -> None:
-    h = History()
-    with TestDriver(_sliding_windows(trigger is not None), partitions=2,
-                    trigger=trigger) as d:
-        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False,
-                    steps=steps)
-    want: dict[tuple[str, int, int], set[int]] = {}  # Kafka Streams' windows, d = 500 ms
+def _sliding_windows_of(h: History) -> Windows:
+    want: Windows = {}  # Kafka Streams' windows, d = 500 ms
     for u, ids in h.sent.items():
         times = [h.ts[i] for i in ids]
         wins = {(t - 500, t) for t in times}
         wins |= {(t + 1, t + 501) for t in times if any(t < x <= t + 501 for x in times)}
         want.update({(u, s, e): {i for i in ids if s <= h.ts[i] <= e} for s, e in wins})
-    _check_emitted_whole(out, want, h, exactly_once=trigger is not None)
+    return want
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("trigger", [None, "200ms"], ids=["continuous", "epochs"])
 def test_reduce_by_key_and_window_emits_windows_whole(trigger: str | None, seed: int) -> None:
-    _panes_history(trigger, seed, STEPS)
+    _windows_history(_panes, _panes_of, trigger, seed, STEPS)
 
 
 def test_a_long_history_of_panes_emits_every_window_whole() -> None:
     """A 100-step history. Before the fix, the end of the last window emitted moved behind a
     later commit's watermark in a flush that held two commits' writes; a crash left the
     panes it let go deleted and it behind, and the restart emitted windows without them."""
-    _panes_history(None, 720, 100)
+    _windows_history(_panes, _panes_of, None, 720, 100)
 
 
-def _panes_history(trigger: str | None, seed: int, steps: int) -> None:
-    h = History()
-    with TestDriver(_panes(trigger is not None), partitions=2, trigger=trigger) as d:
-        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False,
-                    steps=steps)
-    want: dict[tuple[str, int, int], set[int]] = {}  # [s, s + 1 s) for s every 250 ms
+def _panes_of(h: History) -> Windows:
+    want: Windows = {}  # [s, s + 1 s) for s every 250 ms
     for i, u in h.user.items():
         first = h.ts[i] - h.ts[i] % 250
         for s in range(first - 750, first + 1, 250):
             want.setdefault((u, s, s + 1000), set()).add(i)
-    _check_emitted_whole(out, want, h, exactly_once=trigger is not None)
+    return want
 
 
-def _check_emitted_whole(out: list[Any], want: dict[tuple[str, int, int], set[int]],
+def _windows_history(job: Callable[[bool], Job], windows_of: Callable[[History], Windows],
+                     trigger: str | None, seed: int, steps: int) -> None:
+    """Play a windowed job's history; every window of the data is emitted whole (at least
+    once in continuous mode, exactly once in epoch mode)."""
+    h = History()
+    with TestDriver(job(trigger is not None), partitions=2, trigger=trigger) as d:
+        out = _play(d, random.Random(seed), h, epochs=trigger is not None, repeats=False,
+                    steps=steps)
+    _check_emitted_whole(out, windows_of(h), h, exactly_once=trigger is not None)
+
+
+def _check_emitted_whole(out: list[Any], want: Windows,
                          h: History, *, exactly_once: bool) -> None:
     emitted: dict[tuple[str, int, int], int] = {}
     for r in out:
