@@ -54,7 +54,13 @@ from connectors.base import (
 )
 from connectors.confluent import ConfluentClients
 from connectors.memory import MemoryMessage
-from streamcore.core.errors import BrokerUnavailable, ConfigError, DeliveryFailed, FatalError
+from streamcore.core.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DeliveryFailed,
+    FatalError,
+    RebalanceError,
+)
 
 __all__ = ["AioClients", "AioMember", "AioMessage", "AioProducer", "aio_settings"]
 
@@ -360,6 +366,15 @@ class AioMember(QueuedCommits, GroupMember):
         live = self._still_assigned(partitions)
         if live:
             self._consumer.resume(*live)
+
+    def seek(self, offsets: dict[TopicPartition, int]) -> None:
+        # aiokafka drops what it fetched (or fetches) at the old position: its fetch results
+        # are checked against the position when they are returned.
+        for (t, p), o in offsets.items():
+            try:
+                self._consumer.seek(ATP(t, p), o)
+            except (IllegalStateError, KafkaError) as exc:
+                raise RebalanceError(f"cannot seek {t}[{p}] to {o}: {exc}") from exc
 
     def _still_assigned(self, partitions: Sequence[TopicPartition]) -> list[ATP]:
         """Those of partitions still assigned (a revoked one is ignored, as the contract

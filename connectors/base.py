@@ -187,8 +187,9 @@ class GroupMember(ABC):
 
     def seek(self, offsets: dict[TopicPartition, int]) -> None:
         """Read these assigned partitions again from these offsets (epoch mode, after an
-        abort). Only while no fetch is in flight: records fetched before the seek are then
-        never returned after it. Optional: epoch mode refuses a backend without it."""
+        abort; a fetch that passed records over). Only while no fetch is in flight: records
+        fetched before the seek are then never returned after it. Optional: epoch mode
+        refuses a backend without it."""
         raise NotImplementedError(f"{type(self).__name__} cannot seek")
 
     def group_metadata(self) -> Any:

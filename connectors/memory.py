@@ -128,6 +128,9 @@ class MemoryCluster:
     # transactional id -> the producer that registered it last (earlier ones are fenced)
     txn_owners: dict[str, Any] = field(default_factory=dict)
     _cond: threading.Condition = field(default_factory=threading.Condition)
+    # serve_gap: records still to pass over, and how many more appends to pass over
+    _passed_over: dict[TopicPartition, set[int]] = field(default_factory=dict)
+    _gaps_to_come: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)
 
     def create_topic(self, name: str, partitions: int | None = None,
                      config: dict[str, str] | None = None) -> None:
@@ -145,8 +148,24 @@ class MemoryCluster:
                                 timestamp or self.clock_ms(), headers)
             msg.txn = txn
             log.append(msg)
+            tp = (topic, partition)
+            after, count = self._gaps_to_come.get(tp, (0, 0))
+            if count:
+                if after:
+                    self._gaps_to_come[tp] = (after - 1, count)
+                else:
+                    self._gaps_to_come[tp] = (0, count - 1)
+                    self._passed_over.setdefault(tp, set()).add(msg.offset())
             self._cond.notify_all()
             return msg
+
+    def serve_gap(self, topic: str, partition: int, records: int, *, after: int = 0) -> None:
+        """A fault of the local broker (README, "The local broker"): `records` records
+        appended to this partition, after the next `after` ones, are passed over by the first
+        fetch that returns a record after them, as if they were not written yet; from then on
+        they are read normally (a reader that seeks back to them gets them)."""
+        with self._cond:
+            self._gaps_to_come[(topic, partition)] = (after, records)
 
     def end_transaction(self, msgs: list[MemoryMessage], outcome: int,
                         offsets: dict[tuple[str, TopicPartition], int]) -> None:
@@ -197,6 +216,8 @@ class MemoryCluster:
                 continue
             log = self.topics[tp[0]][tp[1]]
             batch = log[pos:pos + max_records - len(out)]
+            if self._passed_over.get(tp):
+                batch = self._pass_over(tp, batch)
             if any(m.txn != COMMITTED for m in batch):  # read_committed
                 readable = []
                 for m in batch:
@@ -204,15 +225,29 @@ class MemoryCluster:
                         break  # the last stable offset: nothing after it yet
                     if m.txn == COMMITTED:
                         readable.append(m)
-                    pos += 1  # aborted records are skipped
+                    pos = m.offset() + 1  # aborted records are skipped
                 positions[tp] = pos
                 out.extend(readable)
             elif batch:
                 out.extend(batch)
-                positions[tp] = pos + len(batch)
+                positions[tp] = batch[-1].offset() + 1
             if len(out) >= max_records:
                 break
         return out
+
+    def _pass_over(self, tp: TopicPartition, batch: list[MemoryMessage],
+                   ) -> list[MemoryMessage]:
+        """serve_gap: the batch without the records to pass over if a record follows them
+        (they are then readable again), else the batch up to them."""
+        gap = self._passed_over[tp]
+        hidden = [i for i, m in enumerate(batch) if m.offset() in gap]
+        if not hidden:
+            return batch
+        if not any(i > hidden[0] and i not in hidden for i in range(len(batch))):
+            return batch[:hidden[0]]  # nothing after them yet: not readable at all
+        gap.difference_update(batch[i].offset() for i in hidden)
+        skipped = set(hidden)
+        return [m for i, m in enumerate(batch) if i not in skipped]
 
     def wake(self) -> None:
         with self._cond:

@@ -29,6 +29,9 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "ones and the synchronous ones of revokes and shutdown."),
     "streamcore_commits_total": ("counter", ("job",), "Offset commits issued."),
     "streamcore_rebalances_total": ("counter", ("job",), "Partition assignments and revokes."),
+    "streamcore_fetch_gaps_total": (
+        "counter", ("job",), "Fetches of a repartition topic (continuous mode) that passed "
+        "records over; they were read again (a local-broker defect, never seen on Kafka)."),
     "streamcore_assigned_partitions": ("gauge", ("job",), "Input partitions assigned."),
     "streamcore_paused_partitions": ("gauge", ("job",), "Partitions paused by backpressure."),
     "streamcore_partitions": ("gauge", ("job", "state"),

@@ -261,6 +261,14 @@ class WorkerProcess:
                     total += int(orjson.loads(line)["progress"]["rows"])
         return total
 
+    def metric(self, name: str) -> float:
+        """A metric of the worker's /metrics (unlabelled but for job), on the port it logged."""
+        port = int(self.log().split("HTTP endpoints on ", 1)[1].split(":", 1)[1].split('"')[0])
+        for line in http_get(port, "/metrics")[1].decode().splitlines():
+            if line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{name} not in the worker's /metrics")
+
     def wait_for(self, text: str, timeout: float = 60.0, *, times: int = 1) -> None:
         """Until text is in the worker's log `times` times (a second assignment, say)."""
         deadline = time.monotonic() + timeout

@@ -123,6 +123,7 @@ class Worker:
         self.records_in = 0  # fetched: dispatched, or dropped by a fence
         self.broker_connected = True  # the start-up check reached it; then the client says
         self.rebalances = 0
+        self.gaps_read_again = 0  # a fetch passed records over; they were read again
         self.last_poll = time.monotonic()
         self._one_topic: str | None = None  # the only topic subscribed (not a pattern)
         self._markers = MarkerRoutes()  # where watermarks go; set at start
@@ -347,10 +348,21 @@ class Worker:
                 else None,
                 on_txn_failed=self.committer.txn_failed
                 if isinstance(self.committer, EpochCommits) else None,
-                event_time=self._event_time(tp), in_group=self.check_membership)
+                event_time=self._event_time(tp), in_group=self.check_membership,
+                read_again=self._read_again if self._without_gaps(tp[0]) else None)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
+
+    def _without_gaps(self, topic: str) -> bool:
+        """A topic whose offsets have no gaps on Kafka: a repartition topic in continuous
+        mode (written without transactions, never compacted). Epoch mode writes it in
+        transactions, whose markers take offsets."""
+        return not self._epochs and self.plan.source_for_topic(topic).kind == OpKind.REPARTITION
+
+    def _read_again(self, tp: TopicPartition, offset: int) -> None:
+        self.gaps_read_again += 1
+        self._member.seek({tp: offset})
 
     def _event_time(self, tp: TopicPartition) -> EventTime:
         idle = self.config.watermark_idle_timeout

@@ -17,6 +17,7 @@ from tests.helpers import (
     committed_total,
     latest_per_key,
     make_topics,
+    produce,
     read_topic,
     stop_gracefully,
     totals,
@@ -113,3 +114,34 @@ def test_partitions_migrate_between_workers_with_their_state(bootstrap: str, tmp
     assert b.log().count("restored") >= 2
     # Graceful handovers commit state and offsets together: the aggregates are exact.
     assert final == _expected(total)
+
+
+@CLIENTS
+def test_records_a_fetch_passes_over_are_read_again(bootstrap: str, tmp_path: Path,
+                                                    client: str) -> None:
+    """The local broker now and then serves a fetch of a partition that several producers
+    write at once (every worker's first step writes the repartition topic) without some of
+    its records; they are in the log. The job here has that happen where it chooses
+    (PASS_OVER, tests/jobs/stateful.py): in each repartition partition, three records within
+    a fetch and the tail of a later fetch. The worker reads them again from the broker, through
+    the client's seek, and the aggregates are exact. Without the re-read, 3 records and a
+    fetch's tail per partition are lost."""
+    src, out, name = unique("gap-in"), unique("gap-out"), unique("gap")
+    make_topics(bootstrap, src, out)
+    env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_CLIENT": client,
+           "STREAMCORE_STATE_DIR": str(tmp_path / "state"), "PASS_OVER": "150"}
+    with worker_process("stateful.py", bootstrap, env) as w:
+        w.wait_for("assigned")
+        produce(bootstrap, src, ((None, {"seq": s}, s % 4) for s in range(4000)))
+        # A gap at the end of what a partition holds shows when the next record comes
+        # (until then nothing after it is committed): once every repartition partition has
+        # its tail gap, more records in every partition.
+        w.wait_for("passed over on purpose", times=4)
+        produce(bootstrap, src, ((None, {"seq": s}, s % 4) for s in range(4000, 4400)))
+        final = _final(bootstrap, out, 4400)
+        # Each repartition partition holds 800 records or more (20 keys over 4 partitions):
+        # all of them reach offset 300. Two gaps each, each read again once.
+        assert w.metric("streamcore_fetch_gaps_total") == 8
+        stop_gracefully(w)
+    assert "the fetch passed over offsets 150 to 152" in w.log()
+    assert final == _expected(4400)

@@ -9,9 +9,14 @@ and writes each new aggregate to OUT. BREAK_STATE_ORDER=1 deliberately commits i
 without waiting for the state: the stores are flushed on their own schedule (every 30 s) and
 offsets are committed as soon as the outputs are acknowledged, to prove that the crash test
 catches it.
+PASS_OVER=N: the local broker's defect of a fetch that passes records over (README, "The local
+broker"), made to happen: in each repartition partition, the first batch taken that holds offset N
+is handed over without N, N+1 and N+2 (the records stay in the log), and the first taken that
+holds offset 2N without 2N and the rest of that batch, so that the next batch starts after a gap.
 """
 
 import os
+import sys
 import time
 
 from _settings import consumer  # tests/jobs: `streamcore run` puts a job's folder on the path
@@ -34,6 +39,33 @@ if os.environ.get("BREAK_STATE_ORDER") == "1":
 
     partition.PartitionTask.done_offset = _done_ignoring_state  # type: ignore[method-assign]
     partition.PartitionTask.flush_state = _flush_now_and_then  # type: ignore[method-assign]
+
+if os.environ.get("PASS_OVER"):
+    from connectors.base import Message
+    from streamcore.runtime import partition
+
+    _n = int(os.environ["PASS_OVER"])
+    _done: set[tuple[str, int, int]] = set()  # (topic, partition, N or 2N) passed over
+    _offer = partition.PartitionTask.offer
+
+    def _offer_passing_over(self: partition.PartitionTask, handed_at: float,
+                            msgs: list[Message]) -> None:
+        if self.tp[0].endswith("-repartition"):
+            for at, upto in ((_n, _n + 3), (2 * _n, 1 << 62)):
+                held = [m.offset() or 0 for m in msgs]
+                if (held and (*self.tp, at) not in _done and held[0] <= at <= held[-1]
+                        and held[0] == self._offered + 1):  # a batch the task takes
+                    _done.add((*self.tp, at))
+                    msgs = [m for m, o in zip(msgs, held, strict=True) if not at <= o < upto]
+                    if upto > at + 3:  # the test waits for these before it writes more
+                        print(f"passed over on purpose: {self.tp} from {at}", file=sys.stderr,
+                              flush=True)
+                    break  # one gap a batch: the second is met when the first is read again
+            if not msgs:
+                return  # the whole fetch passed over
+        _offer(self, handed_at, msgs)
+
+    partition.PartitionTask.offer = _offer_passing_over  # type: ignore[method-assign]
 
 worker = os.environ.get("WORKER_ID")  # set: each aggregate also names who computed it
 
