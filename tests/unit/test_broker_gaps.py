@@ -7,23 +7,13 @@ reads again rather than lose."""
 from __future__ import annotations
 
 from connectors.memory import ABORTED
-from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
 from streamcore.runtime.partition import GAP_READS
 from streamcore.testing import TestDriver
-
-
-def _job() -> Job:
-    job = Job("gaps", config=WorkerConfig(commit_interval="100ms"))
-    (job.stream(KafkaSource("in", value=JSON))
-        .key_by(lambda v: v["user"])
-        .aggregate(lambda: 0, lambda total, v: total + v["amount"], name="per-user")
-        .to_stream()
-        .to(KafkaSink("out", key=STR, value=JSON)))
-    return job
+from tests.unit.test_driver import _totals_job as totals_job
 
 
 def test_records_a_fetch_passed_over_in_a_repartition_topic_are_read_again() -> None:
-    with TestDriver(_job()) as d:
+    with TestDriver(totals_job("gaps")) as d:
         d.send("in", {"user": "a", "amount": 1}, key="a")
         # The next two records written to the repartition topic are passed over by the
         # first fetch that returns a record after them.
@@ -38,7 +28,7 @@ def test_records_a_fetch_passed_over_in_a_repartition_topic_are_read_again() -> 
 
 def test_records_passed_over_within_a_fetch_are_read_again() -> None:
     """The fetch returns records on both sides of those it passed over."""
-    with TestDriver(_job()) as d:
+    with TestDriver(totals_job("gaps")) as d:
         # Of the four records written to the repartition topic, the middle two are passed
         # over by the fetch that returns the first and the last.
         d.cluster.serve_gap("gaps-per-user-repartition", 0, 2, after=1)
@@ -52,7 +42,7 @@ def test_records_passed_over_within_a_fetch_are_read_again() -> None:
 def test_a_gap_that_stays_is_taken_after_the_reads_again() -> None:
     """Offsets an earlier epoch-mode run left to transaction markers stay missing however
     often they are read again: the task then takes the batch (bounded reads, no stall)."""
-    with TestDriver(_job()) as d:
+    with TestDriver(totals_job("gaps")) as d:
         d.send("in", {"user": "a", "amount": 1}, key="a")
         # An aborted record: never readable, so its offset is missing from every read.
         d.cluster.append("gaps-per-user-repartition", 0, b"x", b"x", 0, None, txn=ABORTED)
