@@ -240,14 +240,13 @@ class MemoryCluster:
         """serve_gap: the batch without the records to pass over if a record follows them
         (they are then readable again), else the batch up to them."""
         gap = self._passed_over[tp]
-        hidden = [i for i, m in enumerate(batch) if m.offset() in gap]
-        if not hidden:
+        kept = [m for m in batch if m.offset() not in gap]
+        if len(kept) == len(batch):
             return batch
-        if not any(i > hidden[0] and i not in hidden for i in range(len(batch))):
-            return batch[:hidden[0]]  # nothing after them yet: not readable at all
-        gap.difference_update(batch[i].offset() for i in hidden)
-        skipped = set(hidden)
-        return [m for i, m in enumerate(batch) if i not in skipped]
+        if kept[-1:] != batch[-1:]:  # nothing after them yet: not readable at all
+            return batch[:next(i for i, m in enumerate(batch) if m.offset() in gap)]
+        gap.difference_update(m.offset() for m in batch)
+        return kept
 
     def wake(self) -> None:
         with self._cond:

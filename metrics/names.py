@@ -30,8 +30,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "streamcore_commits_total": ("counter", ("job",), "Offset commits issued."),
     "streamcore_rebalances_total": ("counter", ("job",), "Partition assignments and revokes."),
     "streamcore_fetch_gaps_total": (
-        "counter", ("job",), "Fetches of a repartition topic (continuous mode) that passed "
-        "records over; they were read again (a local-broker defect, never seen on Kafka)."),
+        "counter", ("job",), "Reads again of a repartition partition (continuous mode) whose "
+        "fetch passed records over (a local-broker defect, never seen on Kafka)."),
     "streamcore_assigned_partitions": ("gauge", ("job",), "Input partitions assigned."),
     "streamcore_paused_partitions": ("gauge", ("job",), "Partitions paused by backpressure."),
     "streamcore_partitions": ("gauge", ("job", "state"),
