@@ -39,6 +39,7 @@ from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.batches import BatchedChain, BatchRunner
 from streamcore.runtime.context import Emit, GlobalTableView, PartitionContext, StepFailed
 from streamcore.runtime.eventtime import EventTime
+from streamcore.runtime.gaps import GapCheck
 from streamcore.runtime.operators import compile_chain
 from streamcore.runtime.policies import RecordErrors
 from streamcore.runtime.progress import LatencyHistogram
@@ -49,9 +50,6 @@ __all__ = ["PartitionTask", "TaskState"]
 
 log = logging.getLogger("streamcore.partition")
 _burst_log = BurstLogger(log)
-
-# How often a task reads passed-over offsets again before it takes them as a real gap.
-GAP_READS = 5
 
 
 class TaskState(enum.Enum):
@@ -153,10 +151,7 @@ class PartitionTask:
         # A topic whose offsets have no gaps (a repartition topic in continuous mode): a
         # fetch that skips offsets passed records over (a local-broker defect, README), and
         # the task has them read again rather than lose them.
-        self._read_again = read_again
-        self._gap_at = -1  # the first offset passed over, as last read again
-        self._gap_reads = 0  # how often it was read again
-        self._gap_fetch: float | None = None  # the fetch that passed over it (handed_at)
+        self._gaps = None if read_again is None else GapCheck(tp, read_again)
 
     # -- lifecycle -----------------------------------------------------------------------
     def _open_state(self, step: str, dumps: Callable[[Any], bytes],
@@ -344,13 +339,11 @@ class PartitionTask:
             _burst_log.warning(f"order:{self.tp}", "partition %s[%d]: dropped a batch at "
                                "offset %d, not after %d", *self.tp, first, self._offered)
             return
-        last = msgs[-1].offset()
-        if self._read_again is not None and first is not None and last is not None and (
-                last - first + 1 != len(msgs) or 0 <= self._offered != first - 1):
-            msgs = self._without_gap(handed_at, msgs)
+        if self._gaps is not None:
+            msgs = self._gaps.take(self._offered, handed_at, msgs)
             if not msgs:
                 return
-            last = msgs[-1].offset()
+        last = msgs[-1].offset()
         if self.start_offset is None:
             self.start_offset = first
         self._offered = last if last is not None else self._offered
@@ -360,40 +353,6 @@ class PartitionTask:
         if not self.paused and self._queued >= self._high:
             self.paused = True
             self._pause(self.tp)
-
-    def _without_gap(self, handed_at: float, msgs: list[Message]) -> list[Message]:
-        """A batch of a topic without gaps skips offsets (before it or within it): the
-        records before the first offset missing, the rest read again; or the whole batch,
-        when the same offsets stayed missing through GAP_READS reads (no stall)."""
-        offsets = [m.offset() or 0 for m in msgs]  # a fetched record has one
-        first = offsets[0]
-        at = self._offered + 1 if self._offered >= 0 else first
-        n = 0
-        if first == at:  # the gap is within the batch
-            n = next(i for i, o in enumerate(offsets) if o != first + i)
-            at = first + n
-        return msgs[:n] if self._passed_over(handed_at, at, offsets[n]) else msgs
-
-    def _passed_over(self, handed_at: float, at: int, found: int) -> bool:
-        """Offsets at to found - 1 are missing: True if they are read again (from at), False
-        if taken as a real gap."""
-        if at == self._gap_at and handed_at == self._gap_fetch:
-            return True  # more of the fetch that passed them over: it is read again too
-        if at != self._gap_at:
-            self._gap_at, self._gap_reads = at, 0
-        if self._gap_reads >= GAP_READS:
-            _burst_log.warning(f"gap:{self.tp}", "partition %s[%d]: offsets %d to %d still "
-                               "missing after %d reads; taken as a real gap", *self.tp, at,
-                               found - 1, GAP_READS)
-            return False
-        self._gap_reads += 1
-        self._gap_fetch = handed_at
-        _burst_log.warning(f"gap:{self.tp}", "partition %s[%d]: the fetch passed over "
-                           "offsets %d to %d; reading again from %d", *self.tp, at,
-                           found - 1, at)
-        assert self._read_again is not None
-        self._read_again(self.tp, at)
-        return True
 
     @property
     def queued(self) -> int:

@@ -7,7 +7,7 @@ reads again rather than lose."""
 from __future__ import annotations
 
 from connectors.memory import ABORTED
-from streamcore.runtime.partition import GAP_READS
+from streamcore.runtime.gaps import GAP_READS
 from streamcore.testing import TestDriver
 from tests.unit.test_driver import _totals_job as totals_job
 
