@@ -59,6 +59,24 @@ def test_a_stop_hands_over_watermark_markers_the_full_producer_queue_held_back()
         assert sorted(r[0] for r in _rows(d) if r[1] == 0) == ["w", "x", "y", "z"]
 
 
+def _restart_while_partition_1_is_behind(d: TestDriver, restart: str) -> None:
+    """Partition 1's task is at 2 s when the job restarts, and sends nothing more until
+    partition 0 is at 5 min: [0, 1m) stays open until partition 1 moves, and partition 1's
+    record at 30 s after the restart is not late."""
+    d.send("in", {"k": "a"}, key="x", timestamp=T0 + 1_000, partition=0)
+    d.send("in", {"k": "a"}, key="y", timestamp=T0 + 2_000, partition=1)
+    d.advance_time("1s")
+    d.commit()
+    d.crash() if restart == "crash" else d.restart()
+    d.send("in", {"k": "a"}, key="x", timestamp=T0 + 5 * MIN, partition=0)
+    d.advance_time("1s")
+    assert _rows(d) == []
+    d.send("in", {"k": "a"}, key="y", timestamp=T0 + 30_000, partition=1)
+    d.send("in", {"k": "a"}, key="y", timestamp=T0 + 3 * MIN, partition=1)
+    d.advance_time("1s")
+    assert _rows(d) == [("a", 0, MIN, 3)] and d.read("late") == []
+
+
 @pytest.mark.parametrize("restart", ["crash", "graceful"])
 @pytest.mark.parametrize("trigger", [None, "300ms"], ids=["continuous", "epoch"])
 def test_a_restarted_window_task_still_waits_for_an_upstream_task_that_is_behind(
@@ -68,18 +86,7 @@ def test_a_restarted_window_task_still_waits_for_an_upstream_task_that_is_behind
     # not make its records late (the records of partition 0 alone do not close [0, 1m)).
     with TestDriver(_count_job(Tumbling("1m"), delay="0s", late=True), partitions=2,
                     start_ms=T0, trigger=trigger) as d:
-        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 1_000, partition=0)
-        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 2_000, partition=1)
-        d.advance_time("1s")
-        d.commit()
-        d.crash() if restart == "crash" else d.restart()
-        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 5 * MIN, partition=0)
-        d.advance_time("1s")
-        assert _rows(d) == []
-        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 30_000, partition=1)
-        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 3 * MIN, partition=1)
-        d.advance_time("1s")
-        assert _rows(d) == [("a", 0, MIN, 3)] and d.read("late") == []
+        _restart_while_partition_1_is_behind(d, restart)
 
 
 @pytest.mark.parametrize("restart", ["crash", "graceful"])
@@ -95,18 +102,7 @@ def test_a_task_between_two_repartitions_does_not_forget_an_upstream_task_that_i
         .count(name="counts", late=KafkaSink("late", key=STR, value=JSON))
         .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
     with TestDriver(job, partitions=2, start_ms=T0, trigger=trigger) as d:
-        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 1_000, partition=0)
-        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 2_000, partition=1)
-        d.advance_time("1s")
-        d.commit()
-        d.crash() if restart == "crash" else d.restart()
-        d.send("in", {"k": "a"}, key="x", timestamp=T0 + 5 * MIN, partition=0)
-        d.advance_time("1s")
-        assert _rows(d) == []
-        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 30_000, partition=1)
-        d.send("in", {"k": "a"}, key="y", timestamp=T0 + 3 * MIN, partition=1)
-        d.advance_time("1s")
-        assert _rows(d) == [("a", 0, MIN, 3)] and d.read("late") == []
+        _restart_while_partition_1_is_behind(d, restart)
 
 
 def test_a_restarted_task_ignores_saved_watermarks_of_tasks_that_no_longer_feed_it() -> None:
