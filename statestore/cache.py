@@ -89,6 +89,10 @@ class StateCache:
         self._dirty.pop(key, None)
         self._dirty[key] = None
 
+    def writes(self, key: bytes) -> bool:
+        """key (a value or a tombstone) is among the writes of the next flush."""
+        return key in self._dirty
+
     def deleting(self, key: bytes) -> bool:
         """key's tombstone is among the writes of the next flush."""
         return key in self._dirty and self._values[key] is None

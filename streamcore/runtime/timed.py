@@ -214,8 +214,11 @@ class TimedStep:
         # middle of the flush can leave the watermark without a tombstone (the restart
         # drops that state: _Windows.drop_emitted) but never a tombstone without the
         # watermark (the records read again would open the window again, and it would be
-        # emitted a second time, partial).
-        if self.closing:
+        # emitted a second time, partial). One move of the watermark per flush: a flush
+        # can hold several commits' writes (it waits while the last one is in flight), and
+        # a second move would put the watermark after the first one's tombstones. Until the
+        # watermark saved last is with a flush, what closed since waits for a later commit.
+        if self.closing and not self.cache.writes(META):
             t0 = time.perf_counter()
             done = 0
             for _item, batch in self.closing:
