@@ -138,6 +138,18 @@ def test_the_saved_watermark_reaches_the_changelog_before_the_tombstones_it_caus
         assert len(tombstones) == 2 and saved < min(tombstones), log
 
 
+def _crash_then_close(d: TestDriver, key: str, at_ms: int) -> list[tuple[Any, int, int, Any]]:
+    """Crash (the faults of the flush lifted), then send a record that closes the windows
+    before at_ms: the rows written since."""
+    d.crash()
+    d.limit_queue(None)
+    d.fail_commits(False)
+    d.advance_time("1s")
+    _send(d, key, at_ms)
+    d.advance_time("1s")
+    return _rows(d)
+
+
 @pytest.mark.parametrize("crash_after", ["watermark", "tombstone"])
 def test_a_crash_in_the_middle_of_a_flush_emits_a_closed_window_neither_again_nor_partial(
         crash_after: str) -> None:
@@ -166,13 +178,7 @@ def test_a_crash_in_the_middle_of_a_flush_emits_a_closed_window_neither_again_no
                    if crash_after == "watermark" else
                    (r.key.startswith(b"w") and r.value is None) for r in changelog):
                 break
-        d.crash()
-        d.limit_queue(None)
-        d.fail_commits(False)
-        d.advance_time("1s")
-        _send(d, "c", 4 * MIN)  # closes b's window
-        d.advance_time("1s")
-        rows = _rows(d)
+        rows = _crash_then_close(d, "c", 4 * MIN)  # closes b's window
         assert [r for r in rows if r[0] == "a"] == [], rows  # a's window: not again
         # b@2m is read again: at least once, b's count may hold it twice
         assert [r[:3] for r in rows if r[0] == "b"] == [("b", 2 * MIN, 3 * MIN)]
@@ -214,13 +220,7 @@ def test_a_flush_that_holds_two_commits_writes_the_watermark_before_both_tombsto
             written += d.read(changelog)
         else:
             raise AssertionError(f"no tombstone written: {written}")
-        d.crash()
-        d.limit_queue(None)
-        d.fail_commits(False)
-        d.advance_time("1s")
-        _send(d, "d", 6 * MIN)  # closes c's window
-        d.advance_time("1s")
-        rows = _rows(d)
+        rows = _crash_then_close(d, "d", 6 * MIN)  # closes c's window
         assert [r for r in rows if r[0] == "a"] == [], rows  # not again, not partial
         # b@2m and c@4m are read again: at least once, their counts may hold them twice
         assert sorted(r[:3] for r in rows if r[0] != "a") == [
