@@ -182,11 +182,11 @@ class PacedProducer:
     input offset of every seq from the delivery reports."""
 
     def __init__(self, bootstrap: str, topic: str, *, rate: float, partitions: int = 4,
-                 **conf: Any) -> None:
+                 first: int = 0, **conf: Any) -> None:
         self.topic = topic
         self.rate = rate
         self.partitions = partitions
-        self.sent = 0
+        self.sent = first  # the next seq: those before first were sent some other way
         self.offsets: dict[int, tuple[int, int]] = {}  # seq -> (partition, offset)
         self.errors: list[str] = []
         self._stop = threading.Event()

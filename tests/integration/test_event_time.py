@@ -7,6 +7,7 @@ depend only on which records were sent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections import Counter
@@ -80,11 +81,18 @@ def test_windows_survive_sigkill_and_graceful_restart(bootstrap: str, tmp_path: 
     env = {"IN": src, "OUT": out, "LATE": late, "JOB": name,
            "STREAMCORE_STATE_DIR": str(tmp_path / "state")}
     args = ["--mode", "epoch", "--trigger", "300ms"] if mode == "epoch" else []
-    with PacedProducer(bootstrap, src, rate=1000) as producer:
-        with worker_process("windowed.py", bootstrap, env, args) as w:
-            w.wait_for("assigned")
-            wait_committed(bootstrap, name, f"{name}-counts-repartition", 1000)
-            w.kill()  # SIGKILL with windows open and records arriving
+    # Every upstream task reports before the paced records come (a window task's watermark
+    # follows the upstream tasks that have reported: README, event time), so that none of
+    # them can be late whichever partition the first worker reads first.
+    produce(bootstrap, src, [(str(p), {"seq": p, "p": p}, p) for p in range(4)])
+    with contextlib.ExitStack() as stack:
+        w = stack.enter_context(worker_process("windowed.py", bootstrap, env, args))
+        w.wait_for("assigned")
+        wait_committed(bootstrap, name, src, 3)
+        _caught_up(bootstrap, name, f"{name}-counts-repartition")
+        producer = stack.enter_context(PacedProducer(bootstrap, src, rate=1000, first=4))
+        wait_committed(bootstrap, name, f"{name}-counts-repartition", 1000)
+        w.kill()  # SIGKILL with windows open and records arriving
         with worker_process("windowed.py", bootstrap, env, args) as w:
             w.wait_for("assigned")
             wait_committed(bootstrap, name, src, producer.sent + 300)
