@@ -22,7 +22,15 @@ from streamcore import (
 )
 from streamcore.runtime.eventtime import EventTime, marker, still_feeds
 from streamcore.testing import TestDriver
-from tests.unit.test_windows import MIN, T0, _count_job, _rows, _send
+from tests.unit.test_windows import (
+    MIN,
+    T0,
+    _close_before,
+    _count_job,
+    _crash_once_written,
+    _rows,
+    _send,
+)
 
 
 def test_the_watermark_across_a_repartition_is_the_minimum_of_the_upstream_tasks() -> None:
@@ -138,18 +146,6 @@ def test_the_saved_watermark_reaches_the_changelog_before_the_tombstones_it_caus
         assert len(tombstones) == 2 and saved < min(tombstones), log
 
 
-def _crash_then_close(d: TestDriver, key: str, at_ms: int) -> list[tuple[Any, int, int, Any]]:
-    """Crash (the faults of the flush lifted), then send a record that closes the windows
-    before at_ms: the rows written since."""
-    d.crash()
-    d.limit_queue(None)
-    d.fail_commits(False)
-    d.advance_time("1s")
-    _send(d, key, at_ms)
-    d.advance_time("1s")
-    return _rows(d)
-
-
 @pytest.mark.parametrize("crash_after", ["watermark", "tombstone"])
 def test_a_crash_in_the_middle_of_a_flush_emits_a_closed_window_neither_again_nor_partial(
         crash_after: str) -> None:
@@ -170,15 +166,10 @@ def test_a_crash_in_the_middle_of_a_flush_emits_a_closed_window_neither_again_no
         d.limit_queue(1)  # the changelog's records go one at a time
         _send(d, "b", 2 * MIN)  # closes [0, 1m) of a
         assert _rows(d) == [("a", 0, MIN, 2)]
-        changelog = d.read("w-counts-changelog")
-        for _ in range(20):  # until that record of the flush is written, then crash
-            d.advance_time("100ms")
-            changelog += d.read("w-counts-changelog")
-            if any((r.key, r.value) == (b"m", b"t%d" % (T0 + 2 * MIN))
-                   if crash_after == "watermark" else
-                   (r.key.startswith(b"w") and r.value is None) for r in changelog):
-                break
-        rows = _crash_then_close(d, "c", 4 * MIN)  # closes b's window
+        _crash_once_written(d, lambda r: (r.key, r.value) == (b"m", b"t%d" % (T0 + 2 * MIN))
+                            if crash_after == "watermark" else
+                            r.key.startswith(b"w") and r.value is None)
+        rows = _close_before(d, "c", 4 * MIN)  # closes b's window
         assert [r for r in rows if r[0] == "a"] == [], rows  # a's window: not again
         # b@2m is read again: at least once, b's count may hold it twice
         assert [r[:3] for r in rows if r[0] == "b"] == [("b", 2 * MIN, 3 * MIN)]
@@ -212,15 +203,8 @@ def test_a_flush_that_holds_two_commits_writes_the_watermark_before_both_tombsto
         assert sorted(_rows(d)) == [("a", 0, MIN, 2), ("b", 2 * MIN, 3 * MIN, 1)]
         d.limit_queue(1)  # the next flush's records go one at a time
         d.hold_acks(False, topics=[changelog])
-        written = d.read(changelog)
-        for _ in range(40):  # until a's tombstone is written, then crash
-            if any(r.key.startswith(b"w") and r.value is None for r in written):
-                break
-            d.advance_time("100ms")
-            written += d.read(changelog)
-        else:
-            raise AssertionError(f"no tombstone written: {written}")
-        rows = _crash_then_close(d, "d", 6 * MIN)  # closes c's window
+        _crash_once_written(d, lambda r: r.key.startswith(b"w") and r.value is None)
+        rows = _close_before(d, "d", 6 * MIN)  # closes c's window
         assert [r for r in rows if r[0] == "a"] == [], rows  # not again, not partial
         # b@2m and c@4m are read again: at least once, their counts may hold them twice
         assert sorted(r[:3] for r in rows if r[0] != "a") == [

@@ -204,6 +204,15 @@ def _crash_once_written(d: TestDriver, written: Callable[[Any], bool]) -> None:
     d.fail_commits(False)
 
 
+def _close_before(d: TestDriver, key: str, at_ms: int) -> list[tuple[Any, int, int, Any]]:
+    """After a restart: a record at at_ms, which closes the windows before it; the rows
+    written since the last read."""
+    d.advance_time("1s")
+    _send(d, key, at_ms)
+    d.advance_time("1s")
+    return _rows(d)
+
+
 @pytest.mark.parametrize("crash_after", ["merged", "tombstone"])
 @pytest.mark.parametrize("later", [[5_000], [5_000, 12_000]], ids=["one", "two"])
 def test_a_crash_in_the_middle_of_a_session_merge_loses_no_record(
@@ -228,11 +237,9 @@ def test_a_crash_in_the_middle_of_a_session_merge_loses_no_record(
         merged = b"w" + pack_time(T0 + end) + pack_time(T0 + 1_000)
         _crash_once_written(d, lambda r: r.key.startswith(merged) if crash_after == "merged"
                             else r.key.startswith(b"w") and r.value is None)
-        d.advance_time("1s")
-        _send(d, "b", MIN)  # closes a's session
-        d.advance_time("1s")
+        rows = _close_before(d, "b", MIN)  # closes a's session
         # The later records are read again (at least once: counted twice), a@1s is not.
-        assert [r for r in _rows(d) if r[0] == "a"] == [("a", 1_000, end, 1 + 2 * len(later))]
+        assert [r for r in rows if r[0] == "a"] == [("a", 1_000, end, 1 + 2 * len(later))]
 
 
 @pytest.mark.parametrize("crash_after", ["watermark", "tombstone"])
@@ -256,10 +263,7 @@ def test_a_crash_in_the_middle_of_the_flush_that_merges_and_closes_a_session(
         _crash_once_written(d, lambda r: (r.key, r.value) == (b"m", b"t%d" % (T0 + 2 * MIN))
                             if crash_after == "watermark" else
                             r.key == replaced and r.value is None)
-        d.advance_time("1s")
-        _send(d, "c", 4 * MIN)  # closes b's session
-        d.advance_time("1s")
-        rows = _rows(d)
+        rows = _close_before(d, "c", 4 * MIN)  # closes b's session
         assert [r for r in rows if r[0] == "a"] == [], rows  # a's session: not again
 
 
