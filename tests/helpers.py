@@ -261,13 +261,10 @@ class WorkerProcess:
                     total += int(orjson.loads(line)["progress"]["rows"])
         return total
 
-    def metric(self, name: str) -> float:
-        """A metric of the worker's /metrics (unlabelled but for job), on the port it logged."""
+    def metric(self, name: str, **labels: str) -> float:
+        """metric_value of the worker's /metrics, on the port it logged."""
         port = int(self.log().split("HTTP endpoints on ", 1)[1].split(":", 1)[1].split('"')[0])
-        for line in http_get(port, "/metrics")[1].decode().splitlines():
-            if line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"{name} not in the worker's /metrics")
+        return metric_value(http_get(port, "/metrics")[1].decode(), name, **labels)
 
     def wait_for(self, text: str, timeout: float = 60.0, *, times: int = 1) -> None:
         """Until text is in the worker's log `times` times (a second assignment, say)."""
@@ -309,6 +306,19 @@ def worker_process(job_file: str, bootstrap: str, env: dict[str, str],
         yield w
     finally:
         w.kill()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of name whose labels include the given ones, in a /metrics text."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"{name} {labels} not exported"
+    return total
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -88,8 +88,7 @@ def test_windows_survive_sigkill_and_graceful_restart(bootstrap: str, tmp_path: 
     with contextlib.ExitStack() as stack:
         w = stack.enter_context(worker_process("windowed.py", bootstrap, env, args))
         w.wait_for("assigned")
-        wait_committed(bootstrap, name, src, 3)
-        _caught_up(bootstrap, name, f"{name}-counts-repartition")
+        _caught_up(bootstrap, name, src, 3, [f"{name}-counts-repartition"])
         producer = stack.enter_context(PacedProducer(bootstrap, src, rate=1000, first=4))
         wait_committed(bootstrap, name, f"{name}-counts-repartition", 1000)
         w.kill()  # SIGKILL with windows open and records arriving
@@ -130,9 +129,17 @@ def test_windows_survive_sigkill_and_graceful_restart(bootstrap: str, tmp_path: 
     # driver checks epoch-mode windows across a crash exactly (tests/unit/test_windows.py).
 
 
-def _caught_up(bootstrap: str, group: str, topic: str) -> None:
-    """Until the group has committed everything now in topic (markers included): what the
-    upstream tasks wrote, the window tasks have read."""
+def _caught_up(bootstrap: str, group: str, src: str, beyond: int, reps: list[str]) -> None:
+    """Until the group has committed more than beyond records of src, then everything now
+    in each repartition topic of reps: what the upstream tasks wrote, the window tasks have
+    read (markers included)."""
+    wait_committed(bootstrap, group, src, beyond)
+    for topic in reps:
+        _read_all(bootstrap, group, topic)
+
+
+def _read_all(bootstrap: str, group: str, topic: str) -> None:
+    """Until the group has committed everything now in topic (markers included)."""
     last: dict[int, int] = {}
     for m in read_topic(bootstrap, topic, expect=1, timeout=30, settle=2.0):
         last[m.partition()] = max(last.get(m.partition(), -1), m.offset())
@@ -167,22 +174,16 @@ def test_a_restart_does_not_make_the_records_of_a_lagging_upstream_partition_lat
     with worker_process("windowed.py", bootstrap,
                         {**env, "STREAMCORE_STATE_DIR": str(tmp_path / "a")}, args) as w:
         w.wait_for("assigned")
-        wait_committed(bootstrap, name, src, 3)
-        for rep in reps:
-            _caught_up(bootstrap, name, rep)
+        _caught_up(bootstrap, name, src, 3, reps)
         produce(bootstrap, src, seqs(4, 200, {0, 1, 2, 3}))  # event time to 2 s everywhere
-        wait_committed(bootstrap, name, src, 199)
-        for rep in reps:
-            _caught_up(bootstrap, name, rep)
+        _caught_up(bootstrap, name, src, 199, reps)
         w.signal(signal.SIGTERM)
         assert w.wait(60) == 0, w.tail()
     produce(bootstrap, src, seqs(200, 600, {0, 1, 2}))  # 2 to 6 s, partition 3 still at 2 s
     with worker_process("windowed.py", bootstrap,
                         {**env, "STREAMCORE_STATE_DIR": str(tmp_path / "b")}, args) as w:
         w.wait_for("assigned")
-        wait_committed(bootstrap, name, src, 499)
-        for rep in reps:
-            _caught_up(bootstrap, name, rep)  # partitions 0 to 2's markers are read
+        _caught_up(bootstrap, name, src, 499, reps)  # partitions 0 to 2's markers are read
         produce(bootstrap, src, seqs(200, 600, {3}))  # partition 3 catches up
         _close_all(bootstrap, src, 600)
         rows = _windows(bootstrap, out, expect=len(_expected(600)),

@@ -13,25 +13,13 @@ from tests.helpers import (
     committed,
     http_get,
     make_topics,
+    metric_value,
     produce,
     read_topic,
     unique,
     wait_until,
     worker_config,
 )
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of name whose labels include the given ones."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    assert found, f"{name} {labels} not exported"
-    return total
 
 
 def test_endpoints_report_readiness_traffic_and_a_blocked_loop(
@@ -65,30 +53,30 @@ def test_endpoints_report_readiness_traffic_and_a_blocked_loop(
         produce(bootstrap, src, ((None, {"i": i}, None) for i in range(2000)))
         read_topic(bootstrap, out, expect=2000)
         text = http_get(port, "/metrics")[1].decode()
-        assert _metric(text, "streamcore_records_consumed_total", job=name) == 2000
-        assert _metric(text, "streamcore_records_produced_total", topic=out) == 2000
-        assert _metric(text, "streamcore_processing_latency_seconds_count") == 2000
-        assert _metric(text, "streamcore_processing_latency_seconds_bucket", le="+Inf") == 2000
-        assert _metric(text, "streamcore_assigned_partitions") == 4
+        assert metric_value(text, "streamcore_records_consumed_total", job=name) == 2000
+        assert metric_value(text, "streamcore_records_produced_total", topic=out) == 2000
+        assert metric_value(text, "streamcore_processing_latency_seconds_count") == 2000
+        assert metric_value(text, "streamcore_processing_latency_seconds_bucket", le="+Inf") == 2000
+        assert metric_value(text, "streamcore_assigned_partitions") == 4
         # Everything is consumed: no lag (the local broker under-reports its high watermark,
         # so a lag above 0 here could only be ours; clamped below at 0).
-        assert _metric(text, "streamcore_consumer_lag") == 0
+        assert metric_value(text, "streamcore_consumer_lag") == 0
         # The committed offsets reach the end of every partition (they sum to the records
         # of a fresh topic), nothing waits to become committable, and the periodic commits,
         # all asynchronous so far, are in the commit latency.
         def all_committed() -> bool:
             text = http_get(port, "/metrics")[1].decode()
             return "streamcore_committed_offset{" in text and \
-                _metric(text, "streamcore_committed_offset") == 2000
+                metric_value(text, "streamcore_committed_offset") == 2000
         wait_until(all_committed, 20, "commits up to the end of every partition")
         text = http_get(port, "/metrics")[1].decode()
-        assert _metric(text, "streamcore_oldest_uncommitted_age_seconds") == 0
-        assert _metric(text, "streamcore_commit_latency_seconds_count") > 0
+        assert metric_value(text, "streamcore_oldest_uncommitted_age_seconds") == 0
+        assert metric_value(text, "streamcore_commit_latency_seconds_count") > 0
 
         produce(bootstrap, src, ((None, {"i": i}, None) for i in range(2000, 2500)))
         read_topic(bootstrap, out, expect=2500)
         text = http_get(port, "/metrics")[1].decode()
-        assert _metric(text, "streamcore_records_consumed_total", job=name) == 2500
+        assert metric_value(text, "streamcore_records_consumed_total", job=name) == 2500
 
         wait_until(lambda: q.last_progress is not None, 10, "a progress report")
         progress = orjson.loads(http_get(port, "/progress")[1])
@@ -141,14 +129,14 @@ def test_error_policies_keep_going_and_lose_nothing(bootstrap: str, policy: str)
         port = q.worker.http_port
         assert port
         text = http_get(port, "/metrics")[1].decode()
-        assert _metric(text, "streamcore_errors_total", kind="deserialization",
+        assert metric_value(text, "streamcore_errors_total", kind="deserialization",
                        policy=policy, step="deserialize") == 6
-        assert _metric(text, "streamcore_errors_total", kind="user_function",
+        assert metric_value(text, "streamcore_errors_total", kind="user_function",
                        policy=policy) == 6
         if policy == "dead_letter":
             dlq = read_topic(bootstrap, f"{name}-dlq", expect=12, partitions=2)
             assert len(dlq) == 12
-            assert _metric(text, "streamcore_dlq_records_total") == 12
+            assert metric_value(text, "streamcore_dlq_records_total") == 12
             by_kind: dict[bytes, int] = {}
             for m in dlq:
                 h = dict(m.headers() or [])
@@ -227,7 +215,7 @@ def test_broker_connected_gauge_follows_the_broker(local_broker: object, tmp_pat
 
             def connected() -> float:
                 assert w.http_port is not None
-                return _metric(http_get(w.http_port, "/metrics")[1].decode(),
+                return metric_value(http_get(w.http_port, "/metrics")[1].decode(),
                                "streamcore_broker_connected")
 
             assert connected() == 1
