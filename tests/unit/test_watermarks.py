@@ -26,6 +26,7 @@ from tests.unit.test_windows import (
     MIN,
     T0,
     _close_before,
+    _commit_a_then_fail_commits,
     _count_job,
     _crash_once_written,
     _rows,
@@ -157,10 +158,7 @@ def test_a_crash_in_the_middle_of_a_flush_emits_a_closed_window_neither_again_no
     watermark goes first, and a restart that finds a window it closed drops it: emitted."""
     with TestDriver(_count_job(Tumbling("1m"), delay="0s", repartition=False),
                     start_ms=T0) as d:
-        _send(d, "a", 1_000)
-        d.advance_time("1s")
-        d.commit()  # a@1s is committed: only a@2s will be read again
-        d.fail_commits()
+        _commit_a_then_fail_commits(d)  # only a@2s will be read again
         _send(d, "a", 2_000)
         d.advance_time("1s")
         d.limit_queue(1)  # the changelog's records go one at a time
@@ -185,10 +183,7 @@ def test_a_flush_that_holds_two_commits_writes_the_watermark_before_both_tombsto
     changelog = "w-counts-changelog"
     with TestDriver(_count_job(Tumbling("1m"), delay="0s", repartition=False),
                     start_ms=T0) as d:
-        _send(d, "a", 1_000)
-        d.advance_time("1s")
-        d.commit()  # a@1s is committed: only what follows is read again
-        d.fail_commits()
+        _commit_a_then_fail_commits(d)  # only what follows is read again
         d.read(changelog)
         d.hold_acks(topics=[changelog])  # the flush of a@2s stays in flight...
         _send(d, "a", 2_000)

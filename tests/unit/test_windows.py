@@ -187,6 +187,15 @@ def test_a_record_inside_a_session_updates_it_without_a_tombstone() -> None:
         assert _rows(d) == [("a", 0, 15_000, 3)]
 
 
+def _commit_a_then_fail_commits(d: TestDriver) -> None:
+    """a@1s, committed; the commits after it fail, so that a crash reads again every record
+    after a@1s and none before."""
+    _send(d, "a", 1_000)
+    d.advance_time("1s")
+    d.commit()
+    d.fail_commits()
+
+
 def _crash_once_written(d: TestDriver, written: Callable[[Any], bool]) -> None:
     """Let the changelog's records go one at a time until one that ``written`` matches is
     in it, then crash; the queue and the commits are as before for what follows."""
@@ -227,10 +236,7 @@ def test_a_crash_in_the_middle_of_a_session_merge_loses_no_record(
     that one."""
     with TestDriver(_count_job(Session("10s"), delay="0s", repartition=False),
                     start_ms=T0) as d:
-        _send(d, "a", 1_000)
-        d.advance_time("1s")
-        d.commit()  # a@1s is committed: only the later records will be read again
-        d.fail_commits()
+        _commit_a_then_fail_commits(d)  # only the later records will be read again
         for t in later:  # [1s, 11s) becomes [1s, 15s), then [1s, 22s)
             _send(d, "a", t)
         end = later[-1] + 10_000
@@ -252,10 +258,7 @@ def test_a_crash_in_the_middle_of_the_flush_that_merges_and_closes_a_session(
     random histories of event-time sessions). Now it goes after the closed session's."""
     with TestDriver(_count_job(Session("10s"), delay="0s", repartition=False),
                     start_ms=T0) as d:
-        _send(d, "a", 1_000)
-        d.advance_time("1s")
-        d.commit()  # a@1s is committed: only a@5s will be read again
-        d.fail_commits()
+        _commit_a_then_fail_commits(d)  # only a@5s will be read again
         _send(d, "a", 5_000)  # [1s, 11s) becomes [1s, 15s)
         _send(d, "b", 2 * MIN)  # closes it before the next flush
         assert _rows(d) == [("a", 1_000, 15_000, 2)]
