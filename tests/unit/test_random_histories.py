@@ -6,7 +6,8 @@ every record sent is in the final state and the outputs (continuous mode: at lea
 epoch mode: exactly once).
 
 Each history comes from its seed, so a failure names a history that can be replayed. The
-default runs a few seeds per job; ``STREAMCORE_HISTORIES=200`` runs more (this found the
+default runs a few seeds per job; ``STREAMCORE_HISTORIES=200`` runs more, and
+``STREAMCORE_HISTORY_SEED=1000`` starts them elsewhere (this found the
 defects fixed with tests in test_group_state, test_windows and test_epochs)."""
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ T0 = 1_700_000_000_000
 # again (the in-memory consumer models it as librdkafka does). An "expire" step has the
 # coordinator drop the member (its session expired): the partitions are lost without a stall.
 _CONFIG = WorkerConfig(commit_interval="300ms", consumer={"max.poll.interval.ms": 300})
-SEEDS = range(int(os.environ.get("STREAMCORE_HISTORIES", "2")))
+# STREAMCORE_HISTORY_SEED moves the range: a long run can try histories no earlier run tried.
+_FIRST_SEED = int(os.environ.get("STREAMCORE_HISTORY_SEED", "0"))
+SEEDS = range(_FIRST_SEED, _FIRST_SEED + int(os.environ.get("STREAMCORE_HISTORIES", "2")))
 STEPS = 40
 
 
