@@ -493,7 +493,7 @@ class EpochCommits(CommitProtocol):
             # with this transactional id aborts what is left open.
             raise ProducerFenced(f"this worker may have been fenced: the epoch's "
                                  f"transaction could not be aborted: {exc}") from exc
-        async with w.fetch_parked():
+        async with w.fetcher.parked():
             seek: dict[TopicPartition, int] = {}
             skip = set(gone)
             for t in live:

@@ -1,10 +1,11 @@
 """The worker: one group member, one producer, one task per assigned partition.
 
-Everything the worker starts belongs to one ``asyncio.TaskGroup``: the poll loop (fetching),
-the member's service of the group, the commit protocol's periodic commits
-(streamcore.runtime.commits), progress reports and the heartbeat. Start-up checks are in
-streamcore.runtime.startup, what the worker shows (health, readiness, metrics, progress) in
-streamcore.runtime.status.
+Everything the worker starts belongs to one ``asyncio.TaskGroup``: the poll loop
+(streamcore.runtime.fetching), the member's service of the group, the commit protocol's
+periodic commits (streamcore.runtime.commits), progress reports and the heartbeat. Start-up
+checks are in streamcore.runtime.startup, what the worker shows (health, readiness, metrics,
+progress) in streamcore.runtime.status. The worker itself owns the group membership's side
+of the engine: it makes, drains and closes the partition tasks as partitions come and go.
 
 The member (connectors.base.GroupMember) is asyncio-native whatever the client: the threads a
 blocking client needs live in connectors.threaded. The worker is the member's rebalance
@@ -17,18 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from itertools import groupby
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from connectors.base import (
     ClientBackend,
     GroupMember,
-    Message,
     PartitionReader,
     ProducerBackend,
     RebalanceListener,
@@ -38,12 +36,7 @@ from metrics.exporter import Snapshot, WorkerMetrics
 from metrics.http import StatusServer
 from streamcore.api.config import WorkerConfig
 from streamcore.core.clock import Clock, SystemClock
-from streamcore.core.errors import (
-    ConfigError,
-    FatalError,
-    ProducerFenced,
-    StreamcoreError,
-)
+from streamcore.core.errors import ConfigError, ProducerFenced, StreamcoreError
 from streamcore.core.logs import BurstLogger
 from streamcore.plan.graph import OpKind
 from streamcore.plan.logical import LogicalPlan
@@ -52,6 +45,7 @@ from streamcore.runtime import startup
 from streamcore.runtime.commits import CommitProtocol, ContinuousCommits
 from streamcore.runtime.epochs import EpochCommits, transactional_id
 from streamcore.runtime.eventtime import EventTime, MarkerRoutes
+from streamcore.runtime.fetching import Fetcher
 from streamcore.runtime.partition import PartitionTask, TaskState
 from streamcore.runtime.progress import LatencyHistogram
 from streamcore.runtime.state import PartitionStores
@@ -109,23 +103,18 @@ class Worker:
         self.status = WorkerStatus(self)
         self.committer: CommitProtocol = EpochCommits(self) if self._epochs \
             else ContinuousCommits(self)
-        # Closed while the committer seeks the partitions back (epoch mode, after an abort).
-        self._fetch_gate = asyncio.Event()
-        self._fetch_gate.set()
-        self._fetch_parked = asyncio.Event()
-        self.last_records_at = 0.0  # clock time (s) of the last fetch that brought records
-        self._poll_running = False
+        self.fetcher = Fetcher(
+            self._member, self._producer, self._tasks, topics=self.plan.subscription(),
+            max_records=config.poll_batch, timeout=config.poll_timeout_s, clock=self.clock,
+            in_group=self.check_membership, stopping=self._stopping)
         self._http: StatusServer | None = None
         self.heartbeat = time.monotonic()
         self._rebalancing_since: float | None = None
         self.on_progress = on_progress
         self._started = time.time()
-        self.records_in = 0  # fetched: dispatched, or dropped by a fence
         self.broker_connected = True  # the start-up check reached it; then the client says
         self.rebalances = 0
         self.gaps_read_again = 0  # a fetch passed records over; they were read again
-        self.last_poll = time.monotonic()
-        self._one_topic: str | None = None  # the only topic subscribed (not a pattern)
         self._markers = MarkerRoutes()  # where watermarks go; set at start
         if not self._epochs and any(n.kind == OpKind.EMIT and n.params["mode"] == "complete"
                                     for n in self.plan.nodes):
@@ -164,7 +153,7 @@ class Worker:
             await self._start()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                poll = tg.create_task(self._poll_loop(), name="poll")
+                poll = tg.create_task(self.fetcher.run(), name="poll")
                 tg.create_task(self._member.run(), name="membership")
                 tg.create_task(self.committer.run(), name="commit")
                 tg.create_task(self._progress_loop(), name="progress")
@@ -211,7 +200,6 @@ class Worker:
         self._markers = await self._loop.run_in_executor(
             None, MarkerRoutes.of, self.plan, self.clients.partition_count)
         topics = self.plan.subscription()
-        self._one_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         await self._producer.start()
         await self.committer.start()
         if self.transactional_id is not None:
@@ -223,43 +211,15 @@ class Worker:
         await self._member.join(topics, _Rebalances(self), start_at_end=self._starts_at_end)
         log.info("worker started: job=%s group=%s topics=%s", self.plan.name, self.group, topics)
 
-    # -- polling -------------------------------------------------------------------------
-    async def _poll_loop(self) -> None:
-        self._poll_running = True
-        try:
-            await self._poll()
-        finally:
-            self._poll_running = False
-            self._fetch_parked.set()  # nothing fetches any more: a seek may go on
+    # -- fetching (streamcore.runtime.fetching) ------------------------------------------
+    @property
+    def records_in(self) -> int:
+        """Records fetched: dispatched, or dropped by a fence."""
+        return self.fetcher.records_in
 
-    async def _poll(self) -> None:
-        fetch = self._member.fetch
-        n, timeout = self.config.poll_batch, self.config.poll_timeout_s
-        tasks = self._tasks
-        perf = time.perf_counter
-        gate, parked = self._fetch_gate, self._fetch_parked
-        while True:
-            if not gate.is_set():  # the committer seeks the partitions back meanwhile
-                parked.set()
-                await gate.wait()
-                parked.clear()
-            # No await between the fetch and the dispatch: a member may rely on it (a revoke
-            # waits for the fetch in flight, knowing its records are then with the tasks).
-            msgs = await fetch(n, timeout)
-            self.last_poll = time.monotonic()
-            if msgs and self.check_membership():
-                self.last_records_at = self.clock.now_ms() / 1000
-                self._dispatch(msgs, tasks, perf())
-            elif msgs:  # dropped: their partitions may be another member's already
-                self.records_in += len(msgs)
-            if self._stopping.is_set():
-                return  # what was just dispatched is drained by the caller
-            if msgs:
-                # Let the partition tasks just woken take the batch first (in-worker
-                # latency), then serve delivery reports once per fetch so that they never
-                # pile up.
-                await asyncio.sleep(0)
-                self._producer.poll(0)
+    @property
+    def last_poll(self) -> float:
+        return self.fetcher.last_poll
 
     def check_membership(self) -> bool:
         """False (and every task fenced) if the group has not been served for longer than
@@ -297,29 +257,6 @@ class Worker:
             if running is not None:
                 running.cancel()
 
-    def _dispatch(self, msgs: list[Message], tasks: dict[TopicPartition, PartitionTask],
-                  handed_at: float) -> None:
-        if any([m.error() is not None for m in msgs]):  # rare: report and drop them
-            for m in msgs:
-                if m.error() is not None:
-                    self._consumer_error(m.error())
-            msgs = [m for m in msgs if m.error() is None]
-        # A fetch holds runs of consecutive messages of one partition; groupby splits them
-        # in C, which matters because this runs once per input record. With one topic the
-        # key is the partition alone: a C method call, no Python frame per record.
-        topic = self._one_topic
-        for key, run in groupby(msgs, _topic_partition if topic is None else _PARTITION):
-            task = tasks.get(key if topic is None else (topic, key))
-            if task is not None:
-                task.offer(handed_at, list(run))
-        self.records_in += len(msgs)
-
-    def _consumer_error(self, err: Any) -> None:
-        fatal = getattr(err, "fatal", lambda: False)()
-        if fatal:
-            raise FatalError(f"consumer failed: {err}")
-        _burst_log.warning(f"consumer:{getattr(err, 'code', lambda: err)()}", "consumer: %s", err)
-
     # -- rebalance events (connectors.base.RebalanceListener) ---------------------------
     def _starts_at_end(self, topic: str) -> bool:
         """A topic of a source with starting_offsets="latest" (never an internal topic)."""
@@ -331,7 +268,7 @@ class Worker:
         if not parts:
             return
         self.rebalances += 1
-        self.last_records_at = self.clock.now_ms() / 1000  # "quiet since" starts here
+        self.fetcher.quiet_from_now()
         log.info("assigned %s", _fmt(parts))
         for tp in parts:
             task = PartitionTask(
@@ -412,18 +349,6 @@ class Worker:
     def member(self) -> GroupMember:
         return self._member
 
-    @contextlib.asynccontextmanager
-    async def fetch_parked(self) -> AsyncIterator[None]:
-        """Inside, the poll loop is parked between fetches: everything fetched so far has
-        been handed to the tasks, and nothing more is fetched until the end of the block."""
-        self._fetch_gate.clear()
-        try:
-            if self._poll_running:
-                await self._fetch_parked.wait()
-            yield
-        finally:
-            self._fetch_gate.set()
-
     def caught_up(self, quiet: float) -> bool:
         """Every assigned partition is running, has had a fetch answered (its high
         watermark is known: a quiet spell before the first answer means nothing) and has
@@ -432,7 +357,7 @@ class Worker:
         so the end itself is the quiet spell."""
         if not self._joined or not self._tasks:
             return False
-        if self.clock.now_ms() / 1000 - self.last_records_at < quiet:
+        if self.clock.now_ms() / 1000 - self.fetcher.last_records_at < quiet:
             return False
         member = self._member
         return all(t.state is TaskState.RUNNING and not t.queued and t.idle()
@@ -653,13 +578,6 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(e, StreamcoreError):
             return e
     return flat[0] if flat else eg
-
-
-_PARTITION = operator.methodcaller("partition")
-
-
-def _topic_partition(m: Message) -> tuple[str | None, int | None]:
-    return m.topic(), m.partition()
 
 
 def _fmt(parts: list[TopicPartition]) -> str:
