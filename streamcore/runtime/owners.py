@@ -22,7 +22,8 @@ from typing import Any
 
 import orjson
 
-from connectors.base import ClientBackend, Message, read_to_end
+from connectors.base import ClientBackend, Message
+from connectors.reading import read_to_end
 from streamcore.core.errors import ProducerFenced
 
 __all__ = ["OWNERS_TOPIC", "Identity", "announce", "holder", "identity", "name_the_fencer"]

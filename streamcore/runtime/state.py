@@ -30,7 +30,8 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from connectors.base import Message, Outbox, PartitionReader, ProducerBackend, read_to_end
+from connectors.base import Message, Outbox, PartitionReader, ProducerBackend
+from connectors.reading import read_to_end
 from statestore.base import Change, Store, StoreCorrupt
 from statestore.cache import StateCache
 from statestore.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint

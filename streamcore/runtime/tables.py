@@ -16,13 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from connectors.base import (
-    Message,
-    PartitionReader,
-    TopicPartition,
-    advance_positions,
-    read_to_end,
-)
+from connectors.base import Message, PartitionReader, TopicPartition
+from connectors.reading import advance_positions, read_to_end
 from statestore.base import Store
 from statestore.checkpoint import read_checkpoint, write_checkpoint
 from statestore.memory import MemoryStore

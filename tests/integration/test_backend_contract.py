@@ -19,10 +19,10 @@ from connectors.base import (
     Message,
     RebalanceListener,
     TopicPartition,
-    read_to_end,
 )
 from connectors.confluent import ConfluentClients
 from connectors.memory import MemoryClients, MemoryCluster
+from connectors.reading import read_to_end
 from tests.helpers import QUICK_SESSION_MS, unique
 
 

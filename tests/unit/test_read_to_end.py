@@ -1,11 +1,12 @@
-"""read_to_end (connectors.base): when a partition is at its end. Pure logic on a scripted
+"""read_to_end (connectors.reading): when a partition is at its end. Pure logic on a scripted
 reader; the broker behaviour it handles is proven against the local broker in
 tests/integration/test_state.py."""
 
 from __future__ import annotations
 
-from connectors.base import Message, PartitionReader, TopicPartition, read_to_end
+from connectors.base import Message, PartitionReader, TopicPartition
 from connectors.memory import MemoryMessage
+from connectors.reading import read_to_end
 
 TP = ("changelog", 0)
 
