@@ -37,7 +37,6 @@ from metrics.http import StatusServer
 from streamcore.api.config import WorkerConfig
 from streamcore.core.clock import Clock, SystemClock
 from streamcore.core.errors import ConfigError, ProducerFenced, StreamcoreError
-from streamcore.core.logs import BurstLogger
 from streamcore.plan.graph import OpKind
 from streamcore.plan.logical import LogicalPlan
 from streamcore.plan.physical import plan
@@ -55,7 +54,6 @@ from streamcore.runtime.tables import GlobalTable
 __all__ = ["Worker"]
 
 log = logging.getLogger("streamcore.worker")
-_burst_log = BurstLogger(log)
 TIMER_INTERVAL_S = 0.1  # operators' timer hooks run at least this often
 
 
@@ -103,8 +101,9 @@ class Worker:
         self.status = WorkerStatus(self)
         self.committer: CommitProtocol = EpochCommits(self) if self._epochs \
             else ContinuousCommits(self)
+        self._topics = self.plan.subscription()  # inputs and repartition topics
         self.fetcher = Fetcher(
-            self._member, self._producer, self._tasks, topics=self.plan.subscription(),
+            self._member, self._producer, self._tasks, topics=self._topics,
             max_records=config.poll_batch, timeout=config.poll_timeout_s, clock=self.clock,
             in_group=self.check_membership, stopping=self._stopping)
         self._http: StatusServer | None = None
@@ -199,7 +198,7 @@ class Worker:
         await self._open_tables(table_sizes)
         self._markers = await self._loop.run_in_executor(
             None, MarkerRoutes.of, self.plan, self.clients.partition_count)
-        topics = self.plan.subscription()
+        topics = self._topics
         await self._producer.start()
         await self.committer.start()
         if self.transactional_id is not None:
