@@ -62,6 +62,8 @@ def test_presets_differ_from_the_default_where_they_say() -> None:
     assert WorkerConfig.low_latency().consumer["fetch.wait.max.ms"] == 5
     assert WorkerConfig.high_throughput().producer["linger.ms"] == 20
     assert WorkerConfig.high_throughput().commit_interval_s == 1.0
+    # Larger fetches cost CPU per record (README, performance): the preset keeps the default.
+    assert WorkerConfig.high_throughput().poll_batch == WorkerConfig().poll_batch == 250
     assert WorkerConfig().with_preset("high_throughput").commit_interval_s == 1.0
     assert WorkerConfig.low_latency(poll_batch=7).poll_batch == 7
 
