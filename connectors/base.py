@@ -31,6 +31,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from streamcore.core.errors import FatalError
+from streamcore.core.logs import BurstLogger
+
 __all__ = [
     "ClientBackend",
     "ConsumerBackend",
@@ -45,6 +48,7 @@ __all__ = [
     "RebalanceListener",
     "TopicPartition",
     "fmt_offsets",
+    "report_consumer_error",
 ]
 
 TopicPartition = tuple[str, int]
@@ -553,3 +557,13 @@ class ClientBackend(ABC):
 def fmt_offsets(offsets: dict[TopicPartition, int]) -> str:
     """"topic[partition]=offset, ..." for logs and errors, in partition order."""
     return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))
+
+
+def report_consumer_error(err: Any, burst: BurstLogger) -> None:
+    """An error a consumer handed back (a served event, or a fetched message's): a fatal one
+    stops the worker (FatalError); any other is logged, the first of a burst per code (the
+    client retries it itself)."""
+    if getattr(err, "fatal", lambda: False)():
+        raise FatalError(f"consumer failed: {err}")
+    code = err.code() if hasattr(err, "code") else err
+    burst.warning(f"consumer:{code}", "consumer: %s", err)

@@ -32,8 +32,9 @@ from connectors.base import (
     RebalanceListener,
     TopicPartition,
     fmt_offsets,
+    report_consumer_error,
 )
-from streamcore.core.errors import FatalError, StreamcoreError
+from streamcore.core.errors import StreamcoreError
 from streamcore.core.logs import BurstLogger
 
 __all__ = ["ThreadedMember"]
@@ -90,10 +91,7 @@ class ThreadedMember(QueuedCommits, GroupMember):
             # max.poll.interval.ms (so the engine still sees the stall: check_membership).
             self.last_served = served_at
             for err in errors:
-                if getattr(err, "fatal", lambda: False)():
-                    raise FatalError(f"consumer failed: {err}")
-                code = err.code() if hasattr(err, "code") else err
-                _burst_log.warning(f"consumer:{code}", "consumer: %s", err)
+                report_consumer_error(err, _burst_log)
 
     def _commit_then_serve(self, commit: dict[TopicPartition, int]) -> tuple[list[Any], float]:
         """Membership thread: the queued commit first, then serve the group; the errors

@@ -22,11 +22,15 @@ import operator
 import time
 from collections.abc import AsyncIterator, Callable
 from itertools import groupby
-from typing import Any
 
-from connectors.base import GroupMember, Message, ProducerBackend, TopicPartition
+from connectors.base import (
+    GroupMember,
+    Message,
+    ProducerBackend,
+    TopicPartition,
+    report_consumer_error,
+)
 from streamcore.core.clock import Clock
-from streamcore.core.errors import FatalError
 from streamcore.core.logs import BurstLogger
 from streamcore.runtime.partition import PartitionTask
 
@@ -118,7 +122,7 @@ class Fetcher:
         if any([m.error() is not None for m in msgs]):  # rare: report and drop them
             for m in msgs:
                 if m.error() is not None:
-                    _consumer_error(m.error())
+                    report_consumer_error(m.error(), _burst_log)
             msgs = [m for m in msgs if m.error() is None]
         # A fetch holds runs of consecutive messages of one partition; groupby splits them
         # in C, which matters because this runs once per input record. With one topic the
@@ -129,13 +133,6 @@ class Fetcher:
             if task is not None:
                 task.offer(handed_at, list(run))
         self.records_in += len(msgs)
-
-
-def _consumer_error(err: Any) -> None:
-    fatal = getattr(err, "fatal", lambda: False)()
-    if fatal:
-        raise FatalError(f"consumer failed: {err}")
-    _burst_log.warning(f"consumer:{getattr(err, 'code', lambda: err)()}", "consumer: %s", err)
 
 
 _PARTITION = operator.methodcaller("partition")
