@@ -7,7 +7,9 @@ defects), and the consumer's position moves on past them. A partition task hands
 of such a topic to its :class:`GapCheck` before taking it: the records before the first
 offset missing are taken, the rest of that fetch is dropped, and the partition is read again
 from that offset. The same offsets missing through :data:`GAP_READS` reads are a real gap
-(taken, so that a partition never stalls).
+(taken, so that a partition never stalls). A task's first batch has no batch before it: it
+must begin where the reader started, at the group's committed offset (``start``; unknown
+without a commit, and then unchecked).
 
 All of it runs on the event loop thread, once per batch: one comparison on the hot path.
 """
@@ -31,12 +33,14 @@ GAP_READS = 5
 
 class GapCheck:
     """The gap check of one partition. ``read_again(tp, offset)`` seeks the partition back
-    (the worker's fetch goes on from there)."""
+    (the worker's fetch goes on from there); ``start`` is the offset its reading began at,
+    if known."""
 
-    def __init__(self, tp: TopicPartition,
-                 read_again: Callable[[TopicPartition, int], None]) -> None:
+    def __init__(self, tp: TopicPartition, read_again: Callable[[TopicPartition, int], None],
+                 *, start: int | None = None) -> None:
         self.tp = tp
         self._read_again = read_again
+        self._start = start
         self._gap_at = -1  # the first offset passed over, as last read again
         self._gap_reads = 0  # how often it was read again
         self._gap_fetch: float | None = None  # the fetch that passed over it (handed_at)
@@ -45,6 +49,9 @@ class GapCheck:
         """The records of msgs to take after offset offered (-1: none taken yet): all of
         them unless offsets are skipped before or within the batch."""
         first, last = msgs[0].offset(), msgs[-1].offset()
+        if offered < 0 and self._start is not None and first is not None and \
+                first > self._start:
+            offered = self._start - 1  # the first batch: offsets from start passed over
         if first is None or last is None or (
                 last - first + 1 == len(msgs) and (offered < 0 or offered == first - 1)):
             return msgs

@@ -93,7 +93,7 @@ class PartitionTask:
         on_txn_failed: Callable[[BaseException], None] | None = None,
         event_time: EventTime | None = None,
         in_group: Callable[[], bool] | None = None,
-        read_again: Callable[[TopicPartition, int], None] | None = None,
+        gaps: GapCheck | None = None,
     ) -> None:
         self.tp = tp
         self.state = TaskState.CREATED
@@ -151,7 +151,7 @@ class PartitionTask:
         # A topic whose offsets have no gaps (a repartition topic in continuous mode): a
         # fetch that skips offsets passed records over (a local-broker defect, README), and
         # the task has them read again rather than lose them.
-        self._gaps = None if read_again is None else GapCheck(tp, read_again)
+        self._gaps = gaps
 
     # -- lifecycle -----------------------------------------------------------------------
     def _open_state(self, step: str, dumps: Callable[[Any], bytes],

@@ -45,6 +45,7 @@ from streamcore.runtime.commits import CommitProtocol, ContinuousCommits
 from streamcore.runtime.epochs import EpochCommits, transactional_id
 from streamcore.runtime.eventtime import EventTime, MarkerRoutes
 from streamcore.runtime.fetching import Fetcher
+from streamcore.runtime.gaps import GapCheck
 from streamcore.runtime.partition import PartitionTask, TaskState
 from streamcore.runtime.progress import LatencyHistogram
 from streamcore.runtime.state import PartitionStores
@@ -269,6 +270,7 @@ class Worker:
         self.rebalances += 1
         self.fetcher.quiet_from_now()
         log.info("assigned %s", _fmt(parts))
+        starts = await self._committed_starts(parts)
         for tp in parts:
             task = PartitionTask(
                 tp, self.plan, self.plan.source_for_topic(tp[0]),
@@ -285,7 +287,8 @@ class Worker:
                 on_txn_failed=self.committer.txn_failed
                 if isinstance(self.committer, EpochCommits) else None,
                 event_time=self._event_time(tp), in_group=self.check_membership,
-                read_again=self._read_again if self._without_gaps(tp[0]) else None)
+                gaps=GapCheck(tp, self._read_again, start=starts.get(tp))
+                if self._without_gaps(tp[0]) else None)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
@@ -295,6 +298,22 @@ class Worker:
         mode (written without transactions, never compacted). Epoch mode writes it in
         transactions, whose markers take offsets."""
         return not self._epochs and self.plan.source_for_topic(topic).kind == OpKind.REPARTITION
+
+    async def _committed_starts(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where the reader starts each new partition of a topic without gaps: the group's
+        committed offset, which its task's first batch must begin at (no commit: unknown,
+        and the first batch is not checked)."""
+        checked = [tp for tp in parts if self._without_gaps(tp[0])]
+        if not checked:
+            return {}
+        try:
+            done = await asyncio.get_running_loop().run_in_executor(
+                None, self.clients.committed_offsets, self.group, checked)
+        except (StreamcoreError, NotImplementedError) as exc:
+            log.warning("the first fetch of %s is not checked for passed-over records: "
+                        "%s", _fmt(checked), exc)
+            return {}
+        return {tp: offset for tp, offset in done.items() if offset >= 0}
 
     def _read_again(self, tp: TopicPartition, offset: int) -> None:
         self.gaps_read_again += 1

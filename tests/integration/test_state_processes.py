@@ -145,3 +145,30 @@ def test_records_a_fetch_passes_over_are_read_again(bootstrap: str, tmp_path: Pa
         stop_gracefully(w)
     assert "the fetch passed over offsets 150 to 152" in w.log()
     assert final == _expected(4400)
+
+
+@CLIENTS
+def test_records_the_first_fetch_after_a_restart_passes_over_are_read_again(
+        bootstrap: str, tmp_path: Path, client: str) -> None:
+    """A task's first batch has no batch before it to compare with: the worker reads the
+    group's committed offsets at the assignment, and a first batch that begins after them
+    passed records over (PASS_OVER_FIRST, tests/jobs/stateful.py, in the restarted worker:
+    three records at the start of each repartition partition's first fetch). Without the
+    check, 3 records per partition are lost."""
+    src, out, name = unique("gap1-in"), unique("gap1-out"), unique("gap1")
+    make_topics(bootstrap, src, out)
+    env = {"IN": src, "OUT": out, "JOB": name, "STREAMCORE_CLIENT": client,
+           "STREAMCORE_STATE_DIR": str(tmp_path / "state")}
+    with worker_process("stateful.py", bootstrap, env) as w:
+        w.wait_for("assigned")
+        produce(bootstrap, src, ((None, {"seq": s}, s % 4) for s in range(2000)))
+        assert _final(bootstrap, out, 2000) == _expected(2000)
+        stop_gracefully(w)  # every repartition partition committed above 0
+    with worker_process("stateful.py", bootstrap, {**env, "PASS_OVER_FIRST": "3"}) as w:
+        w.wait_for("assigned")
+        produce(bootstrap, src, ((None, {"seq": s}, s % 4) for s in range(2000, 4000)))
+        w.wait_for("passed over on purpose", times=4)
+        assert _final(bootstrap, out, 4000) == _expected(4000)
+        assert w.metric("streamcore_fetch_gaps_total") == 4  # each read again once
+        stop_gracefully(w)
+    assert "the fetch passed over offsets" in w.log()

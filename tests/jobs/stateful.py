@@ -13,6 +13,9 @@ PASS_OVER=N: the local broker's defect of a fetch that passes records over (READ
 broker"), made to happen: in each repartition partition, the first batch taken that holds offset N
 is handed over without N, N+1 and N+2 (the records stay in the log), and the first taken that
 holds offset 2N without 2N and the rest of that batch, so that the next batch starts after a gap.
+PASS_OVER_FIRST=N: the same defect at a task's first fetch after a restart: in each repartition
+partition, the first batch a task takes from a committed offset (above 0) is handed over
+without its first N records, so that it begins after a gap.
 """
 
 import os
@@ -66,6 +69,28 @@ if os.environ.get("PASS_OVER"):
         _offer(self, handed_at, msgs)
 
     partition.PartitionTask.offer = _offer_passing_over  # type: ignore[method-assign]
+
+if os.environ.get("PASS_OVER_FIRST"):
+    from connectors.base import Message
+    from streamcore.runtime import partition
+
+    _first = int(os.environ["PASS_OVER_FIRST"])
+    _started: set[tuple[str, int]] = set()  # partitions whose first batch passed records over
+    _offer_first = partition.PartitionTask.offer
+
+    def _offer_passing_over_first(self: partition.PartitionTask, handed_at: float,
+                                  msgs: list[Message]) -> None:
+        if (self.tp[0].endswith("-repartition") and self.tp not in _started
+                and self._offered < 0 and (msgs[0].offset() or 0) > 0):
+            _started.add(self.tp)
+            print(f"passed over on purpose: {self.tp} from {msgs[0].offset()}",
+                  file=sys.stderr, flush=True)
+            msgs = msgs[_first:]
+            if not msgs:
+                return  # the whole fetch passed over
+        _offer_first(self, handed_at, msgs)
+
+    partition.PartitionTask.offer = _offer_passing_over_first  # type: ignore[method-assign]
 
 worker = os.environ.get("WORKER_ID")  # set: each aggregate also names who computed it
 

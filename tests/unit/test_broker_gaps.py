@@ -26,6 +26,25 @@ def test_records_a_fetch_passed_over_in_a_repartition_topic_are_read_again() -> 
         assert d.worker.gaps_read_again == 1
 
 
+def test_records_the_first_fetch_after_a_restart_passed_over_are_read_again() -> None:
+    """A task's first fetch has no batch before it to compare with: it must begin at the
+    group's committed offset, where the reader started."""
+    with TestDriver(totals_job("gaps")) as d:
+        d.send("in", {"user": "a", "amount": 1}, key="a")
+        d.commit()
+        assert d.committed("gaps-per-user-repartition") == {0: 1}
+        d.crash()
+        # The restarted worker's first fetch of the repartition partition passes over the
+        # first two records written after the restart.
+        d.cluster.serve_gap("gaps-per-user-repartition", 0, 2)
+        d.send_many("in", [{"user": "a", "amount": n} for n in (10, 100, 1000)])
+        d.advance_time("1s")
+        assert [r.value for r in d.read("out")] == [1, 11, 111, 1111]
+        assert d.store("per-user")["a"] == 1111
+        assert d.committed("gaps-per-user-repartition") == {0: 4}
+        assert d.worker.gaps_read_again == 1
+
+
 def test_records_passed_over_within_a_fetch_are_read_again() -> None:
     """The fetch returns records on both sides of those it passed over."""
     with TestDriver(totals_job("gaps")) as d:
