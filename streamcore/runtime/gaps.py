@@ -40,7 +40,7 @@ class GapCheck:
                  *, start: int | None = None) -> None:
         self.tp = tp
         self._read_again = read_again
-        self._start = start
+        self.start = start
         self._gap_at = -1  # the first offset passed over, as last read again
         self._gap_reads = 0  # how often it was read again
         self._gap_fetch: float | None = None  # the fetch that passed over it (handed_at)
@@ -49,9 +49,9 @@ class GapCheck:
         """The records of msgs to take after offset offered (-1: none taken yet): all of
         them unless offsets are skipped before or within the batch."""
         first, last = msgs[0].offset(), msgs[-1].offset()
-        if offered < 0 and self._start is not None and first is not None and \
-                first > self._start:
-            offered = self._start - 1  # the first batch: offsets from start passed over
+        if offered < 0 and self.start is not None and first is not None and \
+                first > self.start:
+            offered = self.start - 1  # the first batch: offsets from start passed over
         if first is None or last is None or (
                 last - first + 1 == len(msgs) and (offered < 0 or offered == first - 1)):
             return msgs

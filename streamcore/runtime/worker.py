@@ -270,7 +270,7 @@ class Worker:
         self.rebalances += 1
         self.fetcher.quiet_from_now()
         log.info("assigned %s", _fmt(parts))
-        starts = await self._committed_starts(parts)
+        checks: dict[TopicPartition, GapCheck] = {}
         for tp in parts:
             task = PartitionTask(
                 tp, self.plan, self.plan.source_for_topic(tp[0]),
@@ -287,11 +287,16 @@ class Worker:
                 on_txn_failed=self.committer.txn_failed
                 if isinstance(self.committer, EpochCommits) else None,
                 event_time=self._event_time(tp), in_group=self.check_membership,
-                gaps=GapCheck(tp, self._read_again, start=starts.get(tp))
+                gaps=checks.setdefault(tp, GapCheck(tp, self._read_again))
                 if self._without_gaps(tp[0]) else None)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
+        # The tasks exist before this first await: a fetch that runs meanwhile finds them.
+        # Where their reading starts is known once the lookup returns; a batch taken before
+        # that (aiokafka can fetch while this runs) is not checked, as without a commit.
+        for tp, offset in (await self._committed_starts(list(checks))).items():
+            checks[tp].start = offset
 
     def _without_gaps(self, topic: str) -> bool:
         """A topic whose offsets have no gaps on Kafka: a repartition topic in continuous
@@ -300,10 +305,10 @@ class Worker:
         return not self._epochs and self.plan.source_for_topic(topic).kind == OpKind.REPARTITION
 
     async def _committed_starts(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
-        """Where the reader starts each new partition of a topic without gaps: the group's
-        committed offset, which its task's first batch must begin at (no commit: unknown,
-        and the first batch is not checked)."""
-        checked = [tp for tp in parts if self._without_gaps(tp[0])]
+        """Where the reader starts each of parts (new partitions of a topic without gaps):
+        the group's committed offset, which its task's first batch must begin at (no commit:
+        unknown, and the first batch is not checked)."""
+        checked = parts
         if not checked:
             return {}
         try:
