@@ -33,14 +33,14 @@ GAP_READS = 5
 
 class GapCheck:
     """The gap check of one partition. ``read_again(tp, offset)`` seeks the partition back
-    (the worker's fetch goes on from there); ``start`` is the offset its reading began at,
-    if known."""
+    (the worker's fetch goes on from there)."""
 
-    def __init__(self, tp: TopicPartition, read_again: Callable[[TopicPartition, int], None],
-                 *, start: int | None = None) -> None:
+    def __init__(self, tp: TopicPartition,
+                 read_again: Callable[[TopicPartition, int], None]) -> None:
         self.tp = tp
         self._read_again = read_again
-        self.start = start
+        # The offset reading began at (the group's commit), once the worker has read it.
+        self.start: int | None = None
         self._gap_at = -1  # the first offset passed over, as last read again
         self._gap_reads = 0  # how often it was read again
         self._gap_fetch: float | None = None  # the fetch that passed over it (handed_at)

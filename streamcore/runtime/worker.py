@@ -287,8 +287,7 @@ class Worker:
                 on_txn_failed=self.committer.txn_failed
                 if isinstance(self.committer, EpochCommits) else None,
                 event_time=self._event_time(tp), in_group=self.check_membership,
-                gaps=checks.setdefault(tp, GapCheck(tp, self._read_again))
-                if self._without_gaps(tp[0]) else None)
+                gaps=self._gap_check(tp, checks))
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
@@ -304,19 +303,26 @@ class Worker:
         transactions, whose markers take offsets."""
         return not self._epochs and self.plan.source_for_topic(topic).kind == OpKind.REPARTITION
 
+    def _gap_check(self, tp: TopicPartition,
+                   checks: dict[TopicPartition, GapCheck]) -> GapCheck | None:
+        """tp's gap check if its topic has no gaps, kept in checks for its start."""
+        if not self._without_gaps(tp[0]):
+            return None
+        checks[tp] = GapCheck(tp, self._read_again)
+        return checks[tp]
+
     async def _committed_starts(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
         """Where the reader starts each of parts (new partitions of a topic without gaps):
         the group's committed offset, which its task's first batch must begin at (no commit:
         unknown, and the first batch is not checked)."""
-        checked = parts
-        if not checked:
+        if not parts:
             return {}
         try:
             done = await asyncio.get_running_loop().run_in_executor(
-                None, self.clients.committed_offsets, self.group, checked)
+                None, self.clients.committed_offsets, self.group, parts)
         except (StreamcoreError, NotImplementedError) as exc:
             log.warning("the first fetch of %s is not checked for passed-over records: "
-                        "%s", _fmt(checked), exc)
+                        "%s", _fmt(parts), exc)
             return {}
         return {tp: offset for tp, offset in done.items() if offset >= 0}
 

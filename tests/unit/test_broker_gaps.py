@@ -12,18 +12,23 @@ from streamcore.testing import TestDriver
 from tests.unit.test_driver import _totals_job as totals_job
 
 
+def _three_more_read_again(d: TestDriver) -> None:
+    """After a 1 for "a" and a gap to come: three more records, all of them taken."""
+    d.send_many("in", [{"user": "a", "amount": n} for n in (10, 100, 1000)])
+    d.advance_time("1s")
+    assert [r.value for r in d.read("out")] == [1, 11, 111, 1111]
+    assert d.store("per-user")["a"] == 1111
+    assert d.committed("gaps-per-user-repartition") == {0: 4}
+    assert d.worker.gaps_read_again == 1
+
+
 def test_records_a_fetch_passed_over_in_a_repartition_topic_are_read_again() -> None:
     with TestDriver(totals_job("gaps")) as d:
         d.send("in", {"user": "a", "amount": 1}, key="a")
         # The next two records written to the repartition topic are passed over by the
         # first fetch that returns a record after them.
         d.cluster.serve_gap("gaps-per-user-repartition", 0, 2)
-        d.send_many("in", [{"user": "a", "amount": n} for n in (10, 100, 1000)])
-        d.advance_time("1s")
-        assert [r.value for r in d.read("out")] == [1, 11, 111, 1111]
-        assert d.store("per-user")["a"] == 1111
-        assert d.committed("gaps-per-user-repartition") == {0: 4}
-        assert d.worker.gaps_read_again == 1
+        _three_more_read_again(d)
 
 
 def test_records_the_first_fetch_after_a_restart_passed_over_are_read_again() -> None:
@@ -37,12 +42,7 @@ def test_records_the_first_fetch_after_a_restart_passed_over_are_read_again() ->
         # The restarted worker's first fetch of the repartition partition passes over the
         # first two records written after the restart.
         d.cluster.serve_gap("gaps-per-user-repartition", 0, 2)
-        d.send_many("in", [{"user": "a", "amount": n} for n in (10, 100, 1000)])
-        d.advance_time("1s")
-        assert [r.value for r in d.read("out")] == [1, 11, 111, 1111]
-        assert d.store("per-user")["a"] == 1111
-        assert d.committed("gaps-per-user-repartition") == {0: 4}
-        assert d.worker.gaps_read_again == 1
+        _three_more_read_again(d)
 
 
 def test_records_passed_over_within_a_fetch_are_read_again() -> None:
