@@ -164,8 +164,9 @@ def test_records_the_first_fetch_after_a_restart_passes_over_are_read_again(
         produce(bootstrap, src, ((None, {"seq": s}, s % 4) for s in range(2000)))
         assert _final(bootstrap, out, 2000) == _expected(2000)
         stop_gracefully(w)  # every repartition partition committed above 0
-    with worker_process("stateful.py", bootstrap, {**env, "PASS_OVER_FIRST": "3"}) as w:
-        w.wait_for("assigned")
+    with worker_process("stateful.py", bootstrap, {**env, "PASS_OVER_FIRST": "3",
+                                                           "SLOW_LOOKUP": "3"}) as w:
+        w.wait_for("held on purpose")
         produce(bootstrap, src, ((None, {"seq": s}, s % 4) for s in range(2000, 4000)))
         w.wait_for("passed over on purpose", times=4)
         assert _final(bootstrap, out, 4000) == _expected(4000)

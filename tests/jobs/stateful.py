@@ -16,6 +16,9 @@ holds offset 2N without 2N and the rest of that batch, so that the next batch st
 PASS_OVER_FIRST=N: the same defect at a task's first fetch after a restart: in each repartition
 partition, the first batch a task takes from a committed offset (above 0) is handed over
 without its first N records, so that it begins after a gap.
+SLOW_LOOKUP=S: the worker's lookup of the committed offsets at an assignment (where each
+repartition partition's reading begins) takes S seconds more, as on a slow coordinator; with
+aiokafka, records of the new partitions are fetched meanwhile.
 """
 
 import os
@@ -91,6 +94,23 @@ if os.environ.get("PASS_OVER_FIRST"):
         _offer_first(self, handed_at, msgs)
 
     partition.PartitionTask.offer = _offer_passing_over_first  # type: ignore[method-assign]
+
+if os.environ.get("SLOW_LOOKUP"):
+    import asyncio
+
+    from streamcore.runtime import worker as worker_module
+
+    _lookup = worker_module.Worker._committed_starts
+
+    async def _slow_lookup(self: worker_module.Worker,
+                           parts: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        if parts:
+            print(f"lookup of {len(parts)} partitions held on purpose", file=sys.stderr,
+                  flush=True)
+            await asyncio.sleep(float(os.environ["SLOW_LOOKUP"]))
+        return await _lookup(self, parts)
+
+    worker_module.Worker._committed_starts = _slow_lookup  # type: ignore[method-assign]
 
 worker = os.environ.get("WORKER_ID")  # set: each aggregate also names who computed it
 
