@@ -43,6 +43,7 @@ from streamcore.runtime.gaps import GapCheck
 from streamcore.runtime.operators import compile_chain
 from streamcore.runtime.policies import RecordErrors
 from streamcore.runtime.progress import LatencyHistogram
+from streamcore.runtime.records import RecordRunner
 from streamcore.runtime.state import PartitionStores
 from streamcore.runtime.tracking import Batch, OffsetTracker
 
@@ -112,9 +113,10 @@ class PartitionTask:
         try:
             built: dict[int, Emit] = {}  # node id -> closure, shared by both compiles
             self._chain = compile_chain(plan, source, self.ctx, built=built)
-            self._batched = BatchRunner(BatchedChain(plan, source, self.ctx, built), self.ctx,
-                                        self._record_failed, lambda: self._closing) \
-                if batch_execution else None
+            self._runner: BatchRunner | RecordRunner = BatchRunner(
+                BatchedChain(plan, source, self.ctx, built), self.ctx, self._record_failed,
+                lambda: self._closing) if batch_execution else \
+                RecordRunner(self._chain, self.ctx, self._record_failed, lambda: self._closing)
         except BaseException:
             self.close_stores()
             raise
@@ -427,7 +429,6 @@ class PartitionTask:
     async def _process_inbox(self) -> None:
         inbox = self._inbox
         ctx = self.ctx
-        chain = self._chain
         vde = self._spec.value.deserialize
         # Keys that stay bytes need no call per record.
         kde = None if self._spec.key in (BYTES, KEY) else self._spec.key.deserialize
@@ -470,50 +471,11 @@ class PartitionTask:
                         continue
                     msgs = data
             try:
-                if self._batched is not None:
-                    kept = await self._batched.take(msgs, batch, vde, kde, ts_of)
-                    if kept < len(msgs):  # stopping: the rest of the batch is the next owner's
-                        self._queued -= len(msgs) - kept
-                        msgs = msgs[:kept]
-                        kept_all = False
-                for m in msgs if self._batched is None else ():
-                    ctx.msg = m
-                    # try costs nothing until something raises (Python 3.11).
-                    try:
-                        raw = m.value()
-                        try:
-                            value = None if raw is None else vde(raw)
-                            key = m.key()
-                            if kde is not None and key is not None:
-                                key = kde(key)
-                        except Exception as exc:
-                            raise StepFailed("deserialize", None, exc) from exc
-                        if ts_of is None:
-                            ts = m.timestamp()[1]
-                        else:
-                            try:
-                                ts = ts_of(value)
-                            except Exception as exc:
-                                raise StepFailed("timestamp", None, exc) from exc
-                        chain(key, value, ts)
-                    except StepFailed as failed:
-                        self._record_failed(m, failed)
-                    except Exception:
-                        # Fatal (a delivery the client refused): nothing from this record on is
-                        # done; everything before it is, once its outputs are acknowledged.
-                        batch.seal((m.offset() or 0) - 1)
-                        raise
-                    if ctx.blocked:
-                        await ctx.wait_unblocked()
-                        ctx.batch = batch
-                        if self._closing and m is not msgs[-1]:
-                            # Stopping: the rest of this batch is the next owner's (found by
-                            # identity here, off the hot path, rather than enumerate per record).
-                            kept = next(i for i, x in enumerate(msgs) if x is m) + 1
-                            self._queued -= len(msgs) - kept
-                            msgs = msgs[:kept]
-                            kept_all = False
-                            break
+                kept = await self._runner.take(msgs, batch, vde, kde, ts_of)
+                if kept < len(msgs):  # stopping: the rest of the batch is the next owner's
+                    self._queued -= len(msgs) - kept
+                    msgs = msgs[:kept]
+                    kept_all = False
             except TransactionAborted as exc:
                 if self._on_txn_failed is None:
                     raise

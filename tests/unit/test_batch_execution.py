@@ -275,14 +275,16 @@ def test_the_fast_produce_path_stops_the_batch_at_a_refused_record() -> None:
     assert batch.pending == 2 and counter.n == 2  # one sent, one refused: never acknowledged
 
 
+@pytest.mark.parametrize("batch", [True, False])
 @pytest.mark.parametrize("tail", ["aggregate", "map"])
 def test_a_task_stopping_while_the_producer_queue_is_full_loses_and_repeats_nothing(
-        tail: str) -> None:
+        tail: str, batch: bool) -> None:
     """SIGTERM while a batch waits for room in the producer's queue (a slow broker). A
     stateless batch may leave its rest to the next owner; a fused aggregate has already
     updated the state of its whole head, so it writes all of it before it stops. Either way
-    each output comes once, and the state after the restart is that of each record once."""
-    job = Job("stop", config=WorkerConfig(batch_execution=True))
+    each output comes once, and the state after the restart is that of each record once.
+    Record-at-a-time execution leaves the rest of the batch after the record it waited at."""
+    job = Job("stop", config=WorkerConfig(batch_execution=batch))
     s = job.stream(KafkaSource("in", key=STR, value=JSON))
     out = KafkaSink("out", key=STR, value=JSON)
     if tail == "aggregate":
