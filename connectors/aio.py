@@ -189,7 +189,8 @@ class AioMember(QueuedCommits, GroupMember):
     """A group member on aiokafka. aiokafka keeps the group itself (heartbeats, rebalances)
     in its own coroutines; :meth:`run` sends the queued commits. aiokafka never returns a
     record across a rebalance (getmany waits for the new assignment), which is the ordering
-    :class:`~connectors.base.GroupMember` promises."""
+    :class:`~connectors.base.GroupMember` promises; new partitions are paused while the
+    engine's listener takes them (:meth:`assign`)."""
 
     def __init__(self, bootstrap: str, group: str, settings: Mapping[str, Any]) -> None:
         super().__init__()
@@ -250,10 +251,21 @@ class AioMember(QueuedCommits, GroupMember):
         assert self._listener is not None
         new = [tp for tp in parts if tp not in self._assigned]
         c = self._consumer
-        for t, p in new:  # a "latest" source's partition without a commit starts at its end
-            if self._start_at_end(t) and await c.committed(ATP(t, p)) is None:
-                await c.seek_to_end(ATP(t, p))
-        await self._listener.assigned(new)
+        # aiokafka has the new assignment in effect before it calls its listener, and fetches
+        # meanwhile; the engine has no task for these partitions until assigned() returns and
+        # would drop their records. Paused, what aiokafka fetched of them is discarded
+        # (its position stays) and fetched again after the resume.
+        fresh = [ATP(t, p) for t, p in new]
+        if fresh:
+            c.pause(*fresh)
+        try:
+            for t, p in new:  # a "latest" source's partition without a commit starts at its end
+                if self._start_at_end(t) and await c.committed(ATP(t, p)) is None:
+                    await c.seek_to_end(ATP(t, p))
+            await self._listener.assigned(new)
+        finally:
+            if fresh:
+                c.resume(*self._still_assigned(new))
         self._assigned.update(new)
         self._stalled = False  # joined again: the group is served
         self.last_served = time.monotonic()

@@ -9,9 +9,7 @@ offset missing are taken, the rest of that fetch is dropped, and the partition i
 from that offset. The same offsets missing through :data:`GAP_READS` reads are a real gap
 (taken, so that a partition never stalls). A task's first batch has no batch before it: it
 must begin where the reader started, at the group's committed offset (``start``; unknown
-without a commit, and then unchecked). The worker looks that offset up at the assignment;
-batches that arrive before the answer (aiokafka fetches while it waits) are held until it
-comes (:meth:`GapCheck.hold`, :meth:`GapCheck.began`), so that the first is checked too.
+without a commit, and then unchecked).
 
 All of it runs on the event loop thread, once per batch: one comparison on the hot path.
 """
@@ -43,26 +41,9 @@ class GapCheck:
         self._read_again = read_again
         # The offset reading began at (the group's commit), once the worker has read it.
         self.start: int | None = None
-        # Batches that came before the start was known (None: it is known now).
-        self.held: list[tuple[float, list[Message]]] | None = []
-        self.reads_again = 0  # how often a fetch was read again, in all
         self._gap_at = -1  # the first offset passed over, as last read again
         self._gap_reads = 0  # how often it was read again
         self._gap_fetch: float | None = None  # the fetch that passed over it (handed_at)
-
-    def hold(self, handed_at: float, msgs: list[Message]) -> bool:
-        """True if msgs are held: the start is not known yet."""
-        if self.held is None:
-            return False
-        self.held.append((handed_at, msgs))
-        return True
-
-    def began(self, start: int | None) -> list[tuple[float, list[Message]]]:
-        """The start is known (None: no commit, or the lookup failed): the batches held until
-        now, in their order, to take."""
-        self.start = start
-        held, self.held = self.held or [], None
-        return held
 
     def take(self, offered: int, handed_at: float, msgs: list[Message]) -> list[Message]:
         """The records of msgs to take after offset offered (-1: none taken yet): all of
@@ -95,7 +76,6 @@ class GapCheck:
                                found - 1, GAP_READS)
             return False
         self._gap_reads += 1
-        self.reads_again += 1
         self._gap_fetch = handed_at
         _burst_log.warning(f"gap:{self.tp}", "partition %s[%d]: the fetch passed over "
                            "offsets %d to %d; reading again from %d", *self.tp, at,

@@ -153,7 +153,7 @@ class PartitionTask:
         # A topic whose offsets have no gaps (a repartition topic in continuous mode): a
         # fetch that skips offsets passed records over (a local-broker defect, README), and
         # the task has them read again rather than lose them.
-        self.gaps = gaps
+        self._gaps = gaps
 
     # -- lifecycle -----------------------------------------------------------------------
     def _open_state(self, step: str, dumps: Callable[[Any], bytes],
@@ -334,9 +334,6 @@ class PartitionTask:
     def offer(self, handed_at: float, msgs: list[Message]) -> None:
         if self.state not in (TaskState.RESTORING, TaskState.RUNNING):
             return  # revoked or closing: the next owner reads these again
-        if self.gaps is not None and self.gaps.hold(handed_at, msgs):
-            self._count_in(len(msgs))  # taken when the worker knows where reading began
-            return
         first = msgs[0].offset()
         if first is not None and first <= self._offered:
             # A stale fetch (from before a revoke) or a client fault: taking it would process
@@ -344,8 +341,8 @@ class PartitionTask:
             _burst_log.warning(f"order:{self.tp}", "partition %s[%d]: dropped a batch at "
                                "offset %d, not after %d", *self.tp, first, self._offered)
             return
-        if self.gaps is not None:
-            msgs = self.gaps.take(self._offered, handed_at, msgs)
+        if self._gaps is not None:
+            msgs = self._gaps.take(self._offered, handed_at, msgs)
             if not msgs:
                 return
         last = msgs[-1].offset()
@@ -353,27 +350,11 @@ class PartitionTask:
             self.start_offset = first
         self._offered = last if last is not None else self._offered
         self._inbox.append((handed_at, msgs))
-        self._count_in(len(msgs))
+        self._queued += len(msgs)
         self._wakeup.set()
-
-    def _count_in(self, n: int) -> None:
-        self._queued += n
         if not self.paused and self._queued >= self._high:
             self.paused = True
             self._pause(self.tp)
-
-    def reading_began(self, start: int | None) -> None:
-        """Where the reading of this partition began is known (the group's committed offset;
-        None: unknown): its gap check takes the batches held until now. Once one of them is
-        read again, the rest are dropped: the read again fetches them anew."""
-        assert self.gaps is not None
-        held = self.gaps.began(start)
-        self._queued -= sum(len(msgs) for _, msgs in held)
-        reads = self.gaps.reads_again
-        for handed_at, msgs in held:
-            self.offer(handed_at, msgs)
-            if self.gaps.reads_again != reads:
-                break
 
     @property
     def queued(self) -> int:
@@ -625,8 +606,6 @@ class PartitionTask:
     def _drop_inbox(self) -> None:
         """Forget queued records: they are not done, so their offsets are not committed."""
         self._inbox.clear()
-        if self.gaps is not None and self.gaps.held:
-            self.gaps.held.clear()
         self._queued = 0
 
     def _on_failed(self, failed: StepFailed) -> None:

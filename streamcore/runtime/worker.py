@@ -270,7 +270,7 @@ class Worker:
         self.rebalances += 1
         self.fetcher.quiet_from_now()
         log.info("assigned %s", _fmt(parts))
-        checked: list[PartitionTask] = []  # tasks whose first batch waits for its start
+        checks: dict[TopicPartition, GapCheck] = {}
         for tp in parts:
             task = PartitionTask(
                 tp, self.plan, self.plan.source_for_topic(tp[0]),
@@ -287,26 +287,29 @@ class Worker:
                 on_txn_failed=self.committer.txn_failed
                 if isinstance(self.committer, EpochCommits) else None,
                 event_time=self._event_time(tp), in_group=self.check_membership,
-                gaps=GapCheck(tp, self._read_again) if self._without_gaps(tp[0]) else None)
-            if task.gaps is not None:
-                checked.append(task)
+                gaps=self._gap_check(tp, checks))
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
-        # The tasks exist before this first await: a fetch that runs meanwhile (aiokafka's
-        # can) finds them, and their gap checks hold its batches until the lookup returns.
-        starts: dict[TopicPartition, int] = {}
-        try:
-            starts = await self._committed_starts([task.tp for task in checked])
-        finally:  # whatever happens, no task holds its batches for ever
-            for task in checked:
-                task.reading_began(starts.get(task.tp))
+        # No record of these partitions is fetched before this returns (the member's
+        # contract: aiokafka's pauses them meanwhile), so the lookup sets each start before
+        # the first batch.
+        for tp, offset in (await self._committed_starts(list(checks))).items():
+            checks[tp].start = offset
 
     def _without_gaps(self, topic: str) -> bool:
         """A topic whose offsets have no gaps on Kafka: a repartition topic in continuous
         mode (written without transactions, never compacted). Epoch mode writes it in
         transactions, whose markers take offsets."""
         return not self._epochs and self.plan.source_for_topic(topic).kind == OpKind.REPARTITION
+
+    def _gap_check(self, tp: TopicPartition,
+                   checks: dict[TopicPartition, GapCheck]) -> GapCheck | None:
+        """tp's gap check if its topic has no gaps, kept in checks for its start."""
+        if not self._without_gaps(tp[0]):
+            return None
+        checks[tp] = GapCheck(tp, self._read_again)
+        return checks[tp]
 
     async def _committed_starts(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
         """Where the reader starts each of parts (new partitions of a topic without gaps):

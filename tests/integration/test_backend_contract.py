@@ -162,6 +162,52 @@ async def test_a_member_reads_from_committed_offsets_and_commits_on_revoke(
     assert sorted((m.partition(), m.offset()) for m in rest) == [(0, i) for i in range(4, 10)]
 
 
+class _SlowToAssign(_Recorder):
+    """A listener that takes a second to take new partitions (the engine creates their tasks
+    and looks up where their reading begins)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.returned = False
+
+    async def assigned(self, parts: list[TopicPartition]) -> None:
+        await super().assigned(parts)
+        if parts:
+            await asyncio.sleep(1.0)
+            self.returned = True
+
+
+async def test_no_record_of_a_new_partition_is_fetched_before_assigned_returns(
+        clients: ClientBackend) -> None:
+    """connectors.base.RebalanceListener.assigned: the engine drops records of a partition
+    it has no task for, so a record fetched before the task exists would be lost. aiokafka
+    fetches the new partitions while its listener runs; its member pauses them until then."""
+    topic, group = unique("slow-assign"), unique("g")
+    clients.create_topics({topic: 2}, {})
+    for partition in (0, 1):
+        await _produce(clients, topic, [(None, b"%d" % i) for i in range(10)], partition)
+    listener = _SlowToAssign()
+    c = clients.consumer(group)
+    await c.join([topic], listener)
+    got: list[Message] = []
+    early: list[Message] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            serving = tg.create_task(c.run())
+            deadline = time.monotonic() + 60
+            while len(got) < 20 and time.monotonic() < deadline:
+                msgs = [m for m in await c.fetch(100, 0.1) if m.error() is None]
+                if not listener.returned:
+                    early.extend(msgs)
+                got.extend(msgs)
+            serving.cancel()
+    finally:
+        await c.close()
+    assert [(m.partition(), m.offset()) for m in early] == []
+    assert sorted((m.partition(), m.offset()) for m in got) == \
+        [(p, o) for p in (0, 1) for o in range(10)]
+
+
 async def test_queued_commits_are_sent_by_the_service_and_forgotten_on_request(
         clients: ClientBackend) -> None:
     topic, group = unique("queued"), unique("g")

@@ -70,31 +70,3 @@ def test_a_gap_that_stays_is_taken_after_the_reads_again() -> None:
         assert [r.value for r in d.read("out")] == [1, 101]
         assert d.committed("gaps-per-user-repartition") == {0: 3}
         assert d.worker.gaps_read_again == GAP_READS  # read again, found the same: taken
-
-
-def test_batches_fetched_before_the_start_is_known_are_held_and_then_checked() -> None:
-    """aiokafka fetches the new partitions while the worker looks up their committed
-    offsets: the task holds those batches, and checks the first against the start once it is
-    known. The read again fetches the batches after it anew: they are dropped, not read again
-    once more each."""
-    topic = "gaps-per-user-repartition"
-    with TestDriver(totals_job("gaps")) as d:
-        d.send("in", {"user": "a", "amount": 1}, key="a")
-        d.commit()
-        assert d.committed(topic) == {0: 1}
-        task = d.worker.tasks[(topic, 0)]
-        assert task.gaps is not None
-        task.gaps.held = []  # as at an assignment, before the lookup returns
-        first = d.cluster.topics[topic][0][0]
-        copies = [d.cluster.append(topic, 0, first.key(), first.value(), 0, first.headers())
-                  for _ in range(4)]
-        # Two fetches that passed offsets 1 and 2 over, held: nothing is taken yet.
-        task.offer(1.0, [copies[2]])
-        task.offer(2.0, [copies[3]])
-        assert task.queued == 2 and task.gaps.start is None
-        task.reading_began(1)
-        assert task.gaps.start == 1 and task.queued == 0
-        d.advance_time("1s")
-        assert [r.value for r in d.read("out")] == [1, 2, 3, 4, 5]
-        assert d.committed(topic) == {0: 5}
-        assert d.worker.gaps_read_again == 1
