@@ -41,6 +41,7 @@ from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.context import Emit, PartitionContext, StepFailed
 from streamcore.runtime.operators import compile_chain
+from streamcore.runtime.records import ChainRunner
 from streamcore.runtime.tracking import Batch
 
 __all__ = ["BatchRunner", "BatchedChain", "Columns", "FusedAggregate", "FusedRun", "SinkColumns",
@@ -346,19 +347,11 @@ class BatchedChain:
             self.sink = SinkColumns(after, topic)
 
 
-class BatchRunner:
+class BatchRunner(ChainRunner[BatchedChain]):
     """Takes one partition task's fetched batches through its :class:`BatchedChain`: decode,
     the fused steps, then the outputs (from columns where the chain allows, else through the
     closures), each failed record's policy applied at its place. Owned by the partition task;
     event loop only."""
-
-    def __init__(self, chain: BatchedChain, ctx: PartitionContext,
-                 failed: Callable[[Message, StepFailed], None],
-                 stopping: Callable[[], bool]) -> None:
-        self.chain = chain
-        self.ctx = ctx
-        self._failed = failed  # the record's error policy (raises under "fail")
-        self._stopping = stopping  # the task is stopping: the rest of a batch may be left
 
     async def take(self, msgs: list[Message], batch: Batch,
                    vde: Callable[[bytes], Any], kde: Callable[[bytes], Any] | None,
@@ -480,12 +473,6 @@ class BatchRunner:
             await ctx.wait_unblocked()
             ctx.batch = batch
         return len(msgs)
-
-    async def _unblocked(self, batch: Batch) -> bool:
-        """Wait for room in the producer; True if the task is stopping meanwhile."""
-        await self.ctx.wait_unblocked()
-        self.ctx.batch = batch
-        return self._stopping()
 
 
 def _nowhere(key: Any, value: Any, ts: int) -> None:

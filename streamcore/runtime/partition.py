@@ -43,7 +43,7 @@ from streamcore.runtime.gaps import GapCheck
 from streamcore.runtime.operators import compile_chain
 from streamcore.runtime.policies import RecordErrors
 from streamcore.runtime.progress import LatencyHistogram
-from streamcore.runtime.records import RecordRunner
+from streamcore.runtime.records import ChainRunner, RecordRunner
 from streamcore.runtime.state import PartitionStores
 from streamcore.runtime.tracking import Batch, OffsetTracker
 
@@ -113,7 +113,7 @@ class PartitionTask:
         try:
             built: dict[int, Emit] = {}  # node id -> closure, shared by both compiles
             self._chain = compile_chain(plan, source, self.ctx, built=built)
-            self._runner: BatchRunner | RecordRunner = BatchRunner(
+            self._runner: ChainRunner[Any] = BatchRunner(
                 BatchedChain(plan, source, self.ctx, built), self.ctx, self._record_failed,
                 lambda: self._closing) if batch_execution else \
                 RecordRunner(self._chain, self.ctx, self._record_failed, lambda: self._closing)

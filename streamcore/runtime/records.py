@@ -1,27 +1,36 @@
-"""Record-at-a-time execution (``WorkerConfig(batch_execution=False)``): a partition task's
-fetched batch through its compiled chain, one record and one call of the chain at a time.
+"""How a partition task takes a fetched batch through its chain: the contract
+(:class:`ChainRunner`) and record-at-a-time execution (:class:`RecordRunner`,
+``WorkerConfig(batch_execution=False)``: one record and one call of the chain at a time).
 
-:class:`streamcore.runtime.batches.BatchRunner` is its peer, with the same contract for
-``take``; both are owned by the partition task and run on the event loop only.
+:class:`streamcore.runtime.batches.BatchRunner`, the default, fuses the stateless steps over
+the whole batch. Both are owned by the partition task and run on the event loop only.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from connectors.base import Message
 from streamcore.runtime.context import Emit, PartitionContext, StepFailed
 from streamcore.runtime.tracking import Batch
 
-__all__ = ["RecordRunner"]
+__all__ = ["ChainRunner", "RecordRunner"]
+
+C = TypeVar("C")  # the chain a runner takes batches through
 
 
-class RecordRunner:
-    """Takes a partition task's fetched batches through its compiled chain, record by
-    record: decode, the chain, the record's error policy if a step failed."""
+class ChainRunner(ABC, Generic[C]):
+    """Takes a partition task's fetched batches through its chain.
 
-    def __init__(self, chain: Emit, ctx: PartitionContext,
+    Contract of :meth:`take`: the records are processed in offset order; a record whose step
+    failed gets its error policy (``failed``) at its place, and the records after it go on; a
+    fatal error seals the batch before the record that raised it (nothing from it on is done)
+    and propagates. It awaits only for room in the producer; when the task is stopping
+    (``stopping()``) meanwhile, the rest of the batch may be left to the next owner."""
+
+    def __init__(self, chain: C, ctx: PartitionContext,
                  failed: Callable[[Message, StepFailed], None],
                  stopping: Callable[[], bool]) -> None:
         self.chain = chain
@@ -29,13 +38,27 @@ class RecordRunner:
         self._failed = failed  # the record's error policy (raises under "fail")
         self._stopping = stopping  # the task is stopping: the rest of a batch may be left
 
+    @abstractmethod
     async def take(self, msgs: list[Message], batch: Batch,
                    vde: Callable[[bytes], Any], kde: Callable[[bytes], Any] | None,
                    ts_of: Callable[[Any], int] | None) -> int:
-        """Each record of msgs through the chain, in order. Returns how many were taken
-        (fewer when the task stops while waiting for room in the producer). A fatal error
-        seals the batch before the record that raised it (nothing from it on is done) and
-        propagates."""
+        """msgs through the chain; returns how many of them were taken (fewer only when
+        the task stops while waiting for room in the producer)."""
+
+    async def _unblocked(self, batch: Batch) -> bool:
+        """Wait for room in the producer; True if the task is stopping meanwhile."""
+        await self.ctx.wait_unblocked()
+        self.ctx.batch = batch
+        return self._stopping()
+
+
+class RecordRunner(ChainRunner[Emit]):
+    """Record by record: decode, the compiled chain, the record's error policy if a step
+    failed."""
+
+    async def take(self, msgs: list[Message], batch: Batch,
+                   vde: Callable[[bytes], Any], kde: Callable[[bytes], Any] | None,
+                   ts_of: Callable[[Any], int] | None) -> int:
         ctx = self.ctx
         chain = self.chain
         for n, m in enumerate(msgs, 1):
@@ -65,9 +88,6 @@ class RecordRunner:
                 # done; everything before it is, once its outputs are acknowledged.
                 batch.seal((m.offset() or 0) - 1)
                 raise
-            if ctx.blocked:
-                await ctx.wait_unblocked()
-                ctx.batch = batch
-                if self._stopping():
-                    return n  # stopping: the rest of this batch is the next owner's
+            if ctx.blocked and await self._unblocked(batch):
+                return n  # stopping: the rest of this batch is the next owner's
         return len(msgs)
