@@ -11,18 +11,22 @@ from that offset. The same offsets missing through :data:`GAP_READS` reads are a
 must begin where the reader started, at the group's committed offset (``start``; unknown
 without a commit, and then unchecked).
 
-All of it runs on the event loop thread, once per batch: one comparison on the hot path.
+:class:`GapChecks` is the worker's side: a check for each new partition of such a topic, and
+the lookup of where its reading began. All of it runs on the event loop thread, once per
+batch: one comparison on the hot path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
-from connectors.base import Message, TopicPartition
+from connectors.base import ClientBackend, Message, TopicPartition
+from streamcore.core.errors import StreamcoreError
 from streamcore.core.logs import BurstLogger
 
-__all__ = ["GAP_READS", "GapCheck"]
+__all__ = ["GAP_READS", "GapCheck", "GapChecks"]
 
 log = logging.getLogger("streamcore.partition")
 _burst_log = BurstLogger(log)
@@ -82,3 +86,48 @@ class GapCheck:
                            found - 1, at)
         self._read_again(self.tp, at)
         return True
+
+
+class GapChecks:
+    """The gap checks of a worker's partitions, assignment after assignment. ``without_gaps``
+    tells the topics whose offsets have no gaps; ``seek`` moves the group member's reading
+    of a partition back (a read again)."""
+
+    def __init__(self, without_gaps: Callable[[str], bool], clients: ClientBackend,
+                 group: str, seek: Callable[[dict[TopicPartition, int]], None]) -> None:
+        self._without_gaps = without_gaps
+        self._clients = clients
+        self._group = group
+        self._seek = seek
+        self.reads_again = 0  # a fetch passed records over; they were read again
+
+    def check(self, tp: TopicPartition) -> GapCheck | None:
+        """A new check for tp if its topic has no gaps (None: not checked)."""
+        return GapCheck(tp, self._read_again) if self._without_gaps(tp[0]) else None
+
+    async def set_starts(self, checks: list[GapCheck]) -> None:
+        """Set where the reading of each checked partition began, at its assignment (the
+        group's committed offset): one offset fetch, on a worker thread. No record of these
+        partitions is fetched before the assignment's listener returns (the member's
+        contract), so each start is known before the first batch. No commit, or a failed
+        lookup: the first batch is not checked."""
+        starts = await self.committed_starts([c.tp for c in checks])
+        for check in checks:
+            check.start = starts.get(check.tp)
+
+    async def committed_starts(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The group's committed offset of each of parts that has one."""
+        if not parts:
+            return {}
+        try:
+            done = await asyncio.get_running_loop().run_in_executor(
+                None, self._clients.committed_offsets, self._group, parts)
+        except (StreamcoreError, NotImplementedError) as exc:
+            log.warning("the first fetch of %s is not checked for passed-over records: %s",
+                        ", ".join(f"{t}[{p}]" for t, p in sorted(parts)), exc)
+            return {}
+        return {tp: offset for tp, offset in done.items() if offset >= 0}
+
+    def _read_again(self, tp: TopicPartition, offset: int) -> None:
+        self.reads_again += 1
+        self._seek({tp: offset})

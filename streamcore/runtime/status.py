@@ -137,7 +137,7 @@ class WorkerStatus:
             "streamcore_consumer_lag": lag,
             "streamcore_commits_total": {(): self._w.commits},
             "streamcore_rebalances_total": {(): self._w.rebalances},
-            "streamcore_fetch_gaps_total": {(): self._w.gaps_read_again},
+            "streamcore_fetch_gaps_total": {(): self._w.gaps.reads_again},
             "streamcore_assigned_partitions": {(): len(tasks)},
             "streamcore_paused_partitions": {(): sum(1 for t in tasks if t.paused)},
             "streamcore_partitions": {(s,): n for s, n in states.items()},

@@ -45,7 +45,7 @@ from streamcore.runtime.commits import CommitProtocol, ContinuousCommits
 from streamcore.runtime.epochs import EpochCommits, transactional_id
 from streamcore.runtime.eventtime import EventTime, MarkerRoutes
 from streamcore.runtime.fetching import Fetcher
-from streamcore.runtime.gaps import GapCheck
+from streamcore.runtime.gaps import GapCheck, GapChecks
 from streamcore.runtime.partition import PartitionTask, TaskState
 from streamcore.runtime.progress import LatencyHistogram
 from streamcore.runtime.state import PartitionStores
@@ -114,7 +114,8 @@ class Worker:
         self._started = time.time()
         self.broker_connected = True  # the start-up check reached it; then the client says
         self.rebalances = 0
-        self.gaps_read_again = 0  # a fetch passed records over; they were read again
+        # Repartition topics in continuous mode: records a fetch passed over are read again.
+        self.gaps = GapChecks(self._without_gaps, self.clients, self.group, self._member.seek)
         self._markers = MarkerRoutes()  # where watermarks go; set at start
         if not self._epochs and any(n.kind == OpKind.EMIT and n.params["mode"] == "complete"
                                     for n in self.plan.nodes):
@@ -270,8 +271,11 @@ class Worker:
         self.rebalances += 1
         self.fetcher.quiet_from_now()
         log.info("assigned %s", _fmt(parts))
-        checks: dict[TopicPartition, GapCheck] = {}
+        checks: list[GapCheck] = []
         for tp in parts:
+            check = self.gaps.check(tp)
+            if check is not None:
+                checks.append(check)
             task = PartitionTask(
                 tp, self.plan, self.plan.source_for_topic(tp[0]),
                 self.committer.task_producer() if isinstance(self.committer, EpochCommits)
@@ -287,48 +291,17 @@ class Worker:
                 on_txn_failed=self.committer.txn_failed
                 if isinstance(self.committer, EpochCommits) else None,
                 event_time=self._event_time(tp), in_group=self.check_membership,
-                gaps=self._gap_check(tp, checks))
+                gaps=check)
             self._tasks[tp] = task
             if self._tg is not None and not self._stopping.is_set():
                 self._running[tp] = self._tg.create_task(task.run(), name=f"partition-{tp}")
-        # No record of these partitions is fetched before this returns (the member's
-        # contract: aiokafka's pauses them meanwhile), so the lookup sets each start before
-        # the first batch.
-        for tp, offset in (await self._committed_starts(list(checks))).items():
-            checks[tp].start = offset
+        await self.gaps.set_starts(checks)  # before any of their records is fetched
 
     def _without_gaps(self, topic: str) -> bool:
         """A topic whose offsets have no gaps on Kafka: a repartition topic in continuous
         mode (written without transactions, never compacted). Epoch mode writes it in
         transactions, whose markers take offsets."""
         return not self._epochs and self.plan.source_for_topic(topic).kind == OpKind.REPARTITION
-
-    def _gap_check(self, tp: TopicPartition,
-                   checks: dict[TopicPartition, GapCheck]) -> GapCheck | None:
-        """tp's gap check if its topic has no gaps, kept in checks for its start."""
-        if not self._without_gaps(tp[0]):
-            return None
-        checks[tp] = GapCheck(tp, self._read_again)
-        return checks[tp]
-
-    async def _committed_starts(self, parts: list[TopicPartition]) -> dict[TopicPartition, int]:
-        """Where the reader starts each of parts (new partitions of a topic without gaps):
-        the group's committed offset, which its task's first batch must begin at (no commit:
-        unknown, and the first batch is not checked)."""
-        if not parts:
-            return {}
-        try:
-            done = await asyncio.get_running_loop().run_in_executor(
-                None, self.clients.committed_offsets, self.group, parts)
-        except (StreamcoreError, NotImplementedError) as exc:
-            log.warning("the first fetch of %s is not checked for passed-over records: "
-                        "%s", _fmt(parts), exc)
-            return {}
-        return {tp: offset for tp, offset in done.items() if offset >= 0}
-
-    def _read_again(self, tp: TopicPartition, offset: int) -> None:
-        self.gaps_read_again += 1
-        self._member.seek({tp: offset})
 
     def _event_time(self, tp: TopicPartition) -> EventTime:
         idle = self.config.watermark_idle_timeout

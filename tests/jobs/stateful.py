@@ -98,11 +98,11 @@ if os.environ.get("PASS_OVER_FIRST"):
 if os.environ.get("SLOW_LOOKUP"):
     import asyncio
 
-    from streamcore.runtime import worker as worker_module
+    from streamcore.runtime import gaps
 
-    _lookup = worker_module.Worker._committed_starts
+    _lookup = gaps.GapChecks.committed_starts
 
-    async def _slow_lookup(self: worker_module.Worker,
+    async def _slow_lookup(self: gaps.GapChecks,
                            parts: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         if parts:
             print(f"lookup of {len(parts)} partitions held on purpose", file=sys.stderr,
@@ -110,7 +110,7 @@ if os.environ.get("SLOW_LOOKUP"):
             await asyncio.sleep(float(os.environ["SLOW_LOOKUP"]))
         return await _lookup(self, parts)
 
-    worker_module.Worker._committed_starts = _slow_lookup  # type: ignore[method-assign]
+    gaps.GapChecks.committed_starts = _slow_lookup  # type: ignore[method-assign]
 
 worker = os.environ.get("WORKER_ID")  # set: each aggregate also names who computed it
 

@@ -19,7 +19,7 @@ def _three_more_read_again(d: TestDriver) -> None:
     assert [r.value for r in d.read("out")] == [1, 11, 111, 1111]
     assert d.store("per-user")["a"] == 1111
     assert d.committed("gaps-per-user-repartition") == {0: 4}
-    assert d.worker.gaps_read_again == 1
+    assert d.worker.gaps.reads_again == 1
 
 
 def test_records_a_fetch_passed_over_in_a_repartition_topic_are_read_again() -> None:
@@ -55,7 +55,7 @@ def test_records_passed_over_within_a_fetch_are_read_again() -> None:
         d.advance_time("1s")
         assert [r.value for r in d.read("out")] == [1, 11, 111, 1111]
         assert d.committed("gaps-per-user-repartition") == {0: 4}
-        assert d.worker.gaps_read_again == 1
+        assert d.worker.gaps.reads_again == 1
 
 
 def test_a_gap_that_stays_is_taken_after_the_reads_again() -> None:
@@ -69,4 +69,4 @@ def test_a_gap_that_stays_is_taken_after_the_reads_again() -> None:
         d.advance_time("1s")
         assert [r.value for r in d.read("out")] == [1, 101]
         assert d.committed("gaps-per-user-repartition") == {0: 3}
-        assert d.worker.gaps_read_again == GAP_READS  # read again, found the same: taken
+        assert d.worker.gaps.reads_again == GAP_READS  # read again, found the same: taken
