@@ -12,8 +12,8 @@ must begin where the reader started, at the group's committed offset (``start``;
 without a commit, and then unchecked).
 
 :class:`GapChecks` is the worker's side: a check for each new partition of such a topic, and
-the lookup of where its reading began. All of it runs on the event loop thread, once per
-batch: one comparison on the hot path.
+the lookup of where its reading began (on a worker thread, once per assignment). The checks
+run on the event loop thread, once per batch: one comparison on the hot path.
 """
 
 from __future__ import annotations
