@@ -255,17 +255,14 @@ class AioMember(QueuedCommits, GroupMember):
         # meanwhile; the engine has no task for these partitions until assigned() returns and
         # would drop their records. Paused, what aiokafka fetched of them is discarded
         # (its position stays) and fetched again after the resume.
-        fresh = [ATP(t, p) for t, p in new]
-        if fresh:
-            c.pause(*fresh)
+        self.pause(new)
         try:
             for t, p in new:  # a "latest" source's partition without a commit starts at its end
                 if self._start_at_end(t) and await c.committed(ATP(t, p)) is None:
                     await c.seek_to_end(ATP(t, p))
             await self._listener.assigned(new)
         finally:
-            if fresh:
-                c.resume(*self._still_assigned(new))
+            self.resume(new)
         self._assigned.update(new)
         self._stalled = False  # joined again: the group is served
         self.last_served = time.monotonic()
