@@ -48,6 +48,7 @@ __all__ = [
     "RebalanceListener",
     "TopicPartition",
     "fmt_offsets",
+    "fmt_partitions",
     "report_consumer_error",
 ]
 
@@ -552,6 +553,11 @@ class ClientBackend(ABC):
     def create_topics(self, topics: dict[str, int], config: dict[str, str]) -> None:
         """Create each topic with its partition count and config; existing ones are left
         alone (idempotent)."""
+
+
+def fmt_partitions(parts: Iterable[TopicPartition]) -> str:
+    """"topic[partition], ..." for logs and errors, in partition order."""
+    return ", ".join(f"{t}[{p}]" for t, p in sorted(parts))
 
 
 def fmt_offsets(offsets: dict[TopicPartition, int]) -> str:

@@ -22,7 +22,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from connectors.base import ClientBackend, Message, TopicPartition
+from connectors.base import ClientBackend, Message, TopicPartition, fmt_partitions
 from streamcore.core.errors import StreamcoreError
 from streamcore.core.logs import BurstLogger
 
@@ -124,7 +124,7 @@ class GapChecks:
                 None, self._clients.committed_offsets, self._group, parts)
         except (StreamcoreError, NotImplementedError) as exc:
             log.warning("the first fetch of %s is not checked for passed-over records: %s",
-                        ", ".join(f"{t}[{p}]" for t, p in sorted(parts)), exc)
+                        fmt_partitions(parts), exc)
             return {}
         return {tp: offset for tp, offset in done.items() if offset >= 0}
 

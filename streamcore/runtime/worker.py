@@ -31,6 +31,7 @@ from connectors.base import (
     ProducerBackend,
     RebalanceListener,
     TopicPartition,
+    fmt_partitions,
 )
 from metrics.exporter import Snapshot, WorkerMetrics
 from metrics.http import StatusServer
@@ -250,7 +251,7 @@ class Worker:
         hit = self._live(parts)
         if not hit:
             return
-        log.warning("fenced %s: %s", _fmt(hit), reason)
+        log.warning("fenced %s: %s", fmt_partitions(hit), reason)
         for tp in hit:
             self.committer.forget([tp])
             self._tasks[tp].fence()
@@ -270,7 +271,7 @@ class Worker:
             return
         self.rebalances += 1
         self.fetcher.quiet_from_now()
-        log.info("assigned %s", _fmt(parts))
+        log.info("assigned %s", fmt_partitions(parts))
         checks: list[GapCheck] = []
         for tp in parts:
             check = self.gaps.check(tp)
@@ -317,7 +318,7 @@ class Worker:
         if not mine:
             return {}
         self.rebalances += 1
-        log.info("%s %s", "revoking" if commit else "lost", _fmt(mine))
+        log.info("%s %s", "revoking" if commit else "lost", fmt_partitions(mine))
         offsets: dict[TopicPartition, int] = {}
         self.committer.forget(mine)  # a queued commit must not land after the partition moved
         try:
@@ -580,10 +581,6 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(e, StreamcoreError):
             return e
     return flat[0] if flat else eg
-
-
-def _fmt(parts: list[TopicPartition]) -> str:
-    return ", ".join(f"{t}[{p}]" for t, p in sorted(parts))
 
 
 def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
