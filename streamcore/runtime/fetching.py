@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 import time
 from collections.abc import AsyncIterator, Callable
 from itertools import groupby
+from typing import Any
 
 from connectors.base import (
     GroupMember,
@@ -124,19 +124,29 @@ class Fetcher:
                 if m.error() is not None:
                     report_consumer_error(m.error(), _burst_log)
             msgs = [m for m in msgs if m.error() is None]
-        # A fetch holds runs of consecutive messages of one partition; groupby splits them
-        # in C, which matters because this runs once per input record. With one topic the
-        # key is the partition alone: a C method call, no Python frame per record.
+        # A fetch holds runs of consecutive messages of one partition. This runs once per
+        # input record, so the split stays in C where it can: with one topic, a list of the
+        # partitions (a method call per record, no Python frame), groupby over those ints,
+        # and one slice per run (none when the whole fetch is one partition's).
         topic = self._one_topic
-        for key, run in groupby(msgs, _topic_partition if topic is None else _PARTITION):
-            task = tasks.get(key if topic is None else (topic, key))
-            if task is not None:
-                task.offer(handed_at, list(run))
+        if topic is None:
+            for key, run in groupby(msgs, _topic_partition):
+                task = tasks.get(key)
+                if task is not None:
+                    task.offer(handed_at, list(run))
+        else:
+            n = len(msgs)
+            start = 0
+            parts: list[Any] = [m.partition() for m in msgs]  # an int once fetched
+            for p, same in groupby(parts):
+                end = start + len(list(same))
+                task = tasks.get((topic, p))
+                if task is not None:
+                    task.offer(handed_at, msgs if end - start == n else msgs[start:end])
+                start = end
         self.records_in += len(msgs)
 
 
-_PARTITION = operator.methodcaller("partition")
 
-
-def _topic_partition(m: Message) -> tuple[str | None, int | None]:
-    return m.topic(), m.partition()
+def _topic_partition(m: Message) -> TopicPartition:
+    return m.topic(), m.partition()  # type: ignore[return-value]  # both set once fetched
