@@ -428,7 +428,7 @@ class AioProducer(ProducerBackend):
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
-                headers: list[tuple[str, bytes]] | None, /) -> None:
+                headers: list[tuple[str, bytes]] | None = None, /) -> None:
         if len(self._queue) >= _PRODUCER_QUEUE:
             raise BufferError("the producer's queue is full")
         self._queue.append((topic, value, key, partition, on_delivery, timestamp, headers))

@@ -386,7 +386,7 @@ class ProducerBackend(ABC):
         on_delivery: DeliveryCallback,
         reserved: None,
         timestamp: int,
-        headers: list[tuple[str, bytes]] | None,
+        headers: list[tuple[str, bytes]] | None = None,
         /,
     ) -> None:
         """Queue one record (partition -1: the partitioner chooses; reserved: always None).

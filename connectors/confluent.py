@@ -428,7 +428,7 @@ class ConfluentProducer(ProducerBackend):
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
-                headers: list[tuple[str, bytes]] | None, /) -> None:
+                headers: list[tuple[str, bytes]] | None = None, /) -> None:
         # Replaced per instance in __init__; kept for the interface and for readers.
         self._p.produce(topic, value, key, partition, on_delivery, reserved, timestamp,
                         cast(Any, headers))

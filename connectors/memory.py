@@ -409,7 +409,7 @@ class MemoryProducer(ProducerBackend):
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
-                headers: list[tuple[str, bytes]] | None, /) -> None:
+                headers: list[tuple[str, bytes]] | None = None, /) -> None:
         if self.dead:
             return
         parts = self._cluster.topics.get(topic)

@@ -72,13 +72,16 @@ def fusable_run(plan: PhysicalPlan, source: Node) -> tuple[list[Node], Node | No
 
 class Columns:
     """A batch as parallel lists: the index of each record in the fetched batch, and its
-    key, value and timestamp. ``failed`` maps an index to the failure taken out."""
+    key, value and timestamp. ``failed`` maps an index to the failure taken out.
+    ``raw_keys``: every key is still the fetched one, bytes or None (no key deserializer, no
+    key_by since), so a sink that writes keys as bytes needs no look at them."""
 
-    __slots__ = ("failed", "idx", "keys", "tss", "values")
+    __slots__ = ("failed", "idx", "keys", "raw_keys", "tss", "values")
 
     def __init__(self, idx: list[int], keys: list[Any], values: list[Any],
-                 tss: list[int]) -> None:
+                 tss: list[int], *, raw_keys: bool = False) -> None:
         self.idx, self.keys, self.values, self.tss = idx, keys, values, tss
+        self.raw_keys = raw_keys
         self.failed: dict[int, StepFailed] = {}
 
     def keep(self, flags: list[Any]) -> None:
@@ -118,7 +121,7 @@ def decode(msgs: list[Message], vde: Callable[[bytes], Any],
         keys = [m.key() for m in msgs]
         if kde is not None:
             keys = [None if k is None else kde(k) for k in keys]
-        cols = Columns(list(range(n)), keys, values, [])
+        cols = Columns(list(range(n)), keys, values, [], raw_keys=kde is None)
     except Exception:
         cols = _decode_one_by_one(msgs, vde, kde)
     if ts_of is None:
@@ -135,7 +138,7 @@ def decode(msgs: list[Message], vde: Callable[[bytes], Any],
 
 def _decode_one_by_one(msgs: list[Message], vde: Callable[[bytes], Any],
                        kde: Callable[[bytes], Any] | None) -> Columns:
-    cols = Columns([], [], [], [])
+    cols = Columns([], [], [], [], raw_keys=kde is None)
     for i, m in enumerate(msgs):
         try:
             raw = m.value()
@@ -178,6 +181,7 @@ class FusedRun:
                         cols.keep(flags)
                 elif kind == OpKind.KEY_BY:
                     cols.keys = [fn(v) for v in values]
+                    cols.raw_keys = False
                 elif kind == OpKind.PEEK:
                     for v in values:
                         fn(v)
@@ -201,6 +205,7 @@ class FusedRun:
                 cols.keep(flags)
         elif kind == OpKind.KEY_BY:
             cols.keys = cols.one_by_one(fn, step, policy)
+            cols.raw_keys = False
         elif kind == OpKind.PEEK:
             cols.one_by_one(fn, step, policy)
         else:
@@ -225,7 +230,9 @@ class SinkColumns:
         vser, kser = self._vser, self._kser
         try:
             vs = [None if v is None else vser(v) for v in cols.values]
-            if self._raw_keys:
+            if self._raw_keys and cols.raw_keys:
+                ks = cols.keys
+            elif self._raw_keys:
                 ks = [k if k is None or type(k) is bytes else kser(k) for k in cols.keys]
             else:
                 ks = [None if k is None else kser(k) for k in cols.keys]
@@ -253,20 +260,24 @@ def produce_rows(cols: Columns, ks: list[Any], vs: list[Any], msgs: list[Message
     counter.n += n
     produce, ack = producer.produce, batch.ack
     rows = zip(cols.idx, ks, vs, cols.tss, strict=True)
-    for i, k, v, t in rows:
-        try:
-            produce(topic, v, k, -1, ack, None, t, msgs[i].headers() if headers else None)
-        except BufferError:
-            left = [(i, k, v, t), *rows]
-            batch.pending -= len(left)
-            counter.n -= len(left)
-            return left
-        except Exception as exc:
-            unsent = len(list(rows))  # the refused record stays counted, never acknowledged
-            batch.pending -= unsent
-            counter.n -= unsent
-            batch.seal((msgs[i].offset() or 0) - 1)
-            raise producer.delivery_error(topic, exc) from exc
+    try:  # two loops, so that the common one passes no headers argument at all
+        if headers:
+            for i, k, v, t in rows:
+                produce(topic, v, k, -1, ack, None, t, msgs[i].headers())
+        else:
+            for i, k, v, t in rows:  # noqa: B007 (the handlers below read i)
+                produce(topic, v, k, -1, ack, None, t)
+    except BufferError:
+        left = [(i, k, v, t), *rows]
+        batch.pending -= len(left)
+        counter.n -= len(left)
+        return left
+    except Exception as exc:
+        unsent = len(list(rows))  # the refused record stays counted, never acknowledged
+        batch.pending -= unsent
+        counter.n -= unsent
+        batch.seal((msgs[i].offset() or 0) - 1)
+        raise producer.delivery_error(topic, exc) from exc
     return []
 
 
@@ -313,7 +324,7 @@ class FusedAggregate:
             cols.failed[cols.idx[len(news)]] = failed
             upto = len(news) + 1
         n = len(news)
-        head = Columns(cols.idx[:n], keys[:n], news, cols.tss[:n])
+        head = Columns(cols.idx[:n], keys[:n], news, cols.tss[:n], raw_keys=cols.raw_keys)
         cols.idx, cols.keys = cols.idx[upto:], keys[upto:]
         cols.values, cols.tss = values[upto:], cols.tss[upto:]
         return head

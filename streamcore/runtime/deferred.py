@@ -52,7 +52,7 @@ class DeferringProducer(ProducerBackend):
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
                 on_delivery: DeliveryCallback, reserved: None, timestamp: int,
-                headers: list[tuple[str, bytes]] | None, /) -> None:
+                headers: list[tuple[str, bytes]] | None = None, /) -> None:
         # Replaced per instance (_point); kept for the interface.
         if self._deferring or self.kept:
             self._keep(topic, value, key, partition, on_delivery, reserved, timestamp, headers)
@@ -62,7 +62,7 @@ class DeferringProducer(ProducerBackend):
 
     def _keep(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
               on_delivery: DeliveryCallback, reserved: None, timestamp: int,
-              headers: list[tuple[str, bytes]] | None, /) -> None:
+              headers: list[tuple[str, bytes]] | None = None, /) -> None:
         if len(self.kept) >= self.limit:
             raise BufferError("waiting for the next transaction")
         self.kept.append((topic, value, key, partition, on_delivery, timestamp, headers))

@@ -91,7 +91,7 @@ class _RecordingProducer(ProducerBackend):
         self.sent: list[tuple[str, Any, Any, int]] = []
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int,
-                on_delivery: Any, reserved: None, timestamp: int, headers: Any, /) -> None:
+                on_delivery: Any, reserved: None, timestamp: int, headers: Any = None, /) -> None:
         self.sent.append((topic, key, value, timestamp))
 
     def delivery_error(self, topic: str, exc: Exception) -> Exception:
