@@ -147,6 +147,5 @@ class Fetcher:
         self.records_in += len(msgs)
 
 
-
 def _topic_partition(m: Message) -> TopicPartition:
     return m.topic(), m.partition()  # type: ignore[return-value]  # both set once fetched

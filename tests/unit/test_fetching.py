@@ -8,36 +8,28 @@ from typing import Any, cast
 
 import pytest
 
+from connectors.memory import MemoryMessage
 from streamcore.core.clock import ManualClock
 from streamcore.runtime.fetching import Fetcher
 
 
-class _Msg:
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
-        self._t, self._p, self._o = topic, partition, offset
-
-    def topic(self) -> str:
-        return self._t
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def error(self) -> None:
-        return None
+def _msg(topic: str, partition: int, offset: int) -> MemoryMessage:
+    return MemoryMessage(topic, partition, offset, None, b"{}", 0, None)
 
 
 class _Task:
     def __init__(self) -> None:
-        self.offered: list[list[tuple[str, int, int]]] = []
+        self.lists: list[list[Any]] = []  # the lists offered, as they came
 
     def offer(self, handed_at: float, msgs: list[Any]) -> None:
-        self.offered.append([(m.topic(), m.partition(), m.offset()) for m in msgs])
+        self.lists.append(msgs)
+
+    @property
+    def offered(self) -> list[list[tuple[str, int, int]]]:
+        return [[(m.topic(), m.partition(), m.offset()) for m in run] for run in self.lists]
 
 
-def _dispatch(topics: list[str], msgs: list[_Msg],
+def _dispatch(topics: list[str], msgs: list[MemoryMessage],
               tasks: dict[tuple[str, int], _Task]) -> Fetcher:
     f = Fetcher(cast(Any, None), cast(Any, None), cast(Any, tasks), topics=topics,
                 max_records=100, timeout=0.1, clock=ManualClock(0),
@@ -52,7 +44,7 @@ def test_each_run_of_a_fetch_goes_to_its_partitions_task_in_order(topics: list[s
     fetch order; records of a partition without a task (2: another member's) are dropped but
     counted as fetched. With one topic the split is by partition alone, else by both."""
     parts = [0, 0, 1, 1, 1, 0, 2, 2, 0]
-    msgs = [_Msg("in", p, i) for i, p in enumerate(parts)]
+    msgs = [_msg("in", p, i) for i, p in enumerate(parts)]
     tasks = {("in", 0): _Task(), ("in", 1): _Task(), ("other", 2): _Task()}
     f = _dispatch(topics, msgs, tasks)
     assert tasks[("in", 0)].offered == [[("in", 0, 0), ("in", 0, 1)], [("in", 0, 5)],
@@ -63,7 +55,9 @@ def test_each_run_of_a_fetch_goes_to_its_partitions_task_in_order(topics: list[s
 
 
 def test_a_fetch_of_one_partition_is_offered_whole() -> None:
-    msgs = [_Msg("in", 3, i) for i in range(5)]
+    """One run that is the whole fetch: the fetched list itself is offered, not a copy."""
+    msgs = [_msg("in", 3, i) for i in range(5)]
     tasks = {("in", 3): _Task()}
     _dispatch(["in"], msgs, tasks)
     assert tasks[("in", 3)].offered == [[("in", 3, i) for i in range(5)]]
+    assert tasks[("in", 3)].lists[0] is msgs
