@@ -435,7 +435,7 @@ def main() -> int:
                 pairs.append(pair)
                 for r in pair:
                     print(f"W1 ({variant} settings) run {i + 1} {r.system:10s} {r.rate:9.0f} "
-                          f"rec/s {r.cpu_us:5.1f} us CPU/record {r.rss_mb:4.0f} MB peak RSS "
+                          f"rec/s {r.cpu_us:5.2f} us CPU/record {r.rss_mb:4.0f} MB peak RSS "
                           f"(startup {r.startup_s:.1f}s, {r.outputs} outputs)", flush=True)
             rows += _paired_rows(f"W1 stateless, {variant} settings", pairs, target=0.85)
     if args.only in (None, "w2"):

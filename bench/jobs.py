@@ -1,7 +1,13 @@
-"""The streamcore side of the benchmarks (topics from the environment)."""
+"""The streamcore side of the benchmarks (topics from the environment).
+
+BENCH_PRODUCER and BENCH_CONSUMER (JSON objects of librdkafka settings) are laid over the
+run's settings, for A/B rounds of one setting: for example
+``BENCH_PRODUCER='{"compression.type": "none"}' python -m bench --only w1``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 
 from bench.workload import add_order, enrich, keep, settings, streamcore_aio_settings
@@ -11,6 +17,8 @@ _mode = os.environ.get("BENCH_MODE", "w1")
 _w3 = _mode == "w3"
 _aio = os.environ.get("STREAMCORE_CLIENT") == "aiokafka"
 _producer, _consumer = streamcore_aio_settings(_mode) if _aio else settings(_mode)
+_producer = {**_producer, **json.loads(os.environ.get("BENCH_PRODUCER", "{}"))}
+_consumer = {**_consumer, **json.loads(os.environ.get("BENCH_CONSUMER", "{}"))}
 job = Job(os.environ.get("BENCH_JOB", "bench"), config=WorkerConfig(
     producer=_producer,
     consumer=_consumer,
