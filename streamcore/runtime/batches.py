@@ -20,7 +20,7 @@ failing record; each is taken out of the batch and its policy applied at its pos
 batch is emitted.
 
 An aggregate whose one child is a sink, right after the run (W2's shape: ``aggregate(...)
-.to(sink)``), is fused too in continuous mode (:class:`FusedAggregate`): the state updates of
+.to(sink)``), is fused too (:class:`FusedAggregate`): the state updates of
 the rows before the batch's first failure run in one loop, one cache call per record, and the
 sink writes their new states from columns. Their state being updated, every one of those rows
 is written, even by a task that is stopping. The rows from the first failure on go through the
@@ -282,7 +282,7 @@ def produce_rows(cols: Columns, ks: list[Any], vs: list[Any], msgs: list[Message
 
 
 class FusedAggregate:
-    """An aggregate step whose one child is a sink, after the fused run (continuous mode; see
+    """An aggregate step whose one child is a sink, after the fused run (see
     the module docstring). The step's closure still takes the rows that :meth:`update`
     leaves."""
 
@@ -300,7 +300,10 @@ class FusedAggregate:
     @staticmethod
     def fits(plan: PhysicalPlan, node: Node, ctx: PartitionContext) -> Node | None:
         """The sink node if node is an aggregate this class can take, else None."""
-        if node.kind != OpKind.AGGREGATE or ctx.epochs or node.params.get("event_time") \
+        # Epoch mode's update_state_by_key gathers a key's values until the epoch ends
+        # (operators._make_epoch_update): nothing to update per record.
+        if node.kind != OpKind.AGGREGATE or node.params.get("event_time") \
+                or (ctx.epochs and node.params.get("batch_fn") is not None) \
                 or node.name not in ctx.caches:
             return None
         kids = plan.children[node.id]

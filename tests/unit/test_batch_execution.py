@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource, WorkerConfig
+from streamcore.runtime.batches import FusedAggregate
 from streamcore.testing import TestDriver
 
 T0 = 1_700_000_000_000
@@ -156,16 +157,25 @@ def test_a_failure_in_the_middle_of_a_batch_is_handled_at_its_place(policy: str)
         assert dlq == ([b"5"] if policy == "dead_letter" else [])
 
 
+@pytest.mark.parametrize("trigger", ["continuous", "100ms"], ids=["continuous", "epochs"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_an_aggregate_failing_in_the_middle_of_a_batch_leaves_the_same_state(
-        policy: str) -> None:
-    """aggregate(...).to(sink) is fused (batches.FusedAggregate): one fetched batch of 10, the
-    aggregate failing on the 5th. The outputs, the DLQ, the committed offsets and the state
-    (as restored from the changelog after a crash) are those of record-at-a-time execution:
-    under "fail" nothing after the failing record reaches the state."""
+        policy: str, trigger: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aggregate(...).to(sink) is fused (batches.FusedAggregate), in both modes: one fetched
+    batch of 10, the aggregate failing on the 5th. The outputs, the DLQ, the committed offsets
+    and the state (as restored from the changelog after a crash) are those of record-at-a-time
+    execution: under "fail" nothing after the failing record reaches the state."""
+    fused = []
+    update = FusedAggregate.update
+
+    def spy(self: FusedAggregate, cols: Any) -> Any:
+        fused.append(len(cols.idx))
+        return update(self, cols)
+    monkeypatch.setattr(FusedAggregate, "update", spy)
     results = {}
     for batch in (True, False):
-        job = Job("agg", on_error=policy, config=WorkerConfig(batch_execution=batch))
+        job = Job("agg", on_error=policy, config=WorkerConfig(batch_execution=batch,
+                                                              trigger=trigger))
 
         def add(total: int, v: int) -> int:
             if v == 5:
@@ -187,9 +197,12 @@ def test_an_aggregate_failing_in_the_middle_of_a_batch_leaves_the_same_state(
                 state = dict(d.store("sum"))
             results[batch] = (out, dlq, failure, committed, state)
     assert results[True] == results[False]
+    assert fused and fused[0] == 10  # the batch went through the fused path
     out, dlq, failure, committed, state = results[True]
     if policy == "fail":
-        assert out == [("k1", 1), ("k0", 2), ("k1", 4), ("k0", 6)]
+        # Epoch mode: the failed epoch's outputs are never committed (read_committed).
+        assert out == ([] if trigger != "continuous" else
+                       [("k1", 1), ("k0", 2), ("k1", 4), ("k0", 6)])
         assert failure == "UserFunctionError" and committed in ({}, {0: 4})
     else:
         assert out == [("k1", 1), ("k0", 2), ("k1", 4), ("k0", 6), ("k0", 12), ("k1", 11),
