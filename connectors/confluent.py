@@ -70,6 +70,8 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
+# How often a fetch refreshes the reader's high watermarks (the consumer-lag gauge).
+_HIGHS_EVERY_S = 1.0
 # A commit refused with these means the member is no longer in the group's generation.
 _FENCED = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID})
 # A transactional producer that another one with its transactional id replaced. (A group
@@ -179,6 +181,11 @@ class ConfluentConsumer(ConsumerBackend):
             self._d = Consumer(self._settings)
         except KafkaException as exc:
             raise _creation_error(exc, "the consumer") from exc
+        # The reader's high watermarks, read by the fetch that just polled it. Asked from
+        # another thread (a /metrics scrape) while the fetch thread polls the reader,
+        # confluent-kafka 2.16's get_watermark_offsets waited for seconds under load.
+        self._highs: dict[TopicPartition, int] = {}
+        self._highs_at = 0.0
 
     @staticmethod
     def _on_error(err: KafkaError) -> None:
@@ -289,9 +296,30 @@ class ConfluentConsumer(ConsumerBackend):
 
     def consume(self, max_records: int, timeout: float) -> list[Message]:
         try:
-            return _poll_then_drain(self._d, max_records, timeout)
+            msgs = _poll_then_drain(self._d, max_records, timeout)
         except KafkaException as exc:
             raise RebalanceError(f"consume failed: {exc}") from exc
+        now = time.monotonic()
+        if now - self._highs_at >= _HIGHS_EVERY_S:
+            self._highs_at = now
+            self._highs = self._read_highs()
+        return msgs
+
+    def _read_highs(self) -> dict[TopicPartition, int]:
+        """The reader's cached high watermarks (no request), on the thread that fetches."""
+        highs: dict[TopicPartition, int] = {}
+        try:
+            assigned = self._d.assignment()
+        except KafkaException:
+            return highs
+        for ctp in assigned:
+            try:
+                _low, high = self._d.get_watermark_offsets(ctp, cached=True)
+            except KafkaException:
+                continue
+            if high is not None and high >= 0:
+                highs[(ctp.topic, ctp.partition)] = int(high)
+        return highs
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         try:
@@ -341,11 +369,7 @@ class ConfluentConsumer(ConsumerBackend):
         return self._c.consumer_group_metadata()  # the member's: it holds the generation
 
     def high_watermark(self, tp: TopicPartition) -> int | None:
-        try:
-            _low, high = self._d.get_watermark_offsets(CTP(*tp), cached=True)
-        except KafkaException:
-            return None
-        return int(high) if high is not None and high >= 0 else None
+        return self._highs.get(tp)  # as of the last fetch (at most _HIGHS_EVERY_S old)
 
 
 class ConfluentReader(PartitionReader):

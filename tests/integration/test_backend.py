@@ -105,3 +105,44 @@ def _fenced_in_a_transaction(bootstrap: str, topic: str,
     finally:
         a.close()
         b.close()
+
+
+def test_the_lag_gauge_reads_the_high_watermark_while_another_thread_fetches(
+        bootstrap: str) -> None:
+    """A /metrics scrape asks for the high watermark on the HTTP thread while the fetch
+    thread polls the reader back to back (an idle worker). Before the fix the call went to
+    the reader and, on confluent-kafka 2.16, waited for the polls: in this test it never
+    returned; in the suite a scrape took over 5 s under load. It now reads what the last
+    fetch recorded."""
+    import threading
+
+    topic = unique("highs")
+    make_topics(bootstrap, topic, partitions=1)
+    produce(bootstrap, topic, ((None, b"x", 0) for _ in range(3)))
+    c = ConfluentConsumer(consumer_settings(bootstrap, unique("g"), {}, {}))
+    stop = threading.Event()
+
+    def fetch() -> None:  # the fetch thread of an idle worker
+        while not stop.is_set():
+            c.consume(100, 0.5)
+
+    fetcher = threading.Thread(target=fetch)
+    try:
+        c._reader_add([CTP(topic, 0, 0)])
+        fetcher.start()
+        deadline = time.monotonic() + 30
+        high = None
+        while high != 3 and time.monotonic() < deadline:
+            got: list[int | None] = []
+            asker = threading.Thread(target=lambda out=got: out.append(
+                c.high_watermark((topic, 0))), daemon=True)
+            asker.start()
+            asker.join(10)
+            assert got, "high_watermark did not return within 10 s while the reader polls"
+            high = got[0]
+            time.sleep(0.2)
+        assert high == 3
+    finally:
+        stop.set()
+        fetcher.join(10)
+        c.close()
