@@ -72,6 +72,7 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
 
 # How often a fetch refreshes the reader's high watermarks (the consumer-lag gauge).
 _HIGHS_EVERY_S = 1.0
+
 # A commit refused with these means the member is no longer in the group's generation.
 _FENCED = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID})
 # A transactional producer that another one with its transactional id replaced. (A group
