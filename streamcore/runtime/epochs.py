@@ -318,6 +318,7 @@ class EpochCommits(CommitProtocol):
             w = self._w
             self.gate.clear()
             t0 = time.monotonic()
+            started = self._epoch_started  # step 3 starts the next epoch's counts
             try:
                 tasks = [t for t in w.tasks.values() if not t.fenced]
                 await self._quiesce(tasks)  # 1.
@@ -360,7 +361,7 @@ class EpochCommits(CommitProtocol):
                     t.epoch_committed(offsets.get(t.tp))
                 self.commits += 1
                 w.commit_latency.record(t2 - t1)
-                self._report(offsets, rows, process_s=t0 - self._epoch_started,
+                self._report(offsets, rows, process_s=t0 - started,
                              barrier_s=t1 - t0, commit_s=t2 - t1)
                 self.epoch_id += 1
                 self._begin(overlapped=True)

@@ -79,6 +79,29 @@ def test_outputs_and_offsets_become_visible_together_at_the_end_of_an_epoch() ->
         assert d.worker.last_progress["batchId"] == 1  # type: ignore[index]
 
 
+def test_an_epochs_progress_times_it_from_its_own_start() -> None:
+    """durationMs and the rates of each epoch's report run from when that epoch began. The
+    next epoch begins while this one commits (the overlap); the report used to take that
+    moment as this epoch's start, so its process time came out negative and its rate too
+    high. A step that sleeps 20 ms (real time) per record gives a lower bound."""
+    def slow(v: Any) -> Any:
+        time.sleep(0.02)
+        return v
+
+    job = Job("slow")
+    job.stream(KafkaSource("in", value=JSON)).map(slow).to(KafkaSink("out", value=JSON))
+    with TestDriver(job, trigger=processing_time("100ms"), start_ms=T0) as d:
+        for batch in range(2):  # the first epoch, then one that began in an overlap
+            d.send_many("in", [{"i": i} for i in range(2)])
+            d.advance_time("100ms")
+            report = d.worker.last_progress
+            assert report is not None and report["batchId"] == batch
+            took = report["durationMs"]
+            assert took["process"] >= 40, took
+            assert took["total"] >= took["process"] + took["commit"] - 0.2, took  # rounding
+            assert report["processedRowsPerSecond"] <= 2 / 0.04, report
+
+
 def test_an_aborted_epoch_leaves_state_and_offsets_as_before_and_runs_again() -> None:
     with TestDriver(_totals(), partitions=2, trigger=processing_time("100ms")) as d:
         d.send_many("in", [{"user": u, "amount": 1} for u in "abab"])
