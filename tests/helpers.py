@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -330,13 +330,16 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.1) -> None:
+def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.1,
+               detail: Callable[[], str] | None = None) -> None:
+    """Until pred() is true; on a timeout, detail() (if given) says what was seen instead."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    seen = f"\n{detail()}" if detail is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{seen}")
 
 
 def stop_gracefully(w: WorkerProcess, timeout: float = 60.0) -> None:

@@ -23,6 +23,7 @@ import pytest
 from streamcore import JSON, STR, Job, KafkaSink, KafkaSource
 from tests.helpers import (
     PacedProducer,
+    committed,
     committed_total,
     latest_per_key,
     make_topics,
@@ -246,6 +247,13 @@ def test_the_same_state_runs_continuous_then_epochs_then_continuous(
     assert sum(counts.values()) == sent, "an update was written twice or lost"
 
 
+def _what_the_query_did(q: Any, bootstrap: str, group: str, topic: str) -> str:
+    """For a timeout's message: the group's commits, the query's status and its last epochs
+    (this test timed out once on its commits, in a whole-suite run, without a warning)."""
+    return (f"committed: {committed(bootstrap, group, topic)}\nstatus: {q.status}\n"
+            f"exception: {q.exception()!r}\nlast epochs: {q.recent_progress[-5:]}")
+
+
 def test_foreach_batch_on_kafka_and_epoch_ids_recovered_from_the_group(
         bootstrap: str, tmp_path: Path) -> None:
     """foreach_batch gets every record once, epoch by epoch; a restart with an epoch left
@@ -263,7 +271,8 @@ def test_foreach_batch_on_kafka_and_epoch_ids_recovered_from_the_group(
         q = job.start()
         try:
             wait_until(lambda: sum(len(v) for _, v in calls) >= seen, 60, "foreach_batch calls")
-            wait_until(lambda: committed_total(bootstrap, name, src) >= seen, 30, "commits")
+            wait_until(lambda: committed_total(bootstrap, name, src) >= seen, 30, "commits",
+                       detail=lambda: _what_the_query_did(q, bootstrap, name, src))
         finally:
             q.stop(30)
         assert q.exception() is None, q.exception()
