@@ -34,7 +34,7 @@ from streamcore.core.errors import (
 )
 from streamcore.core.logs import BurstLogger
 from streamcore.core.serde import BYTES, KEY
-from streamcore.plan.graph import Node
+from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.batches import BatchedChain, BatchRunner
 from streamcore.runtime.context import Emit, GlobalTableView, PartitionContext, StepFailed
@@ -97,6 +97,8 @@ class PartitionTask:
         gaps: GapCheck | None = None,
     ) -> None:
         self.tp = tp
+        # A repartition topic's records were counted once already, at their source.
+        self.internal = source.kind == OpKind.REPARTITION
         self.state = TaskState.CREATED
         self.tracker = OffsetTracker()
         self.committed = -1  # next offset to read, as last committed by us (-1: none yet)

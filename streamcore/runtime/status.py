@@ -80,7 +80,8 @@ class WorkerStatus:
             produced[c.topic] = produced.get(c.topic, 0) + c.n
         self._retired_dlq += task.dlq_records
         self._retired_late += task.ctx.late_records
-        self._retired_processed += task.processed
+        if not task.internal:
+            self._retired_processed += task.processed
         for slot in task.stores.slots if task.stores is not None else ():
             self._retired_restored[slot.step] = (
                 self._retired_restored.get(slot.step, 0) + slot.restored)
@@ -162,9 +163,11 @@ class WorkerStatus:
         })
 
     def processed(self) -> int:
-        """Records that went through the whole chain (fetched ones still queued, or dropped
-        at a failure or a stop, are not counted)."""
-        return self._retired_processed + sum(t.processed for t in list(self._w.tasks.values()))
+        """Records of the job's sources that went through the whole chain (Spark's input
+        rows: fetched ones still queued, or dropped at a failure or a stop, are not counted,
+        nor are the records a repartition topic carries from one sub-topology to the next)."""
+        return self._retired_processed + sum(
+            t.processed for t in list(self._w.tasks.values()) if not t.internal)
 
     def report_epoch(self, epoch: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Epoch mode: one report per committed epoch, in the same shape, with its batchId,

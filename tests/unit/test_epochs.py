@@ -102,6 +102,23 @@ def test_an_epochs_progress_times_it_from_its_own_start() -> None:
             assert report["processedRowsPerSecond"] <= 2 / 0.04, report
 
 
+@pytest.mark.parametrize("trigger", [None, processing_time("100ms")])
+def test_input_rows_count_the_sources_records_not_the_repartition_topics(
+        trigger: Any) -> None:
+    """numInputRows is Spark's: the records read from the job's sources. A key_by reads its
+    records back from a repartition topic, an internal shuffle that counted them again."""
+    kw = {} if trigger is None else {"trigger": trigger}
+    with TestDriver(_totals(), partitions=2, start_ms=T0, **kw) as d:
+        reports: dict[int, dict[str, Any]] = {}
+        d.send_many("in", [{"user": u, "amount": 1} for u in "abcab"])
+        for _ in range(4):  # epoch mode: the input's epoch, then the repartition's
+            d.advance_time("10s" if trigger is None else "100ms")  # one report each
+            if (report := d.worker.last_progress) is not None:
+                reports[report["batchId"]] = report
+        assert len(d.read("out")) == 5  # every record went through both sub-topologies
+        assert sum(r["numInputRows"] for r in reports.values()) == 5, reports
+
+
 def test_an_aborted_epoch_leaves_state_and_offsets_as_before_and_runs_again() -> None:
     with TestDriver(_totals(), partitions=2, trigger=processing_time("100ms")) as d:
         d.send_many("in", [{"user": u, "amount": 1} for u in "abab"])
