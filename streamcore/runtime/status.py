@@ -186,7 +186,7 @@ class WorkerStatus:
             "id": self._w.plan.name,
             "runId": self._w.run_id,
             "name": self._w.plan.name,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+            "timestamp": _iso(int(time.time() * 1000)),  # Spark's: UTC, ms, with the Z
             "batchId": self._progress_id,
             "numInputRows": rows,
             "inputRowsPerSecond": round(rows / elapsed, 1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -103,10 +104,11 @@ def test_an_epochs_progress_times_it_from_its_own_start() -> None:
 
 
 @pytest.mark.parametrize("trigger", [None, processing_time("100ms")])
-def test_input_rows_count_the_sources_records_not_the_repartition_topics(
+def test_progress_counts_input_rows_and_stamps_reports_as_spark_does(
         trigger: Any) -> None:
     """numInputRows is Spark's: the records read from the job's sources. A key_by reads its
-    records back from a repartition topic, an internal shuffle that counted them again."""
+    records back from a repartition topic, an internal shuffle that counted them again. The
+    timestamp is Spark's too: UTC, and it says so."""
     kw = {} if trigger is None else {"trigger": trigger}
     with TestDriver(_totals(), partitions=2, start_ms=T0, **kw) as d:
         reports: dict[int, dict[str, Any]] = {}
@@ -117,6 +119,9 @@ def test_input_rows_count_the_sources_records_not_the_repartition_topics(
                 reports[report["batchId"]] = report
         assert len(d.read("out")) == 5  # every record went through both sub-topologies
         assert sum(r["numInputRows"] for r in reports.values()) == 5, reports
+        # Spark's timestamp: ISO 8601 in UTC with milliseconds and the Z that says so.
+        for r in reports.values():
+            assert datetime.fromisoformat(r["timestamp"]).utcoffset() == timedelta(0), r
 
 
 def test_an_aborted_epoch_leaves_state_and_offsets_as_before_and_runs_again() -> None:
