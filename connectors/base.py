@@ -144,7 +144,9 @@ class GroupMember(ABC):
     @abstractmethod
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         """Stop fetching these partitions; consumption resumes where the engine left off.
-        Partitions no longer assigned are ignored. Non-blocking."""
+        Partitions no longer assigned are ignored. Non-blocking: a fetch under way may
+        still bring their records, and pauses and resumes take effect in call order,
+        before the next fetch."""
 
     @abstractmethod
     def resume(self, partitions: Sequence[TopicPartition]) -> None:

@@ -62,6 +62,10 @@ class ThreadedMember(QueuedCommits, GroupMember):
         # Clear while a fetch is out: a revoke waits for it (see _taken).
         self._fetch_idle = asyncio.Event()
         self._fetch_idle.set()
+        # Pauses and resumes made while a fetch is out, applied in order when it lands: a
+        # call on the reader would wait for that poll, holding the event loop.
+        self._kept: list[tuple[Callable[[Sequence[TopicPartition]], None],
+                               Sequence[TopicPartition]]] = []
         self._commit_failed: Callable[[dict[TopicPartition, int]], None] | None = None
 
     # -- the group -----------------------------------------------------------------------
@@ -197,15 +201,30 @@ class ThreadedMember(QueuedCommits, GroupMember):
                 msgs = await self._fetching
             finally:
                 self._fetching = None
+                self._apply_kept()  # before a revoke waiting for the fetch goes on
                 self._fetch_idle.set()
         self._backlog = len(msgs) >= max_records
         return msgs
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
-        self.consumer.pause(partitions)
+        """At once, or (a fetch on the fetch thread) as soon as it lands: its records may
+        still hold some of these partitions', as any fetch under way when a pause comes."""
+        self._call(self.consumer.pause, partitions)
 
     def resume(self, partitions: Sequence[TopicPartition]) -> None:
-        self.consumer.resume(partitions)
+        self._call(self.consumer.resume, partitions)
+
+    def _call(self, fn: Callable[[Sequence[TopicPartition]], None],
+              partitions: Sequence[TopicPartition]) -> None:
+        if self._fetching is None:
+            fn(partitions)
+        else:
+            self._kept.append((fn, partitions))
+
+    def _apply_kept(self) -> None:
+        kept, self._kept = self._kept, []
+        for fn, partitions in kept:
+            fn(partitions)
 
     def high_watermark(self, tp: TopicPartition) -> int | None:
         return self.consumer.high_watermark(tp)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
@@ -17,6 +19,7 @@ from connectors.confluent import (
     consumer_settings,
     producer_settings,
 )
+from connectors.threaded import ThreadedMember
 from streamcore.core.errors import ProducerFenced, TransactionAborted
 from tests.helpers import make_topics, produce, unique
 
@@ -145,3 +148,48 @@ def test_the_lag_gauge_reads_the_high_watermark_while_another_thread_fetches(
         stop.set()
         fetcher.join(10)
         c.close()
+
+
+def test_pause_and_resume_do_not_wait_for_the_fetch_in_flight(bootstrap: str) -> None:
+    """A partition task resumes its partition on the event loop while the fetch thread polls
+    the reader. On confluent-kafka 2.16 a call on the reader waits for that poll, so each
+    resume held the event loop for up to a poll (in the map_async backpressure test, 55
+    resumes held it 4.1 s, 98 ms at worst, while the I/O calls waited). The member now keeps
+    such calls until the fetch lands, and applies them, in order, before the next one."""
+    topic = unique("defer")
+    make_topics(bootstrap, topic, partitions=2)
+    c = ConfluentConsumer(consumer_settings(bootstrap, unique("g"), {}, {}))
+    member = ThreadedMember(c)
+    p0, p1 = (topic, 0), (topic, 1)
+    polled = threading.Event()  # set when a poll of the reader has returned
+    consume = c.consume
+
+    def consume_and_tell(max_records: int, timeout: float) -> list[Any]:
+        try:
+            return consume(max_records, timeout)
+        finally:
+            polled.set()
+
+    c.consume = consume_and_tell  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        c._reader_add([CTP(topic, 0, 0), CTP(topic, 1, 0)])
+        assert await member.fetch(100, 0.5) == []  # the reader has joined its partitions
+        polled.clear()
+        fetch = asyncio.ensure_future(member.fetch(100, 3.0))  # nothing comes: a long poll
+        await asyncio.sleep(0.5)
+        member.pause([p0])
+        member.resume([p1])
+        member.pause([p1])  # kept in order: p1 ends paused too
+        assert not polled.is_set(), "pause/resume waited for the fetch in flight"
+        assert await fetch == []
+        produce(bootstrap, topic, ((None, b"x", p) for p in (0, 1) for _ in range(5)))
+        assert await member.fetch(100, 1.0) == [], "a pause kept back was never applied"
+        member.resume([p0])  # no fetch in flight: at once
+        got = await member.fetch(100, 5.0)
+        assert {m.partition() for m in got} == {0} and len(got) == 5
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(member.close())
