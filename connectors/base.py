@@ -197,9 +197,7 @@ class GroupMember(ABC):
 
     def group_metadata(self) -> Any:
         """The group's metadata for ``send_offsets_to_transaction`` (its generation, so that
-        a member fenced out of the group cannot commit). Optional, as :meth:`seek`. May
-        block (confluent-kafka's waits for the member's serve of the group): the engine calls
-        it off the event loop."""
+        a member fenced out of the group cannot commit). Optional, as :meth:`seek`."""
         raise NotImplementedError(f"{type(self).__name__} has no group metadata")
 
     def observe_commits(self, seconds: Callable[[float], None]) -> None:  # noqa: B027

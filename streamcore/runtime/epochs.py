@@ -342,9 +342,7 @@ class EpochCommits(CommitProtocol):
                     self._overlap()  # 3.
                     await self._acknowledged(live)  # (aborts if a task is fenced meanwhile)
                     if offsets:  # 4.
-                        # Off the loop: confluent-kafka's call waits for the member's
-                        # serve of the group (up to 20 ms) while the next epoch runs here.
-                        metadata = await self._blocking(w.member.group_metadata)
+                        metadata = w.member.group_metadata()
                         await self._blocking(w.producer.send_offsets_to_transaction, offsets,
                                              metadata, _TXN_TIMEOUT_S)
                     await self._blocking(w.producer.commit_transaction, _TXN_TIMEOUT_S)

@@ -5,7 +5,6 @@ an epoch loses nothing and duplicates nothing; once and available_now stop by th
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections import Counter
@@ -123,31 +122,6 @@ def test_progress_counts_input_rows_and_stamps_reports_as_spark_does(
         # Spark's timestamp: ISO 8601 in UTC with milliseconds and the Z that says so.
         for r in reports.values():
             assert datetime.fromisoformat(r["timestamp"]).utcoffset() == timedelta(0), r
-
-
-def test_the_group_metadata_of_an_epoch_commit_is_read_off_the_event_loop() -> None:
-    """Step 4 reads the group's metadata from the member. On confluent-kafka that call waits
-    for the membership thread's serve of the group (up to 20 ms; 8.7 ms on average in a
-    W1 epoch run) and held the event loop meanwhile, while the next epoch's records wait.
-    Here the member's call completes only if the event loop can still run a callback."""
-    with TestDriver(_passthrough(), trigger=processing_time("100ms"), start_ms=T0) as d:
-        member = d.worker.member
-        plain = member.group_metadata
-        loop = d._loop
-        blocked: list[str] = []
-
-        def needs_the_loop() -> Any:
-            try:
-                asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=2)
-            except TimeoutError:
-                blocked.append("the event loop waited for the group metadata")
-            return plain()
-
-        member.group_metadata = needs_the_loop  # type: ignore[method-assign]
-        d.send("in", {"i": 0})
-        d.advance_time("100ms")
-        assert [r.value for r in d.read("out")] == [{"i": 0}]
-        assert d.committed("in") == {0: 1} and blocked == []
 
 
 def test_an_aborted_epoch_leaves_state_and_offsets_as_before_and_runs_again() -> None:
