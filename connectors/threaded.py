@@ -67,6 +67,10 @@ class ThreadedMember(QueuedCommits, GroupMember):
         self._kept: list[tuple[Callable[[Sequence[TopicPartition]], None],
                                Sequence[TopicPartition]]] = []
         self._commit_failed: Callable[[dict[TopicPartition, int]], None] | None = None
+        # The group's metadata (epoch mode's transactions), read on the membership thread
+        # after each serve once asked for: read from the loop, the call waits for the serve.
+        self._metadata: Any = None
+        self._metadata_wanted = False
 
     # -- the group -----------------------------------------------------------------------
     async def join(self, topics: Sequence[str], listener: RebalanceListener, *,
@@ -105,7 +109,19 @@ class ThreadedMember(QueuedCommits, GroupMember):
                 self.consumer.commit(commit, asynchronous=True)
             except StreamcoreError as exc:  # a failed async commit is retried by the next one
                 log.warning("commit failed: %s", exc)
-        return self.consumer.serve(_SERVE_TIMEOUT_S), time.monotonic()
+        errors = self.consumer.serve(_SERVE_TIMEOUT_S)
+        served_at = time.monotonic()
+        self._read_metadata()
+        return errors, served_at
+
+    def _read_metadata(self) -> None:
+        """Membership thread: the generation changes only inside a serve, so the metadata
+        read after each serve (and at the start of each rebalance callback) is current
+        whenever the event loop runs. Had it moved on, the broker refuses the transaction's
+        offsets and the epoch is retried: never a commit it would not have taken."""
+        if self._metadata_wanted:
+            with contextlib.suppress(RuntimeError):  # not in a group yet: read it directly
+                self._metadata = self.consumer.group_metadata()
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.forget(offsets)  # the service would send it after this one (GroupMember.commit)
@@ -132,6 +148,7 @@ class ThreadedMember(QueuedCommits, GroupMember):
 
     def _on_assign(self, parts: list[TopicPartition]) -> None:
         assert self._listener is not None
+        self._read_metadata()
         self._on_loop(self._listener.assigned(parts))
 
     async def _taken(self, parts: list[TopicPartition], event: Coroutine[Any, Any, T]) -> T:
@@ -153,6 +170,7 @@ class ThreadedMember(QueuedCommits, GroupMember):
 
     def _on_revoke(self, parts: list[TopicPartition]) -> None:
         assert self._listener is not None
+        self._read_metadata()
         offsets = self._on_loop(self._taken(parts, self._listener.revoked(parts)))
         if not offsets:
             return
@@ -165,6 +183,7 @@ class ThreadedMember(QueuedCommits, GroupMember):
 
     def _on_lost(self, parts: list[TopicPartition]) -> None:
         assert self._listener is not None
+        self._read_metadata()
         self._on_loop(self._taken(parts, self._listener.lost(parts)))
 
     def _on_fenced(self, parts: list[TopicPartition]) -> None:
@@ -233,4 +252,9 @@ class ThreadedMember(QueuedCommits, GroupMember):
         self.consumer.seek(offsets)
 
     def group_metadata(self) -> Any:
-        return self.consumer.group_metadata()
+        """As read by the membership thread (see _read_metadata); the first call, before
+        that thread reads it, reads it here (it may wait for one serve)."""
+        self._metadata_wanted = True
+        if self._metadata is None:
+            self._metadata = self.consumer.group_metadata()
+        return self._metadata
