@@ -144,8 +144,7 @@ class MemoryCluster:
                txn: int = COMMITTED) -> MemoryMessage:
         with self._cond:
             log = self.topics[topic][partition]
-            msg = MemoryMessage(topic, partition, len(log), key, value,
-                                timestamp or self.clock_ms(), headers)
+            msg = MemoryMessage(topic, partition, len(log), key, value, timestamp, headers)
             msg.txn = txn
             log.append(msg)
             tp = (topic, partition)
@@ -420,6 +419,8 @@ class MemoryProducer(ProducerBackend):
         if partition < 0:
             partition = (murmur2_partition(key, len(parts)) if key is not None
                          else next(self._round_robin) % len(parts))
+        if timestamp == 0:  # as librdkafka: the time of the write
+            timestamp = self._cluster.clock_ms()
         if self.fail_transaction and self.fail is None:
             # Raised by produce calls only, never by release() of held records: the
             # driver's thread, not the engine, would get it.

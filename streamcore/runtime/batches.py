@@ -39,7 +39,7 @@ from connectors.base import Message, ProducerBackend
 from streamcore.core.serde import BYTES, INTERNAL_KEY, KEY
 from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
-from streamcore.runtime.context import Emit, PartitionContext, StepFailed
+from streamcore.runtime.context import ZERO_TIME_ON_KAFKA, Emit, PartitionContext, StepFailed
 from streamcore.runtime.operators import compile_chain
 from streamcore.runtime.records import ChainRunner
 from streamcore.runtime.tracking import Batch
@@ -113,8 +113,9 @@ class Columns:
 
 def decode(msgs: list[Message], vde: Callable[[bytes], Any],
            kde: Callable[[bytes], Any] | None,
-           ts_of: Callable[[Any], int] | None) -> Columns:
-    """The fetched messages as columns: keys and values deserialized, timestamps taken."""
+           ts_of: Callable[[Any], int] | None, internal: bool = False) -> Columns:
+    """The fetched messages as columns: keys and values deserialized, timestamps taken (an
+    internal topic's ZERO_TIME_ON_KAFKA read as 0)."""
     n = len(msgs)
     try:
         values = [None if (raw := m.value()) is None else vde(raw) for m in msgs]
@@ -127,6 +128,8 @@ def decode(msgs: list[Message], vde: Callable[[bytes], Any],
     if ts_of is None:
         cols.tss = [msgs[i].timestamp()[1] for i in cols.idx] if cols.failed else \
             [m.timestamp()[1] for m in msgs]
+        if internal and ZERO_TIME_ON_KAFKA in cols.tss:
+            cols.tss = [0 if t == ZERO_TIME_ON_KAFKA else t for t in cols.tss]
     else:
         try:
             cols.tss = [ts_of(v) for v in cols.values]
@@ -221,6 +224,7 @@ class SinkColumns:
         sink = node.sink
         assert sink is not None
         self.topic = topic
+        self.internal = node.kind == OpKind.REPARTITION  # event time 0 must survive it
         self.headers = sink.headers
         self._vser = sink.value.serialize
         self._kser = sink.key.serialize
@@ -238,6 +242,8 @@ class SinkColumns:
                 ks = [None if k is None else kser(k) for k in cols.keys]
         except Exception:
             return None
+        if self.internal and 0 in cols.tss:
+            cols.tss = [t or ZERO_TIME_ON_KAFKA for t in cols.tss]
         return vs, ks
 
 
@@ -376,7 +382,7 @@ class BatchRunner(ChainRunner[BatchedChain]):
         in the producer)."""
         b = self.chain
         ctx = self.ctx
-        cols = decode(msgs, vde, kde, ts_of)
+        cols = decode(msgs, vde, kde, ts_of, self.internal)
         b.run.apply(cols)
         if b.agg is not None:  # the head of the batch through the fused aggregate; cols the rest
             head = b.agg.update(cols)

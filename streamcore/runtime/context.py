@@ -19,10 +19,15 @@ from statestore.cache import StateCache
 from streamcore.runtime.eventtime import EventTime
 from streamcore.runtime.tracking import Batch
 
-__all__ = ["AsyncLane", "BatchRecord", "Emit", "GlobalTableView", "OpenState",
-           "OperatorHooks", "PartitionContext", "SinkCounter", "StepFailed"]
+__all__ = ["ZERO_TIME_ON_KAFKA", "AsyncLane", "BatchRecord", "Emit", "GlobalTableView",
+           "OpenState", "OperatorHooks", "PartitionContext", "SinkCounter", "StepFailed"]
 
 Emit = Callable[[Any, Any, int], None]
+
+# librdkafka produces a timestamp of 0 as the time of the write, so a record at event time 0
+# crosses a repartition topic with -1 (Kafka's "no timestamp") and is read back as 0. A
+# record of event time -1 (before 1970, which Kafka's Java producer refuses) reads back as 0.
+ZERO_TIME_ON_KAFKA = -1
 
 
 class BatchRecord(NamedTuple):

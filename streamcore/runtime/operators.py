@@ -16,6 +16,7 @@ from streamcore.core.serde import BYTES, INTERNAL_KEY, KEY
 from streamcore.plan.graph import Node, OpKind
 from streamcore.plan.physical import PhysicalPlan
 from streamcore.runtime.context import (
+    ZERO_TIME_ON_KAFKA,
     AsyncLane,
     BatchRecord,
     Emit,
@@ -345,6 +346,7 @@ def _make_epoch_update(fn: Any, down: Emit, ctx: PartitionContext, cache: Any, s
 def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
     sink = node.sink
     assert sink is not None
+    internal = topic is not None  # a repartition topic: event time 0 must survive it
     topic = topic or sink.topic
     vser = sink.value.serialize
     kser = sink.key.serialize
@@ -358,6 +360,8 @@ def _make_sink(node: Node, ctx: PartitionContext, topic: str | None) -> Emit:
 
     def to(key: Any, value: Any, ts: int) -> None:
         batch: Batch = ctx.batch  # type: ignore[assignment]  # set while records flow
+        if ts == 0 and internal:
+            ts = ZERO_TIME_ON_KAFKA
         try:
             v = None if value is None else vser(value)
             k = key if key is None or (raw_keys and type(key) is bytes) else kser(key)

@@ -117,8 +117,9 @@ class PartitionTask:
             self._chain = compile_chain(plan, source, self.ctx, built=built)
             self._runner: ChainRunner[Any] = BatchRunner(
                 BatchedChain(plan, source, self.ctx, built), self.ctx, self._record_failed,
-                lambda: self._closing) if batch_execution else \
-                RecordRunner(self._chain, self.ctx, self._record_failed, lambda: self._closing)
+                lambda: self._closing, internal=self.internal) if batch_execution else \
+                RecordRunner(self._chain, self.ctx, self._record_failed, lambda: self._closing,
+                             internal=self.internal)
         except BaseException:
             self.close_stores()
             raise

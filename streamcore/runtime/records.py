@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from connectors.base import Message
-from streamcore.runtime.context import Emit, PartitionContext, StepFailed
+from streamcore.runtime.context import ZERO_TIME_ON_KAFKA, Emit, PartitionContext, StepFailed
 from streamcore.runtime.tracking import Batch
 
 __all__ = ["ChainRunner", "RecordRunner"]
@@ -32,9 +32,10 @@ class ChainRunner(ABC, Generic[C]):
 
     def __init__(self, chain: C, ctx: PartitionContext,
                  failed: Callable[[Message, StepFailed], None],
-                 stopping: Callable[[], bool]) -> None:
+                 stopping: Callable[[], bool], *, internal: bool = False) -> None:
         self.chain = chain
         self.ctx = ctx
+        self.internal = internal  # reads a repartition topic (see ZERO_TIME_ON_KAFKA)
         self._failed = failed  # the record's error policy (raises under "fail")
         self._stopping = stopping  # the task is stopping: the rest of a batch may be left
 
@@ -75,6 +76,8 @@ class RecordRunner(ChainRunner[Emit]):
                     raise StepFailed("deserialize", None, exc) from exc
                 if ts_of is None:
                     ts = m.timestamp()[1]
+                    if ts == ZERO_TIME_ON_KAFKA and self.internal:
+                        ts = 0
                 else:
                     try:
                         ts = ts_of(value)

@@ -27,6 +27,7 @@ from streamcore import (
     KafkaSource,
     Session,
     Sliding,
+    Tumbling,
     WorkerConfig,
 )
 from tests.helpers import (
@@ -316,3 +317,28 @@ def test_every_window_kind_gives_on_the_broker_what_it_gives_in_the_driver(
     assert q.exception() is None, q.exception()
     for k in kinds:
         assert got[k] == expected[k], k
+
+
+def test_an_event_time_of_zero_crosses_a_repartition_topic_on_the_broker(
+        bootstrap: str, tmp_path: Path) -> None:
+    """librdkafka produces a timestamp of 0 as the time of the write: the key_by's write
+    carries event time 0 as -1 (Kafka's "no timestamp"), read back as 0 (the driver's test
+    is tests/unit/test_windows.py)."""
+    src, out = unique("zero-in"), unique("zero-out")
+    make_topics(bootstrap, src, out, partitions=1)
+    job = Job(unique("zero"))
+    (job.stream(KafkaSource(src, key=STR, value=JSON, timestamp=lambda v: v["t"]))
+        .with_watermark("1s")
+        .key_by(lambda v: v["k"])
+        .window(Tumbling("1s"))
+        .count(name="counts")
+        .to(KafkaSink(out, key=JSON, value=JSON), output_mode="append"))
+    produce(bootstrap, src, (("a", {"k": "a", "t": t}, 0) for t in (0, 100, 5_000)))
+    q = job.start(_cfg(bootstrap, state_dir=str(tmp_path / "state")))
+    try:
+        msgs = read_topic(bootstrap, out, expect=1, partitions=1, timeout=60, settle=2.0)
+    finally:
+        q.stop(30)
+    assert q.exception() is None, q.exception()
+    assert [(orjson.loads(m.key()), orjson.loads(m.value())["count"]) for m in msgs] == \
+        [(["a", 0, 1_000], 2)]

@@ -25,6 +25,7 @@ from streamcore import (
     Session,
     Sliding,
     Tumbling,
+    WorkerConfig,
     processing_time,
 )
 from streamcore.runtime.timed import pack_time
@@ -588,3 +589,23 @@ def test_one_windowed_table_in_two_output_modes() -> None:
         assert _rows(d, "changes") == [("a", 0, MIN, 1), ("a", 0, MIN, 2),
                                        ("a", MIN, 2 * MIN, 1)]
         assert _rows(d, "final") == [("a", 0, MIN, 2)]
+
+
+@pytest.mark.parametrize("batches", [True, False], ids=["batches", "record-at-a-time"])
+@pytest.mark.parametrize("extractor", [False, True], ids=["record-timestamp", "extractor"])
+def test_an_event_time_of_zero_crosses_a_repartition_topic(extractor: bool,
+                                                           batches: bool) -> None:
+    """librdkafka produces a timestamp of 0 as the time of the write (the in-memory backend
+    does the same), so a record at event time 0, a natural first timestamp in a test, went
+    through a key_by into a window of the wall clock's time: lost from its own."""
+    job = Job("zero")
+    source = KafkaSource("in", key=STR, value=JSON,
+                         timestamp=(lambda v: v["t"]) if extractor else None)
+    (job.stream(source).with_watermark("1s").key_by(lambda v: v["k"])
+        .window(Tumbling("1s")).count(name="counts")
+        .to(KafkaSink("out", key=JSON, value=JSON), output_mode="append"))
+    with TestDriver(job, start_ms=T0, config=WorkerConfig(batch_execution=batches)) as d:
+        for t in (0, 100, 5_000):
+            d.send("in", {"k": "a", "t": t}, key="a", timestamp=t)
+            d.advance_time("1s")
+        assert [(r.key, r.value["count"]) for r in d.read("out")] == [(["a", 0, 1_000], 2)]
