@@ -514,10 +514,18 @@ class ConfluentProducer(ProducerBackend):
 
     def explain_failure(self, failure: Exception) -> Exception:
         """A fenced transactional producer's records fail their delivery with
-        PRODUCER_FENCED (or after its fatal error): that is the fence, naming the id."""
-        if self.transactional and self._p is not None \
-                and (self._fatal_seen() or "PRODUCER_FENCED" in str(failure)):
+        PRODUCER_FENCED (or after its fatal error): that is the fence, naming the id.
+        Records purged from the queue (_PURGE_QUEUE) were dropped by librdkafka because
+        the transaction failed with an abortable error (rdkafka_txnmgr.c purges then): the
+        epoch is aborted and retried; a fenced producer then fails its abort, as fenced."""
+        if not (self.transactional and self._p is not None):
+            return failure
+        if self._fatal_seen() or "PRODUCER_FENCED" in str(failure):
             return _fenced(f"a delivery failed ({failure})", self.transactional_id)
+        if "_PURGE_QUEUE" in str(failure):
+            return TransactionAborted(f"the transaction of transactional id "
+                                      f"{self.transactional_id!r} failed, and librdkafka "
+                                      f"dropped its queued records: {failure}")
         return failure
 
     # -- transactions (epoch mode) ---------------------------------------------------------

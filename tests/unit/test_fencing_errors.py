@@ -12,7 +12,12 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from connectors.confluent import ConfluentProducer, producer_settings
-from streamcore.core.errors import DeliveryFailed, FatalError, ProducerFenced
+from streamcore.core.errors import (
+    DeliveryFailed,
+    FatalError,
+    ProducerFenced,
+    TransactionAborted,
+)
 
 
 @pytest.fixture
@@ -52,3 +57,24 @@ def test_an_idempotent_producers_fatal_error_stops_every_later_poll() -> None:
             assert not isinstance(info.value, ProducerFenced)
     finally:
         p.close()
+
+
+def test_a_delivery_purged_by_a_failed_transaction_aborts_the_epoch(
+        producer: ConfluentProducer) -> None:
+    """librdkafka purges a transactional producer's queue when the transaction fails with an
+    abortable error (a fence the broker reports as one, among others): the purged records'
+    reports say _PURGE_QUEUE. That is the transaction's failure, not the record's: the epoch
+    is aborted and retried (a fenced worker then fails its abort, naming itself), where a
+    DeliveryFailed would stop the worker with no word of the cause."""
+    purged = DeliveryFailed("job-totals-changelog",
+                            'KafkaError{code=_PURGE_QUEUE,val=-152,str="Local: Purged in queue"}')
+    err = producer.explain_failure(purged)
+    assert isinstance(err, TransactionAborted) and "'t-1'" in str(err)
+    assert "Purged in queue" in str(err)
+    # Without a transaction nothing purges the queue but close(): no reason to read it so.
+    plain = ConfluentProducer(producer_settings("127.0.0.1:1", {}, {
+        "logger": logging.getLogger("tests.fencing")}))
+    try:
+        assert plain.explain_failure(purged) is purged
+    finally:
+        plain.close()
