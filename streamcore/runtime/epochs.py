@@ -65,6 +65,13 @@ __all__ = ["EpochCommits", "EpochLog", "transactional_id"]
 
 log = logging.getLogger("streamcore.epochs")
 _TXN_TIMEOUT_S = 30.0
+# Epochs that may fail in a row before the worker stops. An abort is the cure for a passing
+# failure (a group that moved on, a partition lost mid-epoch): the epoch run again commits.
+# A failure that comes back every time (a record the broker refuses for good, which
+# librdkafka turns into an abortable error of the whole transaction) would otherwise be
+# retried forever, the worker alive and committing nothing. (Spark fails a query once a
+# task has failed 4 times.)
+MAX_FAILED_EPOCHS_IN_A_ROW = 5
 
 
 def transactional_id(group: str, state_dir: Path, configured: str | None) -> str:
@@ -129,6 +136,7 @@ class EpochCommits(CommitProtocol):
         self._w = worker
         self.commits = 0
         self.aborts = 0
+        self.failed_in_a_row = 0  # epochs failed since the last commit (not losses)
         self.epoch_id = 0
         self._log = EpochLog(Path(worker.config.state_dir) / worker.group / ".epoch")
         self._batch_steps = [n for n in worker.plan.nodes if n.kind == OpKind.FOREACH_BATCH]
@@ -313,7 +321,7 @@ class EpochCommits(CommitProtocol):
     async def end_epoch(self) -> bool:
         """Steps 1 to 5 of the module docstring; True if the epoch committed something.
         Raises a fenced producer or a failed delivery (fatal); an aborted transaction is
-        retried by the next epoch."""
+        retried by the next epoch, up to MAX_FAILED_EPOCHS_IN_A_ROW failures in a row."""
         async with self._lock:
             w = self._w
             self.gate.clear()
@@ -354,9 +362,18 @@ class EpochCommits(CommitProtocol):
                                 if t.state in (TaskState.RUNNING, TaskState.SUSPENDED)]
                     live = [t for t in live if not t.fenced]
                     await self._abort(live, f"the epoch failed: {exc}")
+                    self.failed_in_a_row += 1
+                    if self.failed_in_a_row >= MAX_FAILED_EPOCHS_IN_A_ROW:
+                        raise FatalError(
+                            f"epoch {self.epoch_id} failed {self.failed_in_a_row} times in a "
+                            f"row, the last time: {exc}. A failure that every retry meets "
+                            "is no passing one (a record the broker refuses for good fails "
+                            "the whole transaction: librdkafka's TXNERR log line names it); "
+                            "nothing of the epoch was committed") from exc
                     return False
                 t2 = time.monotonic()
                 self._log.committed(self.epoch_id)
+                self.failed_in_a_row = 0
                 for t in live:  # 5.
                     t.epoch_committed(offsets.get(t.tp))
                 self.commits += 1

@@ -17,9 +17,11 @@ from streamcore import (
     JSON,
     STR,
     ConfigError,
+    FatalError,
     Job,
     KafkaSink,
     KafkaSource,
+    RetriableError,
     WorkerConfig,
     available_now,
     once,
@@ -143,6 +145,41 @@ def test_an_aborted_epoch_leaves_state_and_offsets_as_before_and_runs_again() ->
         assert d.store("per-user")["a"] == 12
         assert d.worker.last_progress["batchId"] > epoch  # type: ignore[index]
         assert d.exception() is None
+
+
+def test_an_epoch_that_fails_every_time_stops_the_worker_instead_of_looping() -> None:
+    """A transaction that fails the same way at every try (librdkafka makes a record the
+    broker refuses for good an abortable error of the transaction, and purges the rest) used
+    to be aborted and run again forever: the worker looked alive and committed nothing.
+    After a few failures in a row it now stops with a fatal error that names the last one."""
+    with TestDriver(_passthrough(), trigger=processing_time("100ms")) as d:
+        d.send("in", {"i": 0})
+        d.advance_time("100ms")
+        assert d.committed("in") == {0: 1}
+        d.send("in", {"i": 1})
+        d.abort_next_epoch(times=1_000)
+        for _ in range(50):
+            if d.stopped():
+                break
+            d.advance_time("100ms")
+        err = d.exception()
+        assert isinstance(err, FatalError) and not isinstance(err, RetriableError), err
+        assert "in a row" in str(err) and "injected" in str(err), err
+        assert d.committed("in") == {0: 1}, "a failed epoch committed"
+        assert [r.value for r in d.read("out")] == [{"i": 0}]
+
+
+def test_failures_apart_do_not_add_up_to_a_stop() -> None:
+    """Only failures in a row count: an epoch that commits in between starts the count
+    again, so a worker that recovers each time runs on."""
+    with TestDriver(_passthrough(), trigger=processing_time("100ms")) as d:
+        for i in range(12):
+            d.send("in", {"i": i})
+            d.abort_next_epoch(times=2)
+            d.advance_time("300ms")
+        assert d.exception() is None and not d.stopped()
+        assert sorted(r.value["i"] for r in d.read("out")) == list(range(12))
+        assert d.worker.committer.aborts == 24  # type: ignore[attr-defined]
 
 
 def test_crashes_at_random_points_of_epochs_give_exact_outputs_and_state() -> None:
