@@ -31,7 +31,7 @@ import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench import profile
-from bench.workload import PRODUCER_W1, record
+from bench.workload import PRODUCER_W1, input_partition, record
 from connectors.admin import create_topics
 from streamcore import broker
 from streamcore.core.logs import librdkafka_logger
@@ -158,13 +158,15 @@ def _reader(bootstrap: str, topic: str, fetch_wait_ms: int) -> Consumer:
     return c
 
 
-def _produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) -> None:
-    """Produce (key, value) records with the W1 producer settings and wait for them all."""
+def _produce_all(bootstrap: str, topic: str,
+                 records: Iterable[tuple[bytes, bytes, int]]) -> None:
+    """Produce (key, value, partition) records with the W1 producer settings and wait for
+    them all."""
     p = Producer({"bootstrap.servers": bootstrap, "logger": librdkafka_logger(), **PRODUCER_W1})
-    for key, value in records:
+    for key, value, partition in records:
         while True:
             try:
-                p.produce(topic, value, key)
+                p.produce(topic, value, key, partition)
                 break
             except BufferError:
                 p.poll(0.05)
@@ -179,7 +181,8 @@ def run_w1(system: str, records: int, mode: str = "w1", trigger: str | None = No
         src, out = "w1-in", "w1-out"
         create_topics(bootstrap, {src: PARTITIONS, out: PARTITIONS})
         keys = 1000 if mode == "w2win" else 5000
-        _produce_all(bootstrap, src, ((f"u{i % keys}".encode(), record(i))
+        _produce_all(bootstrap, src, ((f"u{i % keys}".encode(), record(i),
+                                       input_partition(i % keys, PARTITIONS))
                                       for i in range(records)))
         expected = records - (records + 9) // 10 if mode == "w1" else records
         if mode == "w2win":  # one output per key and closed window: 10 records each
@@ -266,7 +269,7 @@ def run_restore(records: int) -> dict[str, float]:
         topic = "bench-totals-changelog"
         create_topics(bootstrap, {topic: 1}, config={"cleanup.policy": "compact"})
         _produce_all(bootstrap, topic, ((b'"u%d"' % (i % 100_000),
-                                         orjson.dumps({"count": i, "sum": i * 12.5}))
+                                         orjson.dumps({"count": i, "sum": i * 12.5}), 0)
                                         for i in range(records)))
         stores = PartitionStores("bench", 0, state_dir=Path(tmp), backend="rocksdb",
                                  settings=RocksDBSettings(), cache_entries=1000)
@@ -312,7 +315,8 @@ def run_w3(system: str, rate: int, seconds: int, trigger: str | None = None) -> 
         while (now := time.monotonic()) - start < seconds:
             while sent < int((now - start) * rate):
                 i = sent * 10 + 1  # never a bot: every record has an output
-                p.produce(src, record(i), f"u{i % 5000}".encode())
+                p.produce(src, record(i), f"u{i % 5000}".encode(),
+                          input_partition(i % 5000, PARTITIONS))
                 sent += 1
             p.poll(0)
             time.sleep(0.001)
