@@ -136,6 +136,30 @@ def test_headers_and_timestamps_pass_through(bootstrap: str) -> None:
         assert m.timestamp()[1] == 1_700_000_000_000 + i
 
 
+def test_a_partitioner_setting_places_keys_as_that_partitioner_does(bootstrap: str) -> None:
+    """The README's advice for topics written by librdkafka's default partitioner: with
+    producer={"partitioner": "consistent_random"} each key goes back to the partition where
+    that partitioner put it in the input (the default, murmur2, puts most elsewhere)."""
+    src, out = unique("part-in"), unique("part-out")
+    make_topics(bootstrap, src, out)
+    keys = [f"user-{i}" for i in range(40)]
+    produce(bootstrap, src, ((k, {"k": k}, None) for k in keys))  # librdkafka's default
+    job = Job(unique("part"))
+    job.stream(KafkaSource(src, key=STR, value=JSON)).to(KafkaSink(out, key=STR, value=JSON))
+    msgs = read_topic(bootstrap, src, expect=len(keys))
+    placed_in = {m.key(): m.partition() for m in msgs}
+    moved = sum(placed_in[m.key()] != m.partition()
+                for m in _run_until(job, bootstrap, out, expect=len(keys)))
+    assert moved > 0, "murmur2 placed every key as librdkafka's default does: no test"
+    job2 = Job(unique("part"))
+    out2 = unique("part-out")
+    make_topics(bootstrap, out2)
+    job2.stream(KafkaSource(src, key=STR, value=JSON)).to(KafkaSink(out2, key=STR, value=JSON))
+    got = _run_until(job2, bootstrap, out2, expect=len(keys),
+                     producer={"partitioner": "consistent_random"})
+    assert {m.key(): m.partition() for m in got} == placed_in
+
+
 def test_pattern_source_and_timestamp_extractor(bootstrap: str) -> None:
     """A regex subscription reads every matching topic; the extracted event time becomes the
     output record's timestamp."""
