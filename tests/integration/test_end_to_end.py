@@ -140,24 +140,25 @@ def test_a_partitioner_setting_places_keys_as_that_partitioner_does(bootstrap: s
     """The README's advice for topics written by librdkafka's default partitioner: with
     producer={"partitioner": "consistent_random"} each key goes back to the partition where
     that partitioner put it in the input (the default, murmur2, puts most elsewhere)."""
-    src, out = unique("part-in"), unique("part-out")
-    make_topics(bootstrap, src, out)
+    src = unique("part-in")
+    make_topics(bootstrap, src)
     keys = [f"user-{i}" for i in range(40)]
     produce(bootstrap, src, ((k, {"k": k}, None) for k in keys))  # librdkafka's default
-    job = Job(unique("part"))
-    job.stream(KafkaSource(src, key=STR, value=JSON)).to(KafkaSink(out, key=STR, value=JSON))
-    msgs = read_topic(bootstrap, src, expect=len(keys))
-    placed_in = {m.key(): m.partition() for m in msgs}
-    moved = sum(placed_in[m.key()] != m.partition()
-                for m in _run_until(job, bootstrap, out, expect=len(keys)))
+    placed_in = {m.key(): m.partition() for m in read_topic(bootstrap, src, expect=len(keys))}
+
+    def placed_by_a_job(**cfg: Any) -> dict[bytes, int]:
+        out = unique("part-out")
+        make_topics(bootstrap, out)
+        job = Job(unique("part"))
+        job.stream(KafkaSource(src, key=STR, value=JSON)).to(
+            KafkaSink(out, key=STR, value=JSON))
+        return {m.key(): m.partition()
+                for m in _run_until(job, bootstrap, out, expect=len(keys), **cfg)}
+
+    moved = sum(placed_in[k] != p for k, p in placed_by_a_job().items())
     assert moved > 0, "murmur2 placed every key as librdkafka's default does: no test"
-    job2 = Job(unique("part"))
-    out2 = unique("part-out")
-    make_topics(bootstrap, out2)
-    job2.stream(KafkaSource(src, key=STR, value=JSON)).to(KafkaSink(out2, key=STR, value=JSON))
-    got = _run_until(job2, bootstrap, out2, expect=len(keys),
-                     producer={"partitioner": "consistent_random"})
-    assert {m.key(): m.partition() for m in got} == placed_in
+    consistent = placed_by_a_job(producer={"partitioner": "consistent_random"})
+    assert consistent == placed_in
 
 
 def test_pattern_source_and_timestamp_extractor(bootstrap: str) -> None:
