@@ -520,12 +520,13 @@ class ConfluentProducer(ProducerBackend):
         epoch is aborted and retried; a fenced producer then fails its abort, as fenced."""
         if not (self.transactional and self._p is not None):
             return failure
-        if self._fatal_seen() or "PRODUCER_FENCED" in str(failure):
-            return _fenced(f"a delivery failed ({failure})", self.transactional_id)
-        if "_PURGE_QUEUE" in str(failure):
+        text = str(failure)  # the tracker keeps a failed report's text, not its code
+        if self._fatal_seen() or "PRODUCER_FENCED" in text:
+            return _fenced(f"a delivery failed ({text})", self.transactional_id)
+        if "_PURGE_QUEUE" in text:
             return TransactionAborted(f"the transaction of transactional id "
                                       f"{self.transactional_id!r} failed, and librdkafka "
-                                      f"dropped its queued records: {failure}")
+                                      f"dropped its queued records: {text}")
         return failure
 
     # -- transactions (epoch mode) ---------------------------------------------------------
